@@ -1,0 +1,67 @@
+//! The bridge between the async download and the blocking extractor: bytes received on the
+//! runtime are handed through a bounded channel to a blocking thread that inflates and
+//! unpacks them, so hashing, inflating and writing overlap while memory stays bounded.
+
+use std::io::{self, Read};
+
+use aether_common::extract::{self, ExtractError, Limits, Stats};
+use bytes::{Buf, Bytes};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::failure::{Reason, RefreshError};
+use crate::release::Staging;
+
+/// Chunks in flight between the download and the extractor (each at most a few tens of KiB).
+const CHANNEL_DEPTH: usize = 64;
+
+/// The sending half; dropping it ends the stream for the extractor.
+pub type Feed = mpsc::Sender<Bytes>;
+
+/// Starts extracting into `staging` on a blocking thread; returns the feed and a handle
+/// that yields the staging directory back with the outcome.
+pub fn spawn(
+    staging: Staging,
+    limits: Limits,
+) -> (Feed, JoinHandle<(Staging, Result<Stats, ExtractError>)>) {
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let handle = tokio::task::spawn_blocking(move || {
+        let reader = ChannelReader {
+            rx,
+            current: Bytes::new(),
+        };
+        let result = extract::unpack_tar_gz(reader, staging.path(), &limits);
+        (staging, result)
+    });
+    (tx, handle)
+}
+
+/// Maps an extraction error to its failure reason.
+pub fn classify(e: ExtractError) -> RefreshError {
+    let reason = match &e {
+        ExtractError::Refused { .. } | ExtractError::Corrupt(_) => Reason::Extract,
+        ExtractError::TooLarge(_) => Reason::TooLarge,
+        ExtractError::Io { .. } => Reason::Io,
+    };
+    RefreshError::new(reason, e)
+}
+
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    current: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.current = chunk,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}

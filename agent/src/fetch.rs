@@ -1,0 +1,126 @@
+//! Artifact download: an HTTP client that verifies TLS against the public web roots, the
+//! cluster CA and an optional extra bundle, and the request that starts a download.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+use crate::config::{SA_CA_FILE, Settings};
+use crate::failure::{Reason, RefreshError};
+
+/// Builds the download client. A `FROM scratch` image has no system trust store, so the
+/// roots are assembled here explicitly.
+pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if Path::new(SA_CA_FILE).exists() {
+        add_pem(&mut roots, Path::new(SA_CA_FILE))?;
+    }
+    if let Some(path) = &settings.ca_file {
+        add_pem(&mut roots, path)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .read_timeout(Duration::from_millis(settings.read_timeout_ms))
+        .user_agent(concat!("aether-fetcher/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("building the HTTP client")
+}
+
+fn add_pem(roots: &mut rustls::RootCertStore, path: &Path) -> anyhow::Result<()> {
+    let mut added = 0;
+    for cert in CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading CA bundle {}", path.display()))?
+    {
+        let cert = cert.with_context(|| format!("parsing CA bundle {}", path.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("adding a certificate from {}", path.display()))?;
+        added += 1;
+    }
+    anyhow::ensure!(added > 0, "no certificate found in {}", path.display());
+    Ok(())
+}
+
+/// Sends the GET and checks status and announced size; the body is read by the caller.
+pub async fn start(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    max_bytes: u64,
+) -> Result<reqwest::Response, RefreshError> {
+    let response = client.get(url.clone()).send().await.map_err(classify)?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(RefreshError::new(
+            Reason::Download,
+            format!("GET {} answered {status}", redact(&url)),
+        ));
+    }
+    if let Some(len) = response.content_length()
+        && len > max_bytes
+    {
+        return Err(RefreshError::new(
+            Reason::TooLarge,
+            format!("artifact is {len} bytes, limit is {max_bytes} (AETHER_MAX_ARTIFACT_BYTES)"),
+        ));
+    }
+    Ok(response)
+}
+
+/// Maps a transport error to its failure reason.
+pub fn classify(e: reqwest::Error) -> RefreshError {
+    let reason = if e.is_timeout() {
+        Reason::Timeout
+    } else {
+        Reason::Download
+    };
+    // reqwest's Display includes the URL, which may carry a presigned credential.
+    RefreshError::new(reason, error_chain(&e.without_url()))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// The URL without its query string: presigned URLs carry credentials there, and secrets
+/// never reach the logs.
+pub fn redact(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    if shown.query().is_some() {
+        shown.set_query(Some("REDACTED"));
+    }
+    let _ = shown.set_password(None);
+    shown.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_query_and_password() {
+        let url: reqwest::Url = "https://u:secret@h/a.tgz?X-Amz-Signature=abc"
+            .parse()
+            .unwrap();
+        let shown = redact(&url);
+        assert!(!shown.contains("secret") && !shown.contains("abc"), "{shown}");
+    }
+}

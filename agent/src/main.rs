@@ -1,0 +1,302 @@
+//! `aether-fetcher`: keeps a pod's shared volume on the release annotated on its own Pod.
+
+mod config;
+mod engine;
+mod extract;
+mod failure;
+mod fetch;
+mod http;
+mod metrics;
+mod refresh;
+mod release;
+mod source;
+mod status;
+mod verify;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aether_common::extract::Limits;
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{FetchMode, LogFormat, SA_NAMESPACE_FILE, Settings};
+use crate::engine::{Engine, EngineConfig};
+use crate::metrics::Metrics;
+use crate::refresh::Refresher;
+use crate::release::Workspace;
+use crate::source::Observed;
+use crate::status::Status;
+
+/// Exit code of `--once` when the release could not be applied.
+const EXIT_REFRESH_FAILED: u8 = 1;
+/// Exit code for bad settings or an unusable environment.
+const EXIT_SETUP: u8 = 2;
+/// Budget for a clean stop after SIGTERM (the pod's grace period is longer).
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(800);
+
+#[derive(Debug, Parser)]
+#[command(name = "aether-fetcher", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Copy this static binary into DIR (a shared volume), for app images without a shell.
+    Install {
+        /// Destination directory.
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.settings.log_format);
+    if let Some(Command::Install { dir }) = &cli.command {
+        return match install(dir) {
+            Ok(path) => {
+                tracing::info!(path = %path.display(), "installed");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("install failed: {e:#}");
+                ExitCode::from(EXIT_SETUP)
+            }
+        };
+    }
+    if rustls::crypto::ring::default_provider()
+        .install_default()
+        .is_err()
+    {
+        tracing::debug!("a rustls crypto provider was already installed");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    runtime.block_on(run(cli.settings))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn run(settings: Settings) -> ExitCode {
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    match run_inner(settings, shutdown).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(EXIT_SETUP)
+        }
+    }
+}
+
+async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<ExitCode> {
+    let key = settings.public_key()?;
+    let pod = settings.pod_name()?;
+    let workspace = Arc::new(
+        Workspace::open(&settings.workspace)
+            .with_context(|| format!("opening workspace {}", settings.workspace.display()))?,
+    );
+    let removed = workspace.clean_staging().context("removing stale staging")?;
+    if removed > 0 {
+        tracing::info!(removed, "removed staging left by an earlier run");
+    }
+    let previous = workspace.load_state();
+    tracing::info!(
+        "REFRESH_STATE failures={} last_digest={}",
+        previous.as_ref().map_or(0, |s| s.consecutive_failures),
+        workspace.live_digest().map(|d| d.hex()).unwrap_or_default()
+    );
+    let metrics = Arc::new(Metrics::install()?);
+    let status = Arc::new(Status::default());
+    let refresher = Refresher {
+        workspace: workspace.clone(),
+        http: fetch::client(&settings)?,
+        key,
+        allow_http: settings.allow_http,
+        max_artifact_bytes: settings.max_artifact_bytes,
+        limits: Limits {
+            max_bytes: settings.max_extract_bytes,
+            max_entries: settings.max_entries,
+            ..Limits::default()
+        },
+        keep_releases: usize::try_from(settings.keep_releases).unwrap_or(usize::MAX),
+    };
+    let engine = Engine::new(
+        EngineConfig {
+            pod: pod.clone(),
+            min_interval: Duration::from_millis(settings.min_refresh_interval_ms),
+            backoff_max: Duration::from_millis(settings.backoff_max_ms),
+            anomaly_threshold: settings.anomaly_fail_threshold,
+            resync: settings.interval(),
+        },
+        refresher,
+        metrics.clone(),
+        status.clone(),
+        previous.as_ref(),
+    );
+
+    let pod_api = match settings.fetch_mode {
+        FetchMode::File => None,
+        FetchMode::Watch | FetchMode::Poll => Some(pod_api(&settings).await?),
+    };
+
+    if settings.once {
+        let annotations = match &pod_api {
+            Some(api) => source::get_pod_once(api, &pod)
+                .await
+                .with_context(|| format!("reading pod {pod}"))?,
+            None => source::read_annotations_file(&settings.annotations_file)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        };
+        let (tx, rx) = watch::channel(None);
+        source::publish(&tx, &annotations, settings.allow_http);
+        let observed: Option<Observed> = rx.borrow().clone();
+        let Some(observed) = observed else {
+            bail!("no desired state");
+        };
+        let result = engine.once(observed, shutdown.clone()).await;
+        cleanup(&workspace);
+        return Ok(match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("--once failed: {e}");
+                ExitCode::from(EXIT_REFRESH_FAILED)
+            }
+        });
+    }
+
+    let http = http::serve(settings.http_addr, metrics, status, shutdown.clone()).await?;
+    let (tx, rx) = watch::channel(None);
+    let allow_http = settings.allow_http;
+    let source = match (settings.fetch_mode, pod_api) {
+        (FetchMode::Watch, Some(api)) => tokio::spawn(source::watch_pod(
+            api,
+            pod.clone(),
+            tx,
+            allow_http,
+            shutdown.clone(),
+        )),
+        (FetchMode::Poll, Some(api)) => tokio::spawn(source::poll_pod(
+            api,
+            pod.clone(),
+            settings.interval(),
+            tx,
+            allow_http,
+            shutdown.clone(),
+        )),
+        _ => tokio::spawn(source::watch_file(
+            settings.annotations_file.clone(),
+            settings.interval(),
+            tx,
+            allow_http,
+            shutdown.clone(),
+        )),
+    };
+    tracing::info!(pod = %pod, mode = ?settings.fetch_mode, workspace = %settings.workspace.display(), "aether-fetcher started");
+    let engine = tokio::spawn(engine.run(rx, shutdown.clone()));
+    shutdown.cancelled().await;
+    let stopped = tokio::time::timeout(SHUTDOWN_BUDGET, async {
+        let _ = engine.await;
+        let _ = source.await;
+        let _ = http.await;
+    })
+    .await;
+    if stopped.is_err() {
+        tracing::warn!("stopping took longer than {SHUTDOWN_BUDGET:?}; exiting anyway");
+    }
+    cleanup(&workspace);
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cleanup(workspace: &Workspace) {
+    if let Err(e) = workspace.clean_staging() {
+        tracing::warn!(error = %e, "could not remove staging on exit");
+    }
+}
+
+async fn pod_api(settings: &Settings) -> anyhow::Result<Api<Pod>> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .context("loading kubeconfig")?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster configuration and no KUBECONFIG")?,
+    };
+    let namespace = match settings.pod_namespace.as_deref().filter(|n| !n.is_empty()) {
+        Some(ns) => ns.to_owned(),
+        None => match std::fs::read_to_string(SA_NAMESPACE_FILE) {
+            Ok(ns) => ns.trim().to_owned(),
+            Err(_) => config.default_namespace.clone(),
+        },
+    };
+    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    Ok(Api::namespaced(client, &namespace))
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+        shutdown.cancel();
+    });
+}
+
+/// Copies the running binary into `dir` atomically (temporary file, then rename), so a
+/// concurrently starting app never sees a half-written executable.
+fn install(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe().context("locating the running binary")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dest = dir.join("aether-fetcher");
+    let tmp = dir.join(".aether-fetcher.tmp");
+    std::fs::copy(&exe, &tmp).with_context(|| format!("copying to {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &dest).with_context(|| format!("renaming to {}", dest.display()))?;
+    Ok(dest)
+}

@@ -1,0 +1,108 @@
+//! The Prometheus metrics of the contract, served by the fetcher itself on `/metrics`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use aether_common::Digest;
+use anyhow::Context;
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::failure::Reason;
+
+pub const REFRESH_TOTAL: &str = "dev_hot_refresh_total";
+pub const REFRESH_FAILURE_TOTAL: &str = "dev_hot_refresh_failure_total";
+pub const REFRESH_LATENCY: &str = "dev_hot_refresh_latency_seconds";
+pub const CONSECUTIVE_FAILURES: &str = "dev_hot_refresh_consecutive_failures";
+pub const SIGNATURE_FAIL_TOTAL: &str = "dev_hot_signature_fail_total";
+pub const ANOMALY_EVENTS_TOTAL: &str = "dev_hot_anomaly_events_total";
+pub const CURRENT_INFO: &str = "dev_hot_current_info";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// The recorder and the one series the exporter cannot hold: `dev_hot_current_info`
+/// carries the live digest as a label, and the old series must disappear when a new digest
+/// goes live, which the `metrics` facade has no way to express. It is rendered here.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    current: Mutex<Option<Digest>>,
+}
+
+impl Metrics {
+    /// Installs the global recorder and registers every series at zero, so dashboards see
+    /// them before the first event.
+    pub fn install() -> anyhow::Result<Self> {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(REFRESH_LATENCY.into()), LATENCY_BUCKETS)
+            .context("latency buckets")?
+            .install_recorder()
+            .context("installing the metrics recorder")?;
+        describe_counter!(REFRESH_TOTAL, "Refresh attempts that ended, successful or not");
+        describe_counter!(REFRESH_FAILURE_TOTAL, "Failed refresh attempts by reason");
+        describe_histogram!(
+            REFRESH_LATENCY,
+            Unit::Seconds,
+            "From a new desired digest being seen to `current` being swapped"
+        );
+        describe_gauge!(CONSECUTIVE_FAILURES, "Failed attempts since the last success");
+        describe_counter!(SIGNATURE_FAIL_TOTAL, "Releases refused for their signature");
+        describe_counter!(
+            ANOMALY_EVENTS_TOTAL,
+            "Times the consecutive failures reached AETHER_ANOMALY_FAIL_THRESHOLD"
+        );
+        counter!(REFRESH_TOTAL).absolute(0);
+        for reason in Reason::ALL {
+            counter!(REFRESH_FAILURE_TOTAL, "reason" => reason.as_str()).absolute(0);
+        }
+        counter!(SIGNATURE_FAIL_TOTAL).absolute(0);
+        counter!(ANOMALY_EVENTS_TOTAL).absolute(0);
+        gauge!(CONSECUTIVE_FAILURES).set(0.0);
+        Ok(Self {
+            handle,
+            current: Mutex::new(None),
+        })
+    }
+
+    pub fn success(&self, latency: Duration, live: Digest) {
+        counter!(REFRESH_TOTAL).increment(1);
+        histogram!(REFRESH_LATENCY).record(latency.as_secs_f64());
+        gauge!(CONSECUTIVE_FAILURES).set(0.0);
+        self.set_current(live);
+    }
+
+    pub fn failure(&self, reason: Reason, consecutive: u32, anomaly: bool) {
+        counter!(REFRESH_TOTAL).increment(1);
+        counter!(REFRESH_FAILURE_TOTAL, "reason" => reason.as_str()).increment(1);
+        if reason == Reason::Signature {
+            counter!(SIGNATURE_FAIL_TOTAL).increment(1);
+        }
+        if anomaly {
+            counter!(ANOMALY_EVENTS_TOTAL).increment(1);
+        }
+        gauge!(CONSECUTIVE_FAILURES).set(f64::from(consecutive));
+    }
+
+    pub fn set_consecutive(&self, consecutive: u32) {
+        gauge!(CONSECUTIVE_FAILURES).set(f64::from(consecutive));
+    }
+
+    pub fn set_current(&self, live: Digest) {
+        if let Ok(mut current) = self.current.lock() {
+            *current = Some(live);
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = self.handle.render();
+        let current = self.current.lock().ok().and_then(|c| *c);
+        if let Some(digest) = current {
+            out.push_str(&format!(
+                "# HELP {CURRENT_INFO} The live release\n# TYPE {CURRENT_INFO} gauge\n{CURRENT_INFO}{{digest=\"{digest}\"}} 1\n"
+            ));
+        }
+        out
+    }
+}

@@ -1,0 +1,200 @@
+//! One refresh: from a desired release to a live one. Signature first (before any
+//! request), then one streaming pass (download → SHA-256 and gunzip → tar into staging),
+//! the digest check, and only then the commit and the atomic swap of `current`.
+
+use std::sync::Arc;
+
+use aether_common::annotations::DesiredRelease;
+use aether_common::extract::Limits;
+use aether_common::{Digest, PublicKey, Sha256Writer};
+use tokio_util::sync::CancellationToken;
+
+use crate::failure::{Reason, RefreshError};
+use crate::release::{Staging, Workspace};
+use crate::{extract, fetch, verify};
+
+/// What a successful refresh did.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    /// Bytes downloaded (0 when the release was already on disk).
+    pub downloaded: u64,
+    /// The release was already on disk (a kept earlier release): nothing was fetched.
+    pub reused: bool,
+}
+
+/// Everything a refresh needs; cheap to share.
+pub struct Refresher {
+    pub workspace: Arc<Workspace>,
+    pub http: reqwest::Client,
+    pub key: Option<PublicKey>,
+    pub allow_http: bool,
+    pub max_artifact_bytes: u64,
+    pub limits: Limits,
+    pub keep_releases: usize,
+}
+
+impl Refresher {
+    /// Makes `desired` the live release. Cancelling `cancel` stops the refresh early with
+    /// `RefreshError::Cancelled`, after its staging directory is removed.
+    pub async fn apply(
+        &self,
+        desired: &DesiredRelease,
+        cancel: &CancellationToken,
+    ) -> Result<Applied, RefreshError> {
+        verify::signature(self.key.as_ref(), desired)?;
+        let url = self.parse_url(&desired.url)?;
+        let digest = desired.digest;
+        let applied = if self.workspace.has_release(&digest) {
+            Applied {
+                downloaded: 0,
+                reused: true,
+            }
+        } else {
+            let downloaded = self.download(url, &digest, cancel).await?;
+            Applied {
+                downloaded,
+                reused: false,
+            }
+        };
+        let ws = self.workspace.clone();
+        let keep = self.keep_releases;
+        blocking(move || {
+            ws.activate(&digest)?;
+            ws.set_ready(true)?;
+            if let Err(e) = ws.prune(keep, &digest) {
+                // The new release is live; a failed clean-up must not undo that.
+                tracing::warn!(error = %e, "could not remove old releases");
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(applied)
+    }
+
+    fn parse_url(&self, raw: &str) -> Result<reqwest::Url, RefreshError> {
+        let url = reqwest::Url::parse(raw)
+            .map_err(|e| RefreshError::new(Reason::InvalidAnnotation, format!("artifact URL: {e}")))?;
+        match url.scheme() {
+            "https" => Ok(url),
+            "http" if self.allow_http => Ok(url),
+            _ => Err(RefreshError::new(
+                Reason::InvalidAnnotation,
+                "artifact URL must be https:// (http:// needs AETHER_ALLOW_HTTP=1)",
+            )),
+        }
+    }
+
+    /// Streams the artifact into a verified release directory; returns the bytes read.
+    async fn download(
+        &self,
+        url: reqwest::Url,
+        digest: &Digest,
+        cancel: &CancellationToken,
+    ) -> Result<u64, RefreshError> {
+        let mut response = tokio::select! {
+            r = fetch::start(&self.http, url, self.max_artifact_bytes) => r?,
+            () = cancel.cancelled() => return Err(RefreshError::Cancelled),
+        };
+        let staging = self
+            .workspace
+            .stage(digest)
+            .map_err(|e| RefreshError::new(Reason::Io, format!("creating staging directory: {e}")))?;
+        let (feed, extractor) = extract::spawn(staging, self.limits);
+        let mut hasher = Sha256Writer::new();
+        let mut total = 0u64;
+        let stream_error = loop {
+            let chunk = tokio::select! {
+                c = response.chunk() => c,
+                () = cancel.cancelled() => break Some(RefreshError::Cancelled),
+            };
+            let bytes = match chunk {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => break None,
+                Err(e) => break Some(fetch::classify(e)),
+            };
+            total += bytes.len() as u64;
+            if total > self.max_artifact_bytes {
+                break Some(RefreshError::new(
+                    Reason::TooLarge,
+                    format!(
+                        "artifact exceeds {} bytes (AETHER_MAX_ARTIFACT_BYTES)",
+                        self.max_artifact_bytes
+                    ),
+                ));
+            }
+            hasher.update(&bytes);
+            let sent = tokio::select! {
+                s = feed.send(bytes) => s.is_ok(),
+                () = cancel.cancelled() => break Some(RefreshError::Cancelled),
+            };
+            if !sent {
+                // The extractor stopped: either the archive ended (the rest is
+                // padding, hashed below) or it refused the archive (reported below).
+                break None;
+            }
+        };
+        drop(feed);
+        let (staging, extracted) = extractor
+            .await
+            .map_err(|e| RefreshError::new(Reason::Io, format!("extractor task: {e}")))?;
+        if let Some(err) = stream_error {
+            discard(staging).await;
+            return Err(err);
+        }
+        if let Err(e) = extracted {
+            discard(staging).await;
+            return Err(extract::classify(e));
+        }
+        // The extractor may have finished before the body did: hash what remains.
+        loop {
+            let chunk = tokio::select! {
+                c = response.chunk() => c,
+                () = cancel.cancelled() => {
+                    discard(staging).await;
+                    return Err(RefreshError::Cancelled);
+                }
+            };
+            match chunk {
+                Ok(Some(bytes)) => {
+                    total += bytes.len() as u64;
+                    if total > self.max_artifact_bytes {
+                        discard(staging).await;
+                        return Err(RefreshError::new(
+                            Reason::TooLarge,
+                            "artifact exceeds AETHER_MAX_ARTIFACT_BYTES",
+                        ));
+                    }
+                    hasher.update(&bytes);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    discard(staging).await;
+                    return Err(fetch::classify(e));
+                }
+            }
+        }
+        if let Err(e) = verify::digest(digest, &hasher.finish()) {
+            discard(staging).await;
+            return Err(e);
+        }
+        let ws = self.workspace.clone();
+        let digest = *digest;
+        blocking(move || ws.commit(staging, &digest)).await?;
+        Ok(total)
+    }
+}
+
+/// Removes a staging directory off the async runtime.
+async fn discard(staging: Staging) {
+    let _ = tokio::task::spawn_blocking(move || drop(staging)).await;
+}
+
+async fn blocking<F>(f: F) -> Result<(), RefreshError>
+where
+    F: FnOnce() -> std::io::Result<()> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RefreshError::new(Reason::Io, e))?
+        .map_err(|e| RefreshError::new(Reason::Io, e))
+}

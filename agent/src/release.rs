@@ -1,0 +1,308 @@
+//! The workspace on the shared volume: staging directories, complete releases, the
+//! `current` link, `state.json` and `.ready`.
+//!
+//! Layout (all below `AETHER_WORKSPACE`):
+//! - `current` → `.aether/releases/<hex>` (relative, swapped with rename(2));
+//! - `.aether/releases/<hex>/`: complete, verified releases only;
+//! - `.aether/staging/`: work in progress, never reachable through `current`, wiped at start;
+//! - `.aether/state.json`, `.ready`.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use aether_common::Digest;
+use serde::{Deserialize, Serialize};
+
+const CURRENT: &str = "current";
+const READY: &str = ".ready";
+const CURRENT_TMP: &str = ".current.tmp";
+const STATE: &str = "state.json";
+
+/// What survives a restart besides the releases themselves.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub digest: Option<Digest>,
+    pub consecutive_failures: u32,
+    pub updated_at: String,
+}
+
+/// Handle on the workspace directories.
+#[derive(Debug)]
+pub struct Workspace {
+    root: PathBuf,
+    meta: PathBuf,
+    releases: PathBuf,
+    staging: PathBuf,
+}
+
+/// A staging directory being filled. Dropping it without `Workspace::commit` removes it,
+/// so every failure path leaves nothing behind.
+#[derive(Debug)]
+pub struct Staging {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Staging {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            if let Err(e) = fs::remove_dir_all(&self.path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %self.path.display(), error = %e, "could not remove staging directory");
+            }
+        }
+    }
+}
+
+static STAGING_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Workspace {
+    /// Creates the layout if needed.
+    pub fn open(root: &Path) -> io::Result<Self> {
+        let meta = root.join(".aether");
+        let ws = Self {
+            root: root.to_path_buf(),
+            releases: meta.join("releases"),
+            staging: meta.join("staging"),
+            meta,
+        };
+        fs::create_dir_all(&ws.releases)?;
+        fs::create_dir_all(&ws.staging)?;
+        Ok(ws)
+    }
+
+    pub fn release_dir(&self, digest: &Digest) -> PathBuf {
+        self.releases.join(digest.hex())
+    }
+
+    /// Removes everything a killed process may have left half-written: staging directories
+    /// and temporary files. Returns how many entries were removed.
+    pub fn clean_staging(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for entry in fs::read_dir(&self.staging)? {
+            let path = entry?.path();
+            match fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path)) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for tmp in [
+            self.root.join(CURRENT_TMP),
+            self.meta.join(format!("{STATE}.tmp")),
+        ] {
+            if fs::symlink_metadata(&tmp).is_ok() {
+                fs::remove_file(&tmp)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// The digest `current` points at, if it points at a complete release.
+    pub fn live_digest(&self) -> Option<Digest> {
+        let target = fs::read_link(self.root.join(CURRENT)).ok()?;
+        let name = target.file_name()?.to_str()?;
+        let digest = Digest::from_hex(name).ok()?;
+        self.has_release(&digest).then_some(digest)
+    }
+
+    pub fn has_release(&self, digest: &Digest) -> bool {
+        fs::symlink_metadata(self.release_dir(digest)).is_ok_and(|m| m.is_dir())
+    }
+
+    /// A fresh, empty staging directory beside the releases (same file system, so the
+    /// final rename is atomic).
+    pub fn stage(&self, digest: &Digest) -> io::Result<Staging> {
+        let seq = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = self
+            .staging
+            .join(format!("{}.{}.{seq}", digest.hex(), std::process::id()));
+        fs::create_dir(&path)?;
+        Ok(Staging { path, keep: false })
+    }
+
+    /// Moves a verified staging directory to `.aether/releases/<hex>`. If that release
+    /// already exists (another attempt finished it), the staging copy is discarded.
+    pub fn commit(&self, mut staging: Staging, digest: &Digest) -> io::Result<()> {
+        let dest = self.release_dir(digest);
+        match fs::rename(&staging.path, &dest) {
+            Ok(()) => {
+                staging.keep = true;
+                sync_dir(&self.releases)
+            }
+            Err(_) if self.has_release(digest) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Points `current` at the release, atomically: a new link is made beside it and
+    /// renamed over it, so readers see the old release or the new one, never neither.
+    pub fn activate(&self, digest: &Digest) -> io::Result<()> {
+        let tmp = self.root.join(CURRENT_TMP);
+        let _ = fs::remove_file(&tmp);
+        symlink(Path::new(".aether/releases").join(digest.hex()), &tmp)?;
+        fs::rename(&tmp, self.root.join(CURRENT))?;
+        // Newest activation first when pruning.
+        if let Ok(dir) = File::open(self.release_dir(digest)) {
+            let _ = dir.set_modified(SystemTime::now());
+        }
+        sync_dir(&self.root)
+    }
+
+    /// Creates or removes `.ready`.
+    pub fn set_ready(&self, ready: bool) -> io::Result<()> {
+        let path = self.root.join(READY);
+        if ready {
+            if fs::symlink_metadata(&path).is_err() {
+                File::create(&path)?;
+            }
+            Ok(())
+        } else {
+            match fs::remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// Removes releases beyond the newest `keep` (by activation time); never the live one.
+    pub fn prune(&self, keep: usize, live: &Digest) -> io::Result<Vec<Digest>> {
+        let mut releases = Vec::new();
+        for entry in fs::read_dir(&self.releases)? {
+            let entry = entry?;
+            let Some(digest) = entry.file_name().to_str().and_then(|n| Digest::from_hex(n).ok())
+            else {
+                continue;
+            };
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            releases.push((modified, digest));
+        }
+        releases.sort_by(|a, b| b.0.cmp(&a.0));
+        let mut kept = 1; // the live release always stays
+        let mut removed = Vec::new();
+        for (_, digest) in releases {
+            if &digest == live {
+                continue;
+            }
+            if kept < keep {
+                kept += 1;
+                continue;
+            }
+            fs::remove_dir_all(self.release_dir(&digest))?;
+            removed.push(digest);
+        }
+        Ok(removed)
+    }
+
+    pub fn load_state(&self) -> Option<State> {
+        let text = fs::read(self.meta.join(STATE)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Writes `state.json` atomically (temporary file, fsync, rename).
+    pub fn write_state(&self, state: &State) -> io::Result<()> {
+        let tmp = self.meta.join(format!("{STATE}.tmp"));
+        let mut file = File::create(&tmp)?;
+        serde_json::to_writer(&mut file, state)?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        fs::rename(&tmp, self.meta.join(STATE))
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release(ws: &Workspace, content: &[u8]) -> Digest {
+        let d = Digest::of(content);
+        let s = ws.stage(&d).unwrap();
+        fs::write(s.path().join("f"), content).unwrap();
+        ws.commit(s, &d).unwrap();
+        d
+    }
+
+    #[test]
+    fn dropped_staging_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let s = ws.stage(&Digest::of(b"x")).unwrap();
+        fs::write(s.path().join("half"), b"..").unwrap();
+        drop(s);
+        assert_eq!(fs::read_dir(dir.path().join(".aether/staging")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn activate_swaps_current_to_a_relative_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let a = release(&ws, b"a");
+        let b = release(&ws, b"b");
+        ws.activate(&a).unwrap();
+        assert_eq!(ws.live_digest(), Some(a));
+        ws.activate(&b).unwrap();
+        assert_eq!(ws.live_digest(), Some(b));
+        let link = fs::read_link(dir.path().join("current")).unwrap();
+        assert!(link.is_relative());
+        assert_eq!(fs::read(dir.path().join("current/f")).unwrap(), b"b");
+    }
+
+    #[test]
+    fn prune_keeps_newest_and_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let digests: Vec<_> = [b"1", b"2", b"3"]
+            .iter()
+            .map(|c| {
+                let d = release(&ws, *c);
+                ws.activate(&d).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                d
+            })
+            .collect();
+        let removed = ws.prune(2, &digests[2]).unwrap();
+        assert_eq!(removed, vec![digests[0]]);
+        assert!(ws.has_release(&digests[1]) && ws.has_release(&digests[2]));
+    }
+
+    #[test]
+    fn clean_staging_removes_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let s = ws.stage(&Digest::of(b"x")).unwrap();
+        std::mem::forget(s); // as if the process had been killed
+        assert_eq!(ws.clean_staging().unwrap(), 1);
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let st = State {
+            digest: Some(Digest::of(b"x")),
+            consecutive_failures: 3,
+            updated_at: "2026-01-01T00:00:00Z".into(),
+        };
+        ws.write_state(&st).unwrap();
+        assert_eq!(ws.load_state(), Some(st));
+    }
+}
