@@ -1,14 +1,14 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! The end-to-end test harness of Aether dev-hot.
+//!
+//! - [`emulator`]: a Kubernetes API server emulator (namespaces, pods, deployments, RBAC
+//!   objects; list/watch with resource versions, bookmarks and 410 Gone; merge, strategic
+//!   and server-side-apply patches; discovery for real `kubectl`), with hooks to drop
+//!   watches and compact history.
+//! - [`artifacts`]: an HTTP artifact server with fault injection and request counting.
+//! - [`hostile`]: builders for archives that a safe extractor must refuse.
+//! - [`process`]: spawning the built binaries and reading their logs, metrics and status.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod artifacts;
+pub mod emulator;
+pub mod hostile;
+pub mod process;

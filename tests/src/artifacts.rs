@@ -1,0 +1,204 @@
+//! An HTTP artifact server for tests: serves named blobs on loopback, counts requests, and
+//! injects faults (error statuses, truncation, stalls, wrong bytes, slow bodies).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures::SinkExt;
+use tokio_util::sync::CancellationToken;
+
+/// One injected fault, consumed by one request.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answer with this status and no body.
+    Status(u16),
+    /// Announce the full length, send this many bytes, then cut the connection.
+    Truncate(usize),
+    /// Send this many bytes, then go silent for the duration, then send the rest.
+    Stall { after: usize, pause: Duration },
+    /// Send bytes of the right length but different content.
+    WrongBytes,
+    /// Send the body in chunks of `chunk` bytes with `delay` between them.
+    Slow { chunk: usize, delay: Duration },
+}
+
+#[derive(Default)]
+struct Inner {
+    blobs: HashMap<String, Bytes>,
+    faults: HashMap<String, VecDeque<Fault>>,
+    /// Applied to every request of a name once its queued faults are used up.
+    standing: HashMap<String, Fault>,
+    requests: HashMap<String, u64>,
+}
+
+#[derive(Clone, Default)]
+struct Shared(Arc<Mutex<Inner>>);
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running artifact server; stops when dropped.
+pub struct ArtifactServer {
+    addr: SocketAddr,
+    shared: Shared,
+    stop: CancellationToken,
+}
+
+impl Drop for ArtifactServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+const CHUNK: usize = 64 * 1024;
+
+impl ArtifactServer {
+    /// Starts on a free loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let shared = Shared::default();
+        let app = Router::new()
+            .route("/{*name}", get(serve))
+            .with_state(shared.clone());
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await;
+        });
+        Ok(Self { addr, shared, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves `bytes` at `/name`; returns the URL.
+    pub fn put(&self, name: &str, bytes: impl Into<Bytes>) -> String {
+        self.shared.lock().blobs.insert(name.to_owned(), bytes.into());
+        self.url(name)
+    }
+
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{name}", self.addr)
+    }
+
+    /// Queues a fault for the next request of `name` (faults are used in order).
+    pub fn fail_next(&self, name: &str, fault: Fault) {
+        self.shared
+            .lock()
+            .faults
+            .entry(name.to_owned())
+            .or_default()
+            .push_back(fault);
+    }
+
+    /// Applies `fault` to every request of `name` until cleared.
+    pub fn fail_always(&self, name: &str, fault: Option<Fault>) {
+        let mut inner = self.shared.lock();
+        match fault {
+            Some(f) => inner.standing.insert(name.to_owned(), f),
+            None => inner.standing.remove(name),
+        };
+    }
+
+    /// Requests received for `name` so far.
+    pub fn requests(&self, name: &str) -> u64 {
+        self.shared.lock().requests.get(name).copied().unwrap_or(0)
+    }
+}
+
+async fn serve(State(shared): State<Shared>, Path(name): Path<String>) -> Response {
+    let (blob, fault) = {
+        let mut inner = shared.lock();
+        *inner.requests.entry(name.clone()).or_default() += 1;
+        let fault = inner
+            .faults
+            .get_mut(&name)
+            .and_then(VecDeque::pop_front)
+            .or_else(|| inner.standing.get(&name).cloned());
+        (inner.blobs.get(&name).cloned(), fault)
+    };
+    let Some(blob) = blob else {
+        return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
+    };
+    let len = blob.len();
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let body_fault = match fault {
+        Some(Fault::Status(code)) => {
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (code, "injected fault\n").into_response();
+        }
+        Some(Fault::WrongBytes) => {
+            let mut wrong = blob.to_vec();
+            for b in wrong.iter_mut().step_by(97) {
+                *b ^= 0x5a;
+            }
+            return ([(header::CONTENT_LENGTH, len.to_string())], wrong).into_response();
+        }
+        other => other,
+    };
+    tokio::spawn(async move {
+        let mut sent = 0;
+        let mut stalled = false;
+        while sent < len {
+            let chunk = match &body_fault {
+                Some(Fault::Slow { chunk, .. }) => *chunk,
+                _ => CHUNK,
+            };
+            let mut end = (sent + chunk).min(len);
+            match &body_fault {
+                Some(Fault::Truncate(at)) if end >= *at => {
+                    if *at > sent {
+                        let _ = tx.send(Ok(blob.slice(sent..*at))).await;
+                    }
+                    let _ = tx.send(Err(std::io::Error::other("injected truncation"))).await;
+                    return;
+                }
+                Some(Fault::Stall { after, pause }) if !stalled && end >= *after => {
+                    end = (*after).max(sent);
+                    if end > sent && tx.send(Ok(blob.slice(sent..end))).await.is_err() {
+                        return;
+                    }
+                    sent = end;
+                    stalled = true;
+                    tokio::time::sleep(*pause).await;
+                    continue;
+                }
+                _ => {}
+            }
+            if tx.send(Ok(blob.slice(sent..end))).await.is_err() {
+                return;
+            }
+            sent = end;
+            if let Some(Fault::Slow { delay, .. }) = &body_fault {
+                tokio::time::sleep(*delay).await;
+            }
+        }
+    });
+    (
+        [
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_TYPE, "application/gzip".to_owned()),
+        ],
+        Body::from_stream(rx),
+    )
+        .into_response()
+}

@@ -1,0 +1,180 @@
+//! Spawning the built binaries as real processes, and reading what they report: log lines,
+//! `/metrics` and `/status`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+/// A spawned process whose stdout and stderr are collected line by line (and echoed with a
+/// prefix, so a failing test shows them). Killed when dropped.
+pub struct Proc {
+    child: tokio::process::Child,
+    name: String,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(
+        bin: impl AsRef<Path>,
+        args: &[&str],
+        envs: &[(&str, String)],
+    ) -> std::io::Result<Self> {
+        let bin = bin.as_ref();
+        let name = bin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .env_remove("KUBECONFIG")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        if let Some(out) = child.stdout.take() {
+            collect(out, logs.clone(), name.clone());
+        }
+        if let Some(err) = child.stderr.take() {
+            collect(err, logs.clone(), name.clone());
+        }
+        Ok(Self { child, name, logs })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Every line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Lines containing `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.logs().into_iter().filter(|l| l.contains(needle)).collect()
+    }
+
+    /// Waits until at least `count` lines contain `needle`; returns the last of them.
+    pub async fn wait_for_lines(&self, needle: &str, count: usize, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.lines_with(needle);
+            if found.len() >= count {
+                return Ok(found[count - 1].clone());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: no {count} line(s) with {needle:?} within {timeout:?}; logs:\n{}",
+                    self.name,
+                    self.logs().join("\n")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<String, String> {
+        self.wait_for_lines(needle, 1, timeout).await
+    }
+
+    /// The `addr=` logged by the fetcher's HTTP listener.
+    pub async fn http_addr(&self) -> Result<SocketAddr, String> {
+        let line = self.wait_for_log("serving /metrics", Duration::from_secs(20)).await?;
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .ok_or_else(|| format!("no addr= in {line:?}"))?;
+        addr.parse().map_err(|e| format!("{addr}: {e}"))
+    }
+
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) has no memory effects; the pid is our own child.
+            unsafe {
+                libc::kill(pid as i32, signal);
+            }
+        }
+    }
+
+    pub fn sigkill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait()).await.ok()?.ok()
+    }
+}
+
+fn collect<R>(stream: R, logs: Arc<Mutex<Vec<String>>>, name: String)
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("[{name}] {line}");
+            if let Ok(mut l) = logs.lock() {
+                l.push(line);
+            }
+        }
+    });
+}
+
+/// GETs a URL on loopback; returns status and body.
+pub async fn http_get(url: &str) -> Result<(u16, String), String> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let r = client.get(url).send().await.map_err(|e| e.to_string())?;
+    let status = r.status().as_u16();
+    let body = r.text().await.map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
+/// The value of one series in a Prometheus text exposition. `labels` is the exact label
+/// set as written (for example `reason="checksum"`), empty for none.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let series = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (s, v) = l.rsplit_once(' ')?;
+            (s == series).then(|| v.parse().ok()).flatten()
+        })
+}
+
+/// Polls `check` every 20 ms until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
