@@ -46,7 +46,11 @@ pub struct Settings {
     pub fetch_mode: FetchMode,
 
     /// Downward API annotations file read in `file` mode.
-    #[arg(long, env = "AETHER_ANNOTATIONS_FILE", default_value = "/etc/podinfo/annotations")]
+    #[arg(
+        long,
+        env = "AETHER_ANNOTATIONS_FILE",
+        default_value = "/etc/podinfo/annotations"
+    )]
     pub annotations_file: PathBuf,
 
     /// Poll period in `poll` mode; the periodic resync in `watch` and `file` modes.

@@ -232,7 +232,9 @@ impl Engine {
         self.set_ready(false).await;
         match &self.pending {
             Some(p) if &p.desired == desired => match p.retry_at {
-                Some(at) if Instant::now() >= at => Plan::Refresh(desired.clone(), observed.seen_at),
+                Some(at) if Instant::now() >= at => {
+                    Plan::Refresh(desired.clone(), observed.seen_at)
+                }
                 _ => Plan::Idle,
             },
             _ => Plan::Refresh(desired.clone(), observed.seen_at),
@@ -297,7 +299,8 @@ impl Engine {
                 tracing::debug!(digest = %desired.digest, "refresh superseded");
             }
             Err(RefreshError::Failed { reason, message }) => {
-                self.record_failure(reason, &message, started.elapsed()).await;
+                self.record_failure(reason, &message, started.elapsed())
+                    .await;
                 let retry_at = reason
                     .retryable()
                     .then(|| Instant::now() + self.next_delay());

@@ -18,12 +18,13 @@ const CHANNEL_DEPTH: usize = 64;
 /// The sending half; dropping it ends the stream for the extractor.
 pub type Feed = mpsc::Sender<Bytes>;
 
+/// The extractor's task: it hands the staging directory back with the outcome, so the
+/// caller decides whether to commit or discard it.
+pub type Extractor = JoinHandle<(Staging, Result<Stats, ExtractError>)>;
+
 /// Starts extracting into `staging` on a blocking thread; returns the feed and a handle
 /// that yields the staging directory back with the outcome.
-pub fn spawn(
-    staging: Staging,
-    limits: Limits,
-) -> (Feed, JoinHandle<(Staging, Result<Stats, ExtractError>)>) {
+pub fn spawn(staging: Staging, limits: Limits) -> (Feed, Extractor) {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let handle = tokio::task::spawn_blocking(move || {
         let reader = ChannelReader {

@@ -121,6 +121,9 @@ mod tests {
             .parse()
             .unwrap();
         let shown = redact(&url);
-        assert!(!shown.contains("secret") && !shown.contains("abc"), "{shown}");
+        assert!(
+            !shown.contains("secret") && !shown.contains("abc"),
+            "{shown}"
+        );
     }
 }

@@ -126,7 +126,9 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         Workspace::open(&settings.workspace)
             .with_context(|| format!("opening workspace {}", settings.workspace.display()))?,
     );
-    let removed = workspace.clean_staging().context("removing stale staging")?;
+    let removed = workspace
+        .clean_staging()
+        .context("removing stale staging")?;
     if removed > 0 {
         tracing::info!(removed, "removed staging left by an earlier run");
     }

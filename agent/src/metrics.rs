@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use aether_common::Digest;
 use anyhow::Context;
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::failure::Reason;
@@ -39,14 +41,20 @@ impl Metrics {
             .context("latency buckets")?
             .install_recorder()
             .context("installing the metrics recorder")?;
-        describe_counter!(REFRESH_TOTAL, "Refresh attempts that ended, successful or not");
+        describe_counter!(
+            REFRESH_TOTAL,
+            "Refresh attempts that ended, successful or not"
+        );
         describe_counter!(REFRESH_FAILURE_TOTAL, "Failed refresh attempts by reason");
         describe_histogram!(
             REFRESH_LATENCY,
             Unit::Seconds,
             "From a new desired digest being seen to `current` being swapped"
         );
-        describe_gauge!(CONSECUTIVE_FAILURES, "Failed attempts since the last success");
+        describe_gauge!(
+            CONSECUTIVE_FAILURES,
+            "Failed attempts since the last success"
+        );
         describe_counter!(SIGNATURE_FAIL_TOTAL, "Releases refused for their signature");
         describe_counter!(
             ANOMALY_EVENTS_TOTAL,

@@ -72,8 +72,9 @@ impl Refresher {
     }
 
     fn parse_url(&self, raw: &str) -> Result<reqwest::Url, RefreshError> {
-        let url = reqwest::Url::parse(raw)
-            .map_err(|e| RefreshError::new(Reason::InvalidAnnotation, format!("artifact URL: {e}")))?;
+        let url = reqwest::Url::parse(raw).map_err(|e| {
+            RefreshError::new(Reason::InvalidAnnotation, format!("artifact URL: {e}"))
+        })?;
         match url.scheme() {
             "https" => Ok(url),
             "http" if self.allow_http => Ok(url),
@@ -95,10 +96,9 @@ impl Refresher {
             r = fetch::start(&self.http, url, self.max_artifact_bytes) => r?,
             () = cancel.cancelled() => return Err(RefreshError::Cancelled),
         };
-        let staging = self
-            .workspace
-            .stage(digest)
-            .map_err(|e| RefreshError::new(Reason::Io, format!("creating staging directory: {e}")))?;
+        let staging = self.workspace.stage(digest).map_err(|e| {
+            RefreshError::new(Reason::Io, format!("creating staging directory: {e}"))
+        })?;
         let (feed, extractor) = extract::spawn(staging, self.limits);
         let mut hasher = Sha256Writer::new();
         let mut total = 0u64;

@@ -55,12 +55,11 @@ impl Staging {
 
 impl Drop for Staging {
     fn drop(&mut self) {
-        if !self.keep {
-            if let Err(e) = fs::remove_dir_all(&self.path)
-                && e.kind() != io::ErrorKind::NotFound
-            {
-                tracing::warn!(path = %self.path.display(), error = %e, "could not remove staging directory");
-            }
+        if !self.keep
+            && let Err(e) = fs::remove_dir_all(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove staging directory");
         }
     }
 }
@@ -182,7 +181,10 @@ impl Workspace {
         let mut releases = Vec::new();
         for entry in fs::read_dir(&self.releases)? {
             let entry = entry?;
-            let Some(digest) = entry.file_name().to_str().and_then(|n| Digest::from_hex(n).ok())
+            let Some(digest) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| Digest::from_hex(n).ok())
             else {
                 continue;
             };
@@ -192,7 +194,7 @@ impl Workspace {
                 .unwrap_or(SystemTime::UNIX_EPOCH);
             releases.push((modified, digest));
         }
-        releases.sort_by(|a, b| b.0.cmp(&a.0));
+        releases.sort_by_key(|r| std::cmp::Reverse(r.0));
         let mut kept = 1; // the live release always stays
         let mut removed = Vec::new();
         for (_, digest) in releases {
@@ -248,7 +250,12 @@ mod tests {
         let s = ws.stage(&Digest::of(b"x")).unwrap();
         fs::write(s.path().join("half"), b"..").unwrap();
         drop(s);
-        assert_eq!(fs::read_dir(dir.path().join(".aether/staging")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join(".aether/staging"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]

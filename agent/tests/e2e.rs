@@ -17,7 +17,10 @@ async fn watch_mode_applies_a_patched_release_and_reports_it_everywhere() {
     let rig = Rig::new().await;
     let fetcher = rig.fetcher(&[]);
     let addr = fetcher.http_addr().await.unwrap();
-    assert_eq!(status(addr).await["current_digest"], serde_json::Value::Null);
+    assert_eq!(
+        status(addr).await["current_digest"],
+        serde_json::Value::Null
+    );
     let (code, _) = aether_testkit::process::http_get(&format!("http://{addr}/readyz"))
         .await
         .unwrap();
@@ -30,18 +33,26 @@ async fn watch_mode_applies_a_patched_release_and_reports_it_everywhere() {
     assert_eq!(rig.read_current("index.html").as_deref(), Some("v1"));
     assert_eq!(rig.read_current("lib/a.js").as_deref(), Some("a"));
     let target = rig.current_target().unwrap();
-    assert!(target.is_relative(), "current must be a relative link: {target:?}");
-    assert_eq!(target, std::path::Path::new(".aether/releases").join(digest.hex()));
+    assert!(
+        target.is_relative(),
+        "current must be a relative link: {target:?}"
+    );
+    assert_eq!(
+        target,
+        std::path::Path::new(".aether/releases").join(digest.hex())
+    );
     assert!(rig.workspace.join(".ready").exists());
-    let state: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(rig.workspace.join(".aether/state.json")).unwrap(),
-    )
-    .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(rig.workspace.join(".aether/state.json")).unwrap())
+            .unwrap();
     assert_eq!(state["digest"], digest.to_string());
     assert_eq!(state["consecutive_failures"], 0);
 
     let line = fetcher
-        .wait_for_log(&format!("REFRESH_OK app={POD} digest={} ms=", digest.hex()), LONG)
+        .wait_for_log(
+            &format!("REFRESH_OK app={POD} digest={} ms=", digest.hex()),
+            LONG,
+        )
         .await
         .unwrap();
     assert!(line.contains("ms="));
@@ -51,8 +62,14 @@ async fn watch_mode_applies_a_patched_release_and_reports_it_everywhere() {
     assert_eq!(code, 200);
     let m = metrics(addr).await;
     assert_eq!(metric(&m, "dev_hot_refresh_total", ""), Some(1.0));
-    assert_eq!(metric(&m, "dev_hot_refresh_latency_seconds_count", ""), Some(1.0));
-    assert_eq!(metric(&m, "dev_hot_refresh_consecutive_failures", ""), Some(0.0));
+    assert_eq!(
+        metric(&m, "dev_hot_refresh_latency_seconds_count", ""),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "dev_hot_refresh_consecutive_failures", ""),
+        Some(0.0)
+    );
     assert_eq!(
         metric(&m, "dev_hot_current_info", &format!("digest=\"{digest}\"")),
         Some(1.0)
@@ -68,7 +85,11 @@ async fn watch_mode_applies_a_patched_release_and_reports_it_everywhere() {
     rig.point_at(&url2, &digest2).await;
     wait_live(addr, &digest2).await;
     assert_eq!(rig.read_current("index.html").as_deref(), Some("v2"));
-    assert_eq!(rig.read_current("lib/a.js"), None, "a release is a fresh directory");
+    assert_eq!(
+        rig.read_current("lib/a.js"),
+        None,
+        "a release is a fresh directory"
+    );
     let m = metrics(addr).await;
     assert_eq!(metric(&m, "dev_hot_refresh_total", ""), Some(2.0));
     assert_eq!(m.matches("dev_hot_current_info{").count(), 1, "{m}");
@@ -112,7 +133,10 @@ async fn file_mode_follows_the_downward_api_file_without_api_access() {
     write_downward(&podinfo, "kubernetes.io/config.seen=\"2026-01-01\"\n", 1);
     let fetcher = rig.fetcher(&[
         ("AETHER_FETCH_MODE", "file".into()),
-        ("AETHER_ANNOTATIONS_FILE", podinfo.join("annotations").display().to_string()),
+        (
+            "AETHER_ANNOTATIONS_FILE",
+            podinfo.join("annotations").display().to_string(),
+        ),
         // No API server at all: file mode must not need one.
         ("KUBECONFIG", "/nonexistent".into()),
         ("AETHER_FETCH_INTERVAL_SEC", "60".into()),
@@ -144,7 +168,16 @@ async fn kubectl_annotate_triggers_a_refresh() {
     let addr = fetcher.http_addr().await.unwrap();
     let (url, digest) = rig.publish("k.tgz", &[("f", "kubectl")]);
     let out = tokio::process::Command::new("kubectl")
-        .args(["--server", &rig.emu.url(), "-n", "default", "annotate", "pod", POD, "--overwrite"])
+        .args([
+            "--server",
+            &rig.emu.url(),
+            "-n",
+            "default",
+            "annotate",
+            "pod",
+            POD,
+            "--overwrite",
+        ])
         .arg(format!("aether.dev/digest={digest}"))
         .arg(format!("aether.dev/artifact-url={url}"))
         .env("KUBECONFIG", "/dev/null")
@@ -152,7 +185,11 @@ async fn kubectl_annotate_triggers_a_refresh() {
         .output()
         .await
         .expect("run kubectl");
-    assert!(out.status.success(), "kubectl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "kubectl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_live(addr, &digest).await;
     assert_eq!(rig.read_current("f").as_deref(), Some("kubectl"));
 }
@@ -174,7 +211,10 @@ async fn an_unchanged_digest_is_never_downloaded_again_even_after_a_restart() {
     assert!(fetcher.wait_exit(Duration::from_secs(5)).await.is_some());
     let fetcher = rig.fetcher(&[]);
     fetcher
-        .wait_for_log(&format!("REFRESH_STATE failures=0 last_digest={}", digest.hex()), LONG)
+        .wait_for_log(
+            &format!("REFRESH_STATE failures=0 last_digest={}", digest.hex()),
+            LONG,
+        )
         .await
         .unwrap();
     let addr = fetcher.http_addr().await.unwrap();
@@ -182,7 +222,11 @@ async fn an_unchanged_digest_is_never_downloaded_again_even_after_a_restart() {
     let ready = wait_until(LONG, || async { rig.workspace.join(".ready").exists() }).await;
     assert!(ready);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(rig.art.requests("same.tgz"), 1, "restart must not re-download");
+    assert_eq!(
+        rig.art.requests("same.tgz"),
+        1,
+        "restart must not re-download"
+    );
     assert!(fetcher.lines_with("REFRESH_OK").is_empty());
 }
 
@@ -195,7 +239,13 @@ async fn rapid_patches_end_on_the_newest_and_never_go_back() {
     for i in 0..8 {
         let name = format!("r{i}.tgz");
         let (url, digest) = rig.publish(&name, &[("version", &i.to_string())]);
-        rig.art.fail_next(&name, Fault::Slow { chunk: 64, delay: Duration::from_millis(5) });
+        rig.art.fail_next(
+            &name,
+            Fault::Slow {
+                chunk: 64,
+                delay: Duration::from_millis(5),
+            },
+        );
         rig.point_at(&url, &digest).await;
         last = Some(digest);
         tokio::time::sleep(Duration::from_millis(40)).await;
@@ -207,7 +257,11 @@ async fn rapid_patches_end_on_the_newest_and_never_go_back() {
     assert_eq!(rig.read_current("version").as_deref(), Some("7"));
     let oks = fetcher.lines_with("REFRESH_OK");
     assert!(oks.last().unwrap().contains(&last.hex()), "{oks:?}");
-    assert!(oks.len() < 8, "rapid patches are coalesced, got {} refreshes", oks.len());
+    assert!(
+        oks.len() < 8,
+        "rapid patches are coalesced, got {} refreshes",
+        oks.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,9 +281,20 @@ async fn checksum_mismatch_is_refused_and_the_live_release_keeps_serving() {
     assert_eq!(s["desired_digest"], wrong.to_string());
     assert_eq!(s["current_digest"], digest.to_string());
     assert_eq!(rig.read_current("f").as_deref(), Some("good"));
-    assert!(!rig.workspace.join(".ready").exists(), ".ready only while current is desired");
-    assert!(!rig.workspace.join(".aether/releases").join(wrong.hex()).exists());
-    fetcher.wait_for_log("REFRESH_FAIL app=app-0 reason=checksum", LONG).await.unwrap();
+    assert!(
+        !rig.workspace.join(".ready").exists(),
+        ".ready only while current is desired"
+    );
+    assert!(
+        !rig.workspace
+            .join(".aether/releases")
+            .join(wrong.hex())
+            .exists()
+    );
+    fetcher
+        .wait_for_log("REFRESH_FAIL app=app-0 reason=checksum", LONG)
+        .await
+        .unwrap();
     let m = metrics(addr).await;
     assert!(metric(&m, "dev_hot_refresh_failure_total", "reason=\"checksum\"").unwrap() >= 1.0);
     assert!(metric(&m, "dev_hot_refresh_consecutive_failures", "").unwrap() >= 1.0);
@@ -266,16 +331,28 @@ async fn with_a_key_missing_and_bad_signatures_are_refused_before_any_download()
     assert_eq!(s["last_error"]["reason"], "signature");
 
     let forged = SigningKey::from_seed([10; 32]).sign(&digest);
-    rig.annotate(json!({"aether.dev/signature": forged.hex()})).await;
+    rig.annotate(json!({"aether.dev/signature": forged.hex()}))
+        .await;
     wait_failures(addr, 2).await;
-    assert_eq!(rig.art.requests("s.tgz"), 0, "signature is checked before the first request");
+    assert_eq!(
+        rig.art.requests("s.tgz"),
+        0,
+        "signature is checked before the first request"
+    );
     assert_eq!(rig.current_target(), None);
     let m = metrics(addr).await;
     assert_eq!(metric(&m, "dev_hot_signature_fail_total", ""), Some(2.0));
-    assert_eq!(metric(&m, "dev_hot_refresh_failure_total", "reason=\"signature\""), Some(2.0));
-    fetcher.wait_for_log("REFRESH_FAIL app=app-0 reason=signature", LONG).await.unwrap();
+    assert_eq!(
+        metric(&m, "dev_hot_refresh_failure_total", "reason=\"signature\""),
+        Some(2.0)
+    );
+    fetcher
+        .wait_for_log("REFRESH_FAIL app=app-0 reason=signature", LONG)
+        .await
+        .unwrap();
 
-    rig.annotate(json!({"aether.dev/signature": key.sign(&digest).hex()})).await;
+    rig.annotate(json!({"aether.dev/signature": key.sign(&digest).hex()}))
+        .await;
     wait_live(addr, &digest).await;
     assert_eq!(rig.read_current("f").as_deref(), Some("signed"));
     assert_eq!(rig.art.requests("s.tgz"), 1);
@@ -290,16 +367,33 @@ async fn download_faults_are_retried_with_backoff_until_recovery() {
     let (url, digest) = rig.publish("flaky.tgz", &[("big", &big), ("f", "finally")]);
     rig.art.fail_next("flaky.tgz", Fault::Status(500));
     rig.art.fail_next("flaky.tgz", Fault::Truncate(1000));
-    rig.art.fail_next("flaky.tgz", Fault::Stall { after: 500, pause: Duration::from_secs(3) });
+    rig.art.fail_next(
+        "flaky.tgz",
+        Fault::Stall {
+            after: 500,
+            pause: Duration::from_secs(3),
+        },
+    );
     rig.art.fail_next("flaky.tgz", Fault::Status(503));
     rig.point_at(&url, &digest).await;
     wait_live(addr, &digest).await;
     assert_eq!(rig.read_current("f").as_deref(), Some("finally"));
     assert_eq!(rig.art.requests("flaky.tgz"), 5);
     let m = metrics(addr).await;
-    assert_eq!(metric(&m, "dev_hot_refresh_failure_total", "reason=\"download\""), Some(3.0), "{m}");
-    assert_eq!(metric(&m, "dev_hot_refresh_failure_total", "reason=\"timeout\""), Some(1.0), "{m}");
-    assert_eq!(metric(&m, "dev_hot_refresh_consecutive_failures", ""), Some(0.0));
+    assert_eq!(
+        metric(&m, "dev_hot_refresh_failure_total", "reason=\"download\""),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "dev_hot_refresh_failure_total", "reason=\"timeout\""),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "dev_hot_refresh_consecutive_failures", ""),
+        Some(0.0)
+    );
     assert_eq!(metric(&m, "dev_hot_refresh_total", ""), Some(5.0));
     assert_eq!(fetcher.lines_with("REFRESH_FAIL").len(), 4);
     assert_eq!(rig.staging_entries(), 0);
@@ -320,7 +414,10 @@ async fn anomaly_is_counted_once_when_failures_reach_the_threshold() {
     let m = metrics(addr).await;
     assert_eq!(metric(&m, "dev_hot_anomaly_events_total", ""), Some(1.0));
     assert!(metric(&m, "dev_hot_refresh_consecutive_failures", "").unwrap() >= 5.0);
-    fetcher.wait_for_log("ANOMALY app=app-0", LONG).await.unwrap();
+    fetcher
+        .wait_for_log("ANOMALY app=app-0", LONG)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,13 +444,32 @@ async fn every_hostile_archive_is_refused_with_the_live_release_intact() {
         assert_eq!(s["last_error"]["reason"], "extract", "{kind:?}: {s}");
         assert_eq!(s["current_digest"], digest.to_string(), "{kind:?}");
         assert_eq!(rig.read_current("f").as_deref(), Some("base"), "{kind:?}");
-        assert!(!rig.workspace.join(".aether/releases").join(bad.hex()).exists(), "{kind:?}");
+        assert!(
+            !rig.workspace
+                .join(".aether/releases")
+                .join(bad.hex())
+                .exists(),
+            "{kind:?}"
+        );
         assert_eq!(rig.staging_entries(), 0, "{kind:?} left staging behind");
-        let outside: Vec<_> = std::fs::read_dir(&rig.outside).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(outside, vec![std::ffi::OsString::from("target.txt")], "{kind:?} wrote outside");
-        assert_eq!(std::fs::read_to_string(rig.outside.join("target.txt")).unwrap(), "outside");
+        let outside: Vec<_> = std::fs::read_dir(&rig.outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            outside,
+            vec![std::ffi::OsString::from("target.txt")],
+            "{kind:?} wrote outside"
+        );
+        assert_eq!(
+            std::fs::read_to_string(rig.outside.join("target.txt")).unwrap(),
+            "outside"
+        );
         assert!(!std::path::Path::new("/tmp/aether-escape.txt").exists());
-        assert!(!rig.workspace.join("escape.txt").exists() && !rig.workspace.join(".aether/escape.txt").exists());
+        assert!(
+            !rig.workspace.join("escape.txt").exists()
+                && !rig.workspace.join(".aether/escape.txt").exists()
+        );
         // Back to the good release before the next kind, so each failure is its own.
         rig.point_at(&url_of(&rig, "base.tgz"), &digest).await;
         let ok = wait_until(LONG, || async {
@@ -362,7 +478,10 @@ async fn every_hostile_archive_is_refused_with_the_live_release_intact() {
         .await;
         assert!(ok);
     }
-    fetcher.wait_for_log("REFRESH_FAIL app=app-0 reason=extract", LONG).await.unwrap();
+    fetcher
+        .wait_for_log("REFRESH_FAIL app=app-0 reason=extract", LONG)
+        .await
+        .unwrap();
     let m = metrics(addr).await;
     assert_eq!(
         metric(&m, "dev_hot_refresh_failure_total", "reason=\"extract\""),
@@ -417,7 +536,11 @@ async fn setuid_sticky_and_shared_write_bits_are_stripped() {
     rig.point_at(&url, &digest).await;
     wait_live(addr, &digest).await;
     let mode = |f: &str| {
-        std::fs::metadata(rig.workspace.join("current").join(f)).unwrap().permissions().mode() & 0o7777
+        std::fs::metadata(rig.workspace.join("current").join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
     };
     assert_eq!(mode("suid.sh"), 0o755);
     assert_eq!(mode("sticky.txt"), 0o644);
@@ -431,12 +554,20 @@ async fn a_malformed_annotation_is_refused_and_nothing_is_touched() {
     let (url, digest) = rig.publish("ok.tgz", &[("f", "ok")]);
     rig.point_at(&url, &digest).await;
     wait_live(addr, &digest).await;
-    rig.annotate(json!({"aether.dev/digest": "sha256:NOT-HEX"})).await;
+    rig.annotate(json!({"aether.dev/digest": "sha256:NOT-HEX"}))
+        .await;
     let s = wait_failures(addr, 1).await;
     assert_eq!(s["last_error"]["reason"], "invalid_annotation");
-    fetcher.wait_for_log("REFRESH_FAIL app=app-0 reason=invalid_annotation", LONG).await.unwrap();
+    fetcher
+        .wait_for_log("REFRESH_FAIL app=app-0 reason=invalid_annotation", LONG)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(status(addr).await["consecutive_failures"], 1, "refused once, not retried");
+    assert_eq!(
+        status(addr).await["consecutive_failures"],
+        1,
+        "refused once, not retried"
+    );
     assert_eq!(rig.read_current("f").as_deref(), Some("ok"));
     // https is required unless allowed.
     let rig2 = Rig::new().await;
@@ -461,14 +592,23 @@ async fn sigkill_during_extraction_keeps_current_intact_and_a_restart_completes(
     // Incompressible content, served slowly, so the kill lands mid-extraction.
     let noise = noise(2 << 20);
     let (url2, digest2) = rig.publish("new.tgz", &[("big", &noise), ("f", "new")]);
-    rig.art.fail_next("new.tgz", Fault::Slow { chunk: 16 * 1024, delay: Duration::from_millis(10) });
+    rig.art.fail_next(
+        "new.tgz",
+        Fault::Slow {
+            chunk: 16 * 1024,
+            delay: Duration::from_millis(10),
+        },
+    );
     rig.point_at(&url2, &digest2).await;
     let started = wait_until(LONG, || async {
         let staging = rig.workspace.join(".aether/staging");
-        std::fs::read_dir(&staging).ok().and_then(|mut d| d.next()).is_some_and(|e| {
-            let dir = e.unwrap().path();
-            std::fs::metadata(dir.join("big")).is_ok_and(|m| m.len() > 0)
-        })
+        std::fs::read_dir(&staging)
+            .ok()
+            .and_then(|mut d| d.next())
+            .is_some_and(|e| {
+                let dir = e.unwrap().path();
+                std::fs::metadata(dir.join("big")).is_ok_and(|m| m.len() > 0)
+            })
     })
     .await;
     assert!(started, "extraction never started");
@@ -476,8 +616,16 @@ async fn sigkill_during_extraction_keeps_current_intact_and_a_restart_completes(
     let mut fetcher = fetcher;
     fetcher.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(rig.read_current("f").as_deref(), Some("old"));
-    assert!(rig.staging_entries() > 0, "the kill left staging behind (as expected)");
-    assert!(!rig.workspace.join(".aether/releases").join(digest2.hex()).exists());
+    assert!(
+        rig.staging_entries() > 0,
+        "the kill left staging behind (as expected)"
+    );
+    assert!(
+        !rig.workspace
+            .join(".aether/releases")
+            .join(digest2.hex())
+            .exists()
+    );
 
     let fetcher = rig.fetcher(&[]);
     let addr = fetcher.http_addr().await.unwrap();
@@ -493,14 +641,23 @@ async fn sigterm_mid_download_exits_within_a_second_and_cleans_staging() {
     let addr = fetcher.http_addr().await.unwrap();
     let big = noise(1 << 20);
     let (url, digest) = rig.publish("slow.tgz", &[("big", &big)]);
-    rig.art.fail_next("slow.tgz", Fault::Stall { after: 2000, pause: Duration::from_secs(30) });
+    rig.art.fail_next(
+        "slow.tgz",
+        Fault::Stall {
+            after: 2000,
+            pause: Duration::from_secs(30),
+        },
+    );
     rig.point_at(&url, &digest).await;
     let started = wait_until(LONG, || async { rig.staging_entries() > 0 }).await;
     assert!(started);
     let _ = addr;
     let t = std::time::Instant::now();
     fetcher.sigterm();
-    let exit = fetcher.wait_exit(Duration::from_secs(5)).await.expect("exited");
+    let exit = fetcher
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exited");
     let took = t.elapsed();
     assert!(exit.success(), "{exit:?}");
     assert!(took < Duration::from_secs(1), "took {took:?}");
@@ -533,7 +690,10 @@ async fn a_dropped_watch_and_410_gone_are_recovered() {
     rig.emu.compact();
     rig.emu.drop_watches();
     wait_live(addr, &digest2).await;
-    assert!(rig.emu.stats().watch > watches_before, "the watcher reconnected");
+    assert!(
+        rig.emu.stats().watch > watches_before,
+        "the watcher reconnected"
+    );
     assert!(rig.emu.stats().list >= 2, "the watcher re-listed");
 
     // And plain drops without compaction resume from the last version.
@@ -573,7 +733,11 @@ async fn requiring_signatures_without_a_key_is_a_start_up_error() {
     let mut f = rig.fetcher(&[("AETHER_REQUIRE_SIGNATURE", "1".into())]);
     let exit = f.wait_exit(LONG).await.expect("exits");
     assert_eq!(exit.code(), Some(2));
-    assert!(f.logs().iter().any(|l| l.contains("AETHER_REQUIRE_SIGNATURE")));
+    assert!(
+        f.logs()
+            .iter()
+            .any(|l| l.contains("AETHER_REQUIRE_SIGNATURE"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,15 +752,31 @@ async fn a_kept_release_is_reused_without_downloading() {
         rig.point_at(url, d).await;
         wait_live(addr, d).await;
     }
-    let releases = std::fs::read_dir(rig.workspace.join(".aether/releases")).unwrap().count();
+    let releases = std::fs::read_dir(rig.workspace.join(".aether/releases"))
+        .unwrap()
+        .count();
     assert_eq!(releases, 3);
     rig.point_at(&url_a, &a).await;
     wait_live(addr, &a).await;
-    assert_eq!(rig.art.requests("a.tgz"), 1, "rollback to a kept release needs no download");
+    assert_eq!(
+        rig.art.requests("a.tgz"),
+        1,
+        "rollback to a kept release needs no download"
+    );
     let (url_d, d) = rig.publish("d.tgz", &[("f", "d")]);
     rig.point_at(&url_d, &d).await;
     wait_live(addr, &d).await;
-    let releases = std::fs::read_dir(rig.workspace.join(".aether/releases")).unwrap().count();
-    assert_eq!(releases, 3, "old releases are pruned to AETHER_KEEP_RELEASES");
-    assert!(!rig.workspace.join(".aether/releases").join(b.hex()).exists());
+    let releases = std::fs::read_dir(rig.workspace.join(".aether/releases"))
+        .unwrap()
+        .count();
+    assert_eq!(
+        releases, 3,
+        "old releases are pruned to AETHER_KEEP_RELEASES"
+    );
+    assert!(
+        !rig.workspace
+            .join(".aether/releases")
+            .join(b.hex())
+            .exists()
+    );
 }

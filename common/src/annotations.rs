@@ -104,7 +104,10 @@ mod tests {
     fn plain_http_needs_opt_in() {
         let d = Digest::of(b"x").to_string();
         let m = map(&[(DIGEST, &d), (ARTIFACT_URL, "http://h/a.tgz")]);
-        assert_eq!(desired_release(&m, false), Err(AnnotationError::BadUrl(false)));
+        assert_eq!(
+            desired_release(&m, false),
+            Err(AnnotationError::BadUrl(false))
+        );
         assert!(desired_release(&m, true).unwrap().is_some());
     }
 
@@ -118,12 +121,18 @@ mod tests {
         );
         assert!(matches!(
             desired_release(
-                &map(&[(DIGEST, &d), (ARTIFACT_URL, "https://h/a"), (SIGNATURE, "xyz")]),
+                &map(&[
+                    (DIGEST, &d),
+                    (ARTIFACT_URL, "https://h/a"),
+                    (SIGNATURE, "xyz")
+                ]),
                 false
             ),
             Err(AnnotationError::Signature(_))
         ));
         assert!(desired_release(&map(&[(DIGEST, &d), (ARTIFACT_URL, "ftp://h/a")]), true).is_err());
-        assert!(desired_release(&map(&[(DIGEST, &d), (ARTIFACT_URL, "https:///a")]), true).is_err());
+        assert!(
+            desired_release(&map(&[(DIGEST, &d), (ARTIFACT_URL, "https:///a")]), true).is_err()
+        );
     }
 }

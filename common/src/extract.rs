@@ -99,11 +99,8 @@ pub fn unpack_tar_gz<R: Read>(
 ) -> Result<Stats, ExtractError> {
     let mut gz = MultiGzDecoder::new(reader);
     let stats = unpack_tar(&mut gz, dest, limits)?;
-    let trailing = io::copy(
-        &mut (&mut gz).take(MAX_TRAILING_BYTES + 1),
-        &mut io::sink(),
-    )
-    .map_err(ExtractError::Corrupt)?;
+    let trailing = io::copy(&mut (&mut gz).take(MAX_TRAILING_BYTES + 1), &mut io::sink())
+        .map_err(ExtractError::Corrupt)?;
     if trailing > MAX_TRAILING_BYTES {
         return Err(ExtractError::TooLarge(format!(
             "more than {MAX_TRAILING_BYTES} bytes after the end of the archive"
@@ -113,11 +110,7 @@ pub fn unpack_tar_gz<R: Read>(
 }
 
 /// Extracts an uncompressed tar stream into `dest` (an existing, empty directory).
-pub fn unpack_tar<R: Read>(
-    reader: R,
-    dest: &Path,
-    limits: &Limits,
-) -> Result<Stats, ExtractError> {
+pub fn unpack_tar<R: Read>(reader: R, dest: &Path, limits: &Limits) -> Result<Stats, ExtractError> {
     let mut archive = tar::Archive::new(reader);
     let mut unpacker = Unpacker {
         root: dest,
@@ -266,7 +259,8 @@ impl Unpacker<'_> {
             match fs::create_dir(&full) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let meta = fs::symlink_metadata(&full).map_err(|source| io_err(&full, source))?;
+                    let meta =
+                        fs::symlink_metadata(&full).map_err(|source| io_err(&full, source))?;
                     if !meta.is_dir() {
                         return Err(refused(raw, "a parent path is not a directory"));
                     }

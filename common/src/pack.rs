@@ -169,7 +169,10 @@ mod tests {
         .unwrap();
         let out = tempfile::tempdir().unwrap();
         crate::extract::unpack_tar_gz(&bytes[..], out.path(), &Default::default()).unwrap();
-        assert_eq!(fs::read_to_string(out.path().join("sub/b.txt")).unwrap(), "bee");
+        assert_eq!(
+            fs::read_to_string(out.path().join("sub/b.txt")).unwrap(),
+            "bee"
+        );
         assert_eq!(fs::read_to_string(out.path().join("link")).unwrap(), "bee");
         assert!(!out.path().join("skip.me").exists());
     }

@@ -92,7 +92,10 @@ impl ArtifactServer {
 
     /// Serves `bytes` at `/name`; returns the URL.
     pub fn put(&self, name: &str, bytes: impl Into<Bytes>) -> String {
-        self.shared.lock().blobs.insert(name.to_owned(), bytes.into());
+        self.shared
+            .lock()
+            .blobs
+            .insert(name.to_owned(), bytes.into());
         self.url(name)
     }
 
@@ -169,7 +172,9 @@ async fn serve(State(shared): State<Shared>, Path(name): Path<String>) -> Respon
                     if *at > sent {
                         let _ = tx.send(Ok(blob.slice(sent..*at))).await;
                     }
-                    let _ = tx.send(Err(std::io::Error::other("injected truncation"))).await;
+                    let _ = tx
+                        .send(Err(std::io::Error::other("injected truncation")))
+                        .await;
                     return;
                 }
                 Some(Fault::Stall { after, pause }) if !stalled && end >= *after => {

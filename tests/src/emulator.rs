@@ -71,15 +71,63 @@ macro_rules! rt {
 
 /// Everything the emulator serves.
 pub static TYPES: &[ResourceType] = &[
-    rt!("", "v1", "namespaces", "namespace", "Namespace", false, &["ns"]),
+    rt!(
+        "",
+        "v1",
+        "namespaces",
+        "namespace",
+        "Namespace",
+        false,
+        &["ns"]
+    ),
     rt!("", "v1", "pods", "pod", "Pod", true, &["po"]),
     rt!("", "v1", "services", "service", "Service", true, &["svc"]),
-    rt!("", "v1", "serviceaccounts", "serviceaccount", "ServiceAccount", true, &["sa"]),
-    rt!("", "v1", "configmaps", "configmap", "ConfigMap", true, &["cm"]),
+    rt!(
+        "",
+        "v1",
+        "serviceaccounts",
+        "serviceaccount",
+        "ServiceAccount",
+        true,
+        &["sa"]
+    ),
+    rt!(
+        "",
+        "v1",
+        "configmaps",
+        "configmap",
+        "ConfigMap",
+        true,
+        &["cm"]
+    ),
     rt!("", "v1", "secrets", "secret", "Secret", true, &[]),
-    rt!("apps", "v1", "deployments", "deployment", "Deployment", true, &["deploy"]),
-    rt!("rbac.authorization.k8s.io", "v1", "roles", "role", "Role", true, &[]),
-    rt!("rbac.authorization.k8s.io", "v1", "rolebindings", "rolebinding", "RoleBinding", true, &[]),
+    rt!(
+        "apps",
+        "v1",
+        "deployments",
+        "deployment",
+        "Deployment",
+        true,
+        &["deploy"]
+    ),
+    rt!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "roles",
+        "role",
+        "Role",
+        true,
+        &[]
+    ),
+    rt!(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "rolebindings",
+        "rolebinding",
+        "RoleBinding",
+        true,
+        &[]
+    ),
 ];
 
 const GROUPS: &[(&str, &str)] = &[("apps", "v1"), ("rbac.authorization.k8s.io", "v1")];
@@ -242,7 +290,12 @@ impl Emulator {
     }
 
     /// Creates an object directly (as a controller would); returns it as stored.
-    pub fn create(&self, plural: &str, namespace: Option<&str>, object: Value) -> Result<Value, String> {
+    pub fn create(
+        &self,
+        plural: &str,
+        namespace: Option<&str>,
+        object: Value,
+    ) -> Result<Value, String> {
         let idx = type_index(plural).ok_or_else(|| format!("unknown resource {plural}"))?;
         create(&self.shared, idx, namespace, object).map_err(|e| e.message)
     }
@@ -255,7 +308,13 @@ impl Emulator {
     }
 
     /// Applies a JSON merge patch directly.
-    pub fn merge_patch(&self, plural: &str, namespace: Option<&str>, name: &str, patch: &Value) -> Result<Value, String> {
+    pub fn merge_patch(
+        &self,
+        plural: &str,
+        namespace: Option<&str>,
+        name: &str,
+        patch: &Value,
+    ) -> Result<Value, String> {
         let idx = type_index(plural).ok_or_else(|| format!("unknown resource {plural}"))?;
         let ns = namespace.unwrap_or("").to_owned();
         update(&self.shared, idx, &ns, name, |obj| {
@@ -412,19 +471,28 @@ async fn handle(
     let query = query_map(&uri);
     let result = match (method.clone(), segs.as_slice()) {
         (Method::GET, ["version"]) => Ok(discovery(&shared, version())),
-        (Method::GET, ["api"]) => Ok(discovery(&shared, json!({
-            "kind": "APIVersions", "versions": ["v1"],
-            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}],
-        }))),
+        (Method::GET, ["api"]) => Ok(discovery(
+            &shared,
+            json!({
+                "kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}],
+            }),
+        )),
         (Method::GET, ["apis"]) => Ok(discovery(&shared, group_list())),
         (Method::GET, ["openapi", "v3"]) => Ok(discovery(&shared, openapi_index())),
-        (Method::GET, ["openapi", "v3", "api", "v1"]) => Ok(discovery(&shared, openapi_doc("", "v1"))),
-        (Method::GET, ["openapi", "v3", "apis", group, version]) => Ok(discovery(&shared, openapi_doc(group, version))),
+        (Method::GET, ["openapi", "v3", "api", "v1"]) => {
+            Ok(discovery(&shared, openapi_doc("", "v1")))
+        }
+        (Method::GET, ["openapi", "v3", "apis", group, version]) => {
+            Ok(discovery(&shared, openapi_doc(group, version)))
+        }
         (Method::GET, ["api", "v1"]) => Ok(discovery(&shared, resource_list("", "v1"))),
-        (Method::GET, ["apis", group, version]) => match GROUPS.iter().any(|(g, v)| g == group && v == version) {
-            true => Ok(discovery(&shared, resource_list(group, version))),
-            false => Err(ApiError::not_found("group", group)),
-        },
+        (Method::GET, ["apis", group, version]) => {
+            match GROUPS.iter().any(|(g, v)| g == group && v == version) {
+                true => Ok(discovery(&shared, resource_list(group, version))),
+                false => Err(ApiError::not_found("group", group)),
+            }
+        }
         (Method::GET, ["apis", group]) => match GROUPS.iter().find(|(g, _)| g == group) {
             Some((g, v)) => Ok(discovery(&shared, group_json(g, v))),
             None => Err(ApiError::not_found("group", group)),
@@ -433,7 +501,10 @@ async fn handle(
             resource(&shared, "", "v1", rest, method, &query, &headers, &body).await
         }
         (_, ["apis", group, version, rest @ ..]) => {
-            resource(&shared, group, version, rest, method, &query, &headers, &body).await
+            resource(
+                &shared, group, version, rest, method, &query, &headers, &body,
+            )
+            .await
         }
         (Method::POST, ["_emulator", "drop-watches"]) => {
             shared.drop_watches.send_modify(|g| *g += 1);
@@ -500,7 +571,10 @@ fn openapi_index() -> Value {
     gvs.extend(GROUPS.iter().copied());
     for (g, v) in gvs {
         let p = gv_path(g, v);
-        paths.insert(p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}")}));
+        paths.insert(
+            p.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{p}")}),
+        );
     }
     json!({"paths": paths})
 }
@@ -511,21 +585,37 @@ fn openapi_index() -> Value {
 fn openapi_doc(group: &str, version: &str) -> Value {
     let mut paths = Map::new();
     let mut schemas = Map::new();
-    for t in TYPES.iter().filter(|t| t.group == group && t.version == version) {
+    for t in TYPES
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+    {
         let gvk = json!({"group": t.group, "version": t.version, "kind": t.kind});
         let item = if t.namespaced {
-            format!("/{}/namespaces/{{namespace}}/{}/{{name}}", gv_path(group, version), t.plural)
+            format!(
+                "/{}/namespaces/{{namespace}}/{}/{{name}}",
+                gv_path(group, version),
+                t.plural
+            )
         } else {
             format!("/{}/{}/{{name}}", gv_path(group, version), t.plural)
         };
         let param = json!([{"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}}]);
-        let op = |verb: &str| json!({
-            "operationId": format!("{verb}{}", t.kind), "x-kubernetes-action": verb,
-            "x-kubernetes-group-version-kind": gvk, "parameters": param,
-            "responses": {"200": {"description": "OK"}},
-        });
-        paths.insert(item, json!({"patch": op("patch"), "put": op("put"), "get": op("get")}));
-        let prefix = if group.is_empty() { "io.k8s.api.core".to_owned() } else { format!("io.k8s.api.{}", group.split('.').next().unwrap_or(group)) };
+        let op = |verb: &str| {
+            json!({
+                "operationId": format!("{verb}{}", t.kind), "x-kubernetes-action": verb,
+                "x-kubernetes-group-version-kind": gvk, "parameters": param,
+                "responses": {"200": {"description": "OK"}},
+            })
+        };
+        paths.insert(
+            item,
+            json!({"patch": op("patch"), "put": op("put"), "get": op("get")}),
+        );
+        let prefix = if group.is_empty() {
+            "io.k8s.api.core".to_owned()
+        } else {
+            format!("io.k8s.api.{}", group.split('.').next().unwrap_or(group))
+        };
         schemas.insert(
             format!("{prefix}.{version}.{}", t.kind),
             json!({"type": "object", "x-kubernetes-group-version-kind": [gvk]}),
@@ -546,7 +636,10 @@ fn resource_list(group: &str, version: &str) -> Value {
         format!("{group}/{version}")
     };
     let mut resources = Vec::new();
-    for t in TYPES.iter().filter(|t| t.group == group && t.version == version) {
+    for t in TYPES
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+    {
         resources.push(json!({
             "name": t.plural, "singularName": t.singular, "namespaced": t.namespaced,
             "kind": t.kind, "shortNames": t.short_names,
@@ -557,8 +650,10 @@ fn resource_list(group: &str, version: &str) -> Value {
                 "kind": "PodProxyOptions", "verbs": ["create", "delete", "get", "patch", "update"]}));
         }
         if matches!(t.plural, "pods" | "deployments") {
-            resources.push(json!({"name": format!("{}/status", t.plural), "singularName": "",
-                "namespaced": true, "kind": t.kind, "verbs": ["get", "patch", "update"]}));
+            resources.push(
+                json!({"name": format!("{}/status", t.plural), "singularName": "",
+                "namespaced": true, "kind": t.kind, "verbs": ["get", "patch", "update"]}),
+            );
         }
     }
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
@@ -576,8 +671,18 @@ async fn resource(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let (namespace, plural, name, sub) = match rest {
-        ["namespaces", ns, plural, tail @ ..] => (Some(*ns), *plural, tail.first().copied(), tail.get(1..).unwrap_or(&[])),
-        [plural, tail @ ..] => (None, *plural, tail.first().copied(), tail.get(1..).unwrap_or(&[])),
+        ["namespaces", ns, plural, tail @ ..] => (
+            Some(*ns),
+            *plural,
+            tail.first().copied(),
+            tail.get(1..).unwrap_or(&[]),
+        ),
+        [plural, tail @ ..] => (
+            None,
+            *plural,
+            tail.first().copied(),
+            tail.get(1..).unwrap_or(&[]),
+        ),
         [] => return Err(ApiError::not_found("resource", "")),
     };
     let idx = TYPES
@@ -609,10 +714,13 @@ async fn resource(
             if wants_table {
                 return Ok(json_response(StatusCode::OK, &table(rt, &items, rv)));
             }
-            Ok(json_response(StatusCode::OK, &json!({
-                "kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(),
-                "metadata": {"resourceVersion": rv.to_string()}, "items": items,
-            })))
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "kind": format!("{}List", rt.kind), "apiVersion": rt.api_version(),
+                    "metadata": {"resourceVersion": rv.to_string()}, "items": items,
+                }),
+            ))
         }
         (Method::POST, None, []) => {
             c.create.fetch_add(1, Ordering::Relaxed);
@@ -684,11 +792,14 @@ fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
         return Ok(v);
     }
     let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("body is not UTF-8"))?;
-    serde_saphyr::from_str::<Value>(text).map_err(|e| ApiError::bad_request(format!("cannot parse body: {e}")))
+    serde_saphyr::from_str::<Value>(text)
+        .map_err(|e| ApiError::bad_request(format!("cannot parse body: {e}")))
 }
 
 fn now_rfc3339() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
@@ -717,7 +828,12 @@ fn emit(shared: &Shared, inner: &mut Inner, type_idx: usize, kind: &'static str,
     let _ = shared.events.send(event);
 }
 
-fn create(shared: &Shared, idx: usize, namespace: Option<&str>, mut obj: Value) -> Result<Value, ApiError> {
+fn create(
+    shared: &Shared,
+    idx: usize,
+    namespace: Option<&str>,
+    mut obj: Value,
+) -> Result<Value, ApiError> {
     let rt = &TYPES[idx];
     if !obj.is_object() {
         return Err(ApiError::bad_request("object expected"));
@@ -726,10 +842,17 @@ fn create(shared: &Shared, idx: usize, namespace: Option<&str>, mut obj: Value) 
     let ns = if rt.namespaced {
         let ns = namespace
             .map(str::to_owned)
-            .or_else(|| obj.pointer("/metadata/namespace").and_then(Value::as_str).map(str::to_owned))
+            .or_else(|| {
+                obj.pointer("/metadata/namespace")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .unwrap_or_else(|| "default".to_owned());
         let ns_idx = type_index("namespaces").unwrap_or(0);
-        if !inner.objects.contains_key(&(ns_idx, String::new(), ns.clone())) {
+        if !inner
+            .objects
+            .contains_key(&(ns_idx, String::new(), ns.clone()))
+        {
             return Err(ApiError::not_found("namespaces", &ns));
         }
         ns
@@ -743,7 +866,13 @@ fn create(shared: &Shared, idx: usize, namespace: Option<&str>, mut obj: Value) 
         Some(n) if !n.is_empty() => n.to_owned(),
         _ => match meta.get("generateName").and_then(Value::as_str) {
             Some(prefix) => format!("{prefix}{uid_seq:05x}"),
-            None => return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", "metadata.name: Required value")),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "metadata.name: Required value",
+                ));
+            }
         },
     };
     let key = (idx, ns.clone(), name.clone());
@@ -763,7 +892,10 @@ fn create(shared: &Shared, idx: usize, namespace: Option<&str>, mut obj: Value) 
     } else {
         meta.remove("namespace");
     }
-    meta.insert("uid".into(), json!(format!("00000000-0000-4000-8000-{uid_seq:012x}")));
+    meta.insert(
+        "uid".into(),
+        json!(format!("00000000-0000-4000-8000-{uid_seq:012x}")),
+    );
     meta.insert("resourceVersion".into(), json!(rv.to_string()));
     meta.insert("creationTimestamp".into(), json!(now_rfc3339()));
     if rt.plural == "deployments" {
@@ -783,8 +915,12 @@ fn create(shared: &Shared, idx: usize, namespace: Option<&str>, mut obj: Value) 
 }
 
 fn check_rv(current: &Value, incoming: &Value) -> Result<(), ApiError> {
-    let want = incoming.pointer("/metadata/resourceVersion").and_then(Value::as_str);
-    let have = current.pointer("/metadata/resourceVersion").and_then(Value::as_str);
+    let want = incoming
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str);
+    let have = current
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str);
     match want {
         Some(w) if !w.is_empty() && Some(w) != have => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -799,7 +935,13 @@ fn check_rv(current: &Value, incoming: &Value) -> Result<(), ApiError> {
 fn restore_system_meta(obj: &mut Value, old: Option<&Value>) {
     let Some(old) = old else { return };
     let meta = meta_mut(obj);
-    for field in ["name", "namespace", "uid", "creationTimestamp", "generation"] {
+    for field in [
+        "name",
+        "namespace",
+        "uid",
+        "creationTimestamp",
+        "generation",
+    ] {
         match old.get(field) {
             Some(v) => {
                 meta.insert(field.into(), v.clone());
@@ -835,13 +977,18 @@ fn update(
     obj["kind"] = json!(rt.kind);
     meta_mut(&mut obj).insert(
         "resourceVersion".into(),
-        old.pointer("/metadata/resourceVersion").cloned().unwrap_or(Value::Null),
+        old.pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or(Value::Null),
     );
     if obj == old {
         return Ok(obj);
     }
     if rt.plural == "deployments" && obj.get("spec") != old.get("spec") {
-        let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+        let generation = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
         meta_mut(&mut obj).insert("generation".into(), json!(generation + 1));
     }
     inner.rv += 1;
@@ -885,7 +1032,9 @@ fn patch(
         }
         "application/apply-patch+yaml" => {
             if query.get("fieldManager").is_none_or(|m| m.is_empty()) {
-                return Err(ApiError::bad_request("fieldManager is required for apply patch"));
+                return Err(ApiError::bad_request(
+                    "fieldManager is required for apply patch",
+                ));
             }
             let applied = parse_body(body)?;
             let exists = shared
@@ -906,7 +1055,9 @@ fn patch(
         other => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"
+            ),
         )),
     }
 }
@@ -948,7 +1099,9 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) {
                 }
             }
         }
-        (Value::Array(items), Value::Array(patch_items)) if named_list(items) && named_list(patch_items) => {
+        (Value::Array(items), Value::Array(patch_items))
+            if named_list(items) && named_list(patch_items) =>
+        {
             for p in patch_items {
                 let name = p.get("name").cloned();
                 match items.iter_mut().find(|i| i.get("name") == name.as_ref()) {
@@ -962,12 +1115,17 @@ pub fn strategic_merge(target: &mut Value, patch: &Value) {
 }
 
 fn named_list(items: &[Value]) -> bool {
-    !items.is_empty() && items.iter().all(|i| i.get("name").is_some_and(Value::is_string))
+    !items.is_empty()
+        && items
+            .iter()
+            .all(|i| i.get("name").is_some_and(Value::is_string))
 }
 
 /// RFC 6902 JSON patch: add, remove, replace, test.
 fn json_patch(obj: &mut Value, ops: &Value) -> Result<(), ApiError> {
-    let ops = ops.as_array().ok_or_else(|| ApiError::bad_request("JSON patch must be an array"))?;
+    let ops = ops
+        .as_array()
+        .ok_or_else(|| ApiError::bad_request("JSON patch must be an array"))?;
     for op in ops {
         let kind = op.get("op").and_then(Value::as_str).unwrap_or("");
         let path = op.get("path").and_then(Value::as_str).unwrap_or("");
@@ -978,13 +1136,21 @@ fn json_patch(obj: &mut Value, ops: &Value) -> Result<(), ApiError> {
         let value = op.get("value").cloned().unwrap_or(Value::Null);
         if kind == "test" {
             if obj.pointer(path) != Some(&value) {
-                return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", format!("test failed at {path}")));
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    format!("test failed at {path}"),
+                ));
             }
             continue;
         }
-        let parent = obj
-            .pointer_mut(parent_path)
-            .ok_or_else(|| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", format!("no parent for {path}")))?;
+        let parent = obj.pointer_mut(parent_path).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                format!("no parent for {path}"),
+            )
+        })?;
         match (kind, parent) {
             ("add" | "replace", Value::Object(m)) => {
                 m.insert(last, value);
@@ -994,7 +1160,9 @@ fn json_patch(obj: &mut Value, ops: &Value) -> Result<(), ApiError> {
             }
             ("add", Value::Array(a)) if last == "-" => a.push(value),
             ("add" | "replace" | "remove", Value::Array(a)) => {
-                let i: usize = last.parse().map_err(|_| ApiError::bad_request("bad index"))?;
+                let i: usize = last
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("bad index"))?;
                 if i > a.len() || (kind != "add" && i == a.len()) {
                     return Err(ApiError::bad_request("index out of range"));
                 }
@@ -1006,7 +1174,11 @@ fn json_patch(obj: &mut Value, ops: &Value) -> Result<(), ApiError> {
                     }
                 }
             }
-            _ => return Err(ApiError::bad_request(format!("unsupported op {kind:?} at {path}"))),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unsupported op {kind:?} at {path}"
+                )));
+            }
         }
     }
     Ok(())
@@ -1022,7 +1194,12 @@ fn delete(shared: &Shared, idx: usize, ns: &str, name: &str) -> Result<Value, Ap
         .ok_or_else(|| ApiError::not_found(rt.plural, name))?;
     let mut removed = vec![(idx, obj.clone())];
     if rt.plural == "namespaces" {
-        let keys: Vec<Key> = inner.objects.keys().filter(|k| k.1 == name).cloned().collect();
+        let keys: Vec<Key> = inner
+            .objects
+            .keys()
+            .filter(|k| k.1 == name)
+            .cloned()
+            .collect();
         for k in keys {
             if let Some(o) = inner.objects.remove(&k) {
                 removed.push((k.0, o));
@@ -1070,9 +1247,12 @@ impl Selector {
                 } else if let Some((f, v)) = part.split_once('=') {
                     (f, false, v)
                 } else {
-                    return Err(ApiError::bad_request(format!("invalid field selector {part:?}")));
+                    return Err(ApiError::bad_request(format!(
+                        "invalid field selector {part:?}"
+                    )));
                 };
-                sel.fields.push((field.trim().to_owned(), negate, value.trim().to_owned()));
+                sel.fields
+                    .push((field.trim().to_owned(), negate, value.trim().to_owned()));
             }
         }
         Ok(sel)
@@ -1140,10 +1320,15 @@ fn parse_label_selector(s: &str) -> Result<Vec<LabelReq>, ApiError> {
             LabelReq::Eq(k.trim().into(), v.trim().into())
         } else if let Some(k) = part.strip_prefix('!') {
             LabelReq::Absent(k.trim().into())
-        } else if part.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c)) {
+        } else if part
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        {
             LabelReq::Exists(part.into())
         } else {
-            return Err(ApiError::bad_request(format!("invalid label selector {part:?}")));
+            return Err(ApiError::bad_request(format!(
+                "invalid label selector {part:?}"
+            )));
         };
         out.push(req);
     }
@@ -1176,7 +1361,10 @@ fn table(rt: &ResourceType, items: &[Value], rv: u64) -> Value {
     let rows: Vec<Value> = items
         .iter()
         .map(|obj| {
-            let name = obj.pointer("/metadata/name").cloned().unwrap_or(Value::Null);
+            let name = obj
+                .pointer("/metadata/name")
+                .cloned()
+                .unwrap_or(Value::Null);
             let age = obj
                 .pointer("/metadata/creationTimestamp")
                 .and_then(Value::as_str)
@@ -1185,7 +1373,11 @@ fn table(rt: &ResourceType, items: &[Value], rv: u64) -> Value {
                 .unwrap_or_else(|| "<unknown>".into());
             let mut cells = vec![name];
             if rt.plural == "pods" {
-                cells.push(obj.pointer("/status/phase").cloned().unwrap_or(json!("Unknown")));
+                cells.push(
+                    obj.pointer("/status/phase")
+                        .cloned()
+                        .unwrap_or(json!("Unknown")),
+                );
             }
             cells.push(json!(age));
             json!({"cells": cells, "object": {
@@ -1194,9 +1386,7 @@ fn table(rt: &ResourceType, items: &[Value], rv: u64) -> Value {
             }})
         })
         .collect();
-    let col = |name: &str, format: &str| {
-        json!({"name": name, "type": "string", "format": format, "description": "", "priority": 0})
-    };
+    let col = |name: &str, format: &str| json!({"name": name, "type": "string", "format": format, "description": "", "priority": 0});
     let mut columns = vec![col("Name", "name")];
     if rt.plural == "pods" {
         columns.push(col("Status", ""));
@@ -1224,14 +1414,19 @@ fn watch_response(
     let rt = &TYPES[idx];
     let sel = Selector::from_query(query)?;
     let namespace = namespace.map(str::to_owned);
-    let bookmarks = query.get("allowWatchBookmarks").is_some_and(|v| v == "true" || v == "1");
+    let bookmarks = query
+        .get("allowWatchBookmarks")
+        .is_some_and(|v| v == "true" || v == "1");
     let timeout = query
         .get("timeoutSeconds")
         .and_then(|t| t.parse::<u64>().ok())
         .map(Duration::from_secs);
     let requested: Option<u64> = match query.get("resourceVersion").map(String::as_str) {
         None | Some("") | Some("0") => None,
-        Some(v) => Some(v.parse().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))?),
+        Some(v) => Some(
+            v.parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {v:?}")))?,
+        ),
     };
     // Subscribing and reading the backlog under one lock: no event is missed or doubled.
     let (backlog, mut live, gone) = {
@@ -1242,7 +1437,9 @@ fn watch_response(
                 let added: Vec<Bytes> = inner
                     .objects
                     .iter()
-                    .filter(|((i, ns, _), obj)| *i == idx && in_scope(ns, namespace.as_deref()) && sel.matches(obj))
+                    .filter(|((i, ns, _), obj)| {
+                        *i == idx && in_scope(ns, namespace.as_deref()) && sel.matches(obj)
+                    })
                     .map(|(_, obj)| watch_line("ADDED", obj))
                     .collect();
                 (added, live, None)
@@ -1258,7 +1455,11 @@ fn watch_response(
                     .iter()
                     .filter(|e| e.rv > rv && e.type_idx == idx)
                     .filter(|e| {
-                        let ns = e.object.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
+                        let ns = e
+                            .object
+                            .pointer("/metadata/namespace")
+                            .and_then(Value::as_str)
+                            .unwrap_or("");
                         in_scope(ns, namespace.as_deref()) && sel.matches(&e.object)
                     })
                     .map(|e| watch_line(e.kind, &e.object))
@@ -1275,7 +1476,12 @@ fn watch_response(
     let api_version = rt.api_version();
     tokio::spawn(async move {
         if let Some(message) = gone {
-            let _ = tx.send(Ok(watch_line("ERROR", &status_json(410, "Expired", &message)))).await;
+            let _ = tx
+                .send(Ok(watch_line(
+                    "ERROR",
+                    &status_json(410, "Expired", &message),
+                )))
+                .await;
             return;
         }
         for line in backlog {

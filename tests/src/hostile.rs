@@ -74,7 +74,11 @@ impl Hostile {
         t.file("ok.txt", b"harmless first entry", 0o644);
         match self {
             Hostile::AbsolutePath => t.file(&format!("{out}/abs.txt"), b"pwned", 0o644),
-            Hostile::ParentTraversal => t.file("../../../../../../../../../../../../../../../tmp/aether-escape.txt", b"pwned", 0o644),
+            Hostile::ParentTraversal => t.file(
+                "../../../../../../../../../../../../../../../tmp/aether-escape.txt",
+                b"pwned",
+                0o644,
+            ),
             Hostile::NestedTraversal => t.file("a/../../escape.txt", b"pwned", 0o644),
             Hostile::SymlinkAbsolute => {
                 t.symlink("lnk", &out);
@@ -143,7 +147,12 @@ impl RawTar {
             self.pax_path(name.as_bytes(), data);
             return;
         }
-        let h = Self::header(tar::EntryType::Regular, name.as_bytes(), data.len() as u64, mode);
+        let h = Self::header(
+            tar::EntryType::Regular,
+            name.as_bytes(),
+            data.len() as u64,
+            mode,
+        );
         self.push(h, data);
     }
 
@@ -184,9 +193,19 @@ impl RawTar {
         write!(record, "{total} path=").ok();
         record.extend_from_slice(path);
         record.push(b'\n');
-        let h = Self::header(tar::EntryType::XHeader, b"PaxHeader", record.len() as u64, 0o644);
+        let h = Self::header(
+            tar::EntryType::XHeader,
+            b"PaxHeader",
+            record.len() as u64,
+            0o644,
+        );
         self.push(h, &record);
-        let h = Self::header(tar::EntryType::Regular, b"placeholder", data.len() as u64, 0o644);
+        let h = Self::header(
+            tar::EntryType::Regular,
+            b"placeholder",
+            data.len() as u64,
+            0o644,
+        );
         self.push(h, data);
     }
 

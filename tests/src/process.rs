@@ -59,11 +59,19 @@ impl Proc {
 
     /// Lines containing `needle`.
     pub fn lines_with(&self, needle: &str) -> Vec<String> {
-        self.logs().into_iter().filter(|l| l.contains(needle)).collect()
+        self.logs()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect()
     }
 
     /// Waits until at least `count` lines contain `needle`; returns the last of them.
-    pub async fn wait_for_lines(&self, needle: &str, count: usize, timeout: Duration) -> Result<String, String> {
+    pub async fn wait_for_lines(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
             let found = self.lines_with(needle);
@@ -87,7 +95,9 @@ impl Proc {
 
     /// The `addr=` logged by the fetcher's HTTP listener.
     pub async fn http_addr(&self) -> Result<SocketAddr, String> {
-        let line = self.wait_for_log("serving /metrics", Duration::from_secs(20)).await?;
+        let line = self
+            .wait_for_log("serving /metrics", Duration::from_secs(20))
+            .await?;
         let addr = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("addr="))
@@ -114,7 +124,10 @@ impl Proc {
 
     /// Waits for the process to exit.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait()).await.ok()?.ok()
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()?
+            .ok()
     }
 }
 
@@ -153,12 +166,10 @@ pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     } else {
         format!("{name}{{{labels}}}")
     };
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (s, v) = l.rsplit_once(' ')?;
-            (s == series).then(|| v.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (s, v) = l.rsplit_once(' ')?;
+        (s == series).then(|| v.parse().ok()).flatten()
+    })
 }
 
 /// Polls `check` every 20 ms until it returns true or `timeout` passes.

@@ -13,15 +13,21 @@ async fn main() -> anyhow::Result<()> {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--listen" => {
-                let value = args.next().ok_or_else(|| anyhow::anyhow!("--listen needs ADDR"))?;
+                let value = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--listen needs ADDR"))?;
                 options.listen = value.parse::<SocketAddr>()?;
             }
             "--bookmark-sec" => {
-                let value = args.next().ok_or_else(|| anyhow::anyhow!("--bookmark-sec needs N"))?;
+                let value = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--bookmark-sec needs N"))?;
                 options.bookmark_every = Duration::from_secs(value.parse()?);
             }
             "--help" | "-h" => {
-                println!("usage: aether-kube-emulator [--listen 127.0.0.1:PORT] [--bookmark-sec N]");
+                println!(
+                    "usage: aether-kube-emulator [--listen 127.0.0.1:PORT] [--bookmark-sec N]"
+                );
                 return Ok(());
             }
             other => anyhow::bail!("unknown argument {other:?} (see --help)"),
