@@ -138,7 +138,9 @@ where
     tokio::spawn(async move {
         let mut lines = BufReader::new(stream).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            eprintln!("[{name}] {line}");
+            if std::env::var_os("AETHER_QUIET_CHILDREN").is_none() {
+                eprintln!("[{name}] {line}");
+            }
             if let Ok(mut l) = logs.lock() {
                 l.push(line);
             }
@@ -146,8 +148,15 @@ where
     });
 }
 
+/// Installs the ring crypto provider once: reqwest is built without a default provider
+/// (as in the fetcher) and refuses to build a client before one is installed.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// GETs a URL on loopback; returns status and body.
 pub async fn http_get(url: &str) -> Result<(u16, String), String> {
+    install_crypto();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()

@@ -1,0 +1,132 @@
+//! `aether-bench`: patch-to-live latency of a real `aether-fetcher` process.
+//!
+//! Starts the API emulator and an artifact server in this process, spawns the fetcher
+//! (watch mode) against them, then for each of N patches: serves a fresh artifact of SIZE
+//! bytes, merge-patches the pod's annotations over HTTP, and polls the fetcher's `/status`
+//! every millisecond until the digest is live. Prints one JSON object with the figures.
+//!
+//! usage: aether-bench latency --fetcher PATH [--patches 50] [--size 1048576]
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use aether_testkit::artifacts::ArtifactServer;
+use aether_testkit::emulator::Emulator;
+use aether_testkit::process::Proc;
+use anyhow::{Context, bail};
+use serde_json::json;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_default();
+    if mode != "latency" {
+        bail!("usage: aether-bench latency --fetcher PATH [--patches N] [--size BYTES]");
+    }
+    let mut fetcher: Option<PathBuf> = None;
+    let mut patches = 50usize;
+    let mut size = 1usize << 20;
+    while let Some(arg) = args.next() {
+        let value = args.next().with_context(|| format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--fetcher" => fetcher = Some(value.into()),
+            "--patches" => patches = value.parse()?,
+            "--size" => size = value.parse()?,
+            other => bail!("unknown argument {other:?}"),
+        }
+    }
+    let fetcher = fetcher.context("--fetcher is required")?;
+    let emu = Emulator::start().await?;
+    let art = ArtifactServer::start().await?;
+    let dir = std::env::temp_dir().join(format!("aether-bench-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("workspace"))?;
+    let kubeconfig = emu.write_kubeconfig(&dir)?;
+    emu.create(
+        "pods",
+        Some("default"),
+        json!({"metadata": {"name": "bench-0"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let proc = Proc::spawn(
+        &fetcher,
+        &[],
+        &[
+            ("KUBECONFIG", kubeconfig.display().to_string()),
+            ("POD_NAME", "bench-0".into()),
+            ("POD_NAMESPACE", "default".into()),
+            ("AETHER_WORKSPACE", dir.join("workspace").display().to_string()),
+            ("AETHER_HTTP_ADDR", "127.0.0.1:0".into()),
+            ("AETHER_ALLOW_HTTP", "1".into()),
+            ("AETHER_MIN_REFRESH_INTERVAL_MS", "0".into()),
+            ("RUST_LOG", "warn,aether_fetcher::http=info".into()),
+        ],
+    )?;
+    let addr = proc.http_addr().await.map_err(anyhow::Error::msg)?;
+    let status_url = format!("http://{addr}/status");
+    aether_testkit::process::install_crypto();
+    let http = reqwest::Client::new();
+    let patch_url = format!("{}/api/v1/namespaces/default/pods/bench-0", emu.url());
+    let mut samples = Vec::with_capacity(patches);
+    for i in 0..patches {
+        let name = format!("a{i}.tgz");
+        let bytes = artifact(i, size);
+        let digest = aether_common::Digest::of(&bytes);
+        let url = art.put(&name, bytes);
+        let body = json!({"metadata": {"annotations": {
+            "aether.dev/digest": digest.to_string(), "aether.dev/artifact-url": url}}});
+        let want = digest.to_string();
+        let start = Instant::now();
+        http.patch(&patch_url)
+            .header("content-type", "application/merge-patch+json")
+            .body(body.to_string())
+            .send()
+            .await?
+            .error_for_status()?;
+        loop {
+            let text = http.get(&status_url).send().await?.text().await?;
+            let status: serde_json::Value = serde_json::from_str(&text)?;
+            if status["current_digest"] == want.as_str() {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("patch {i} never went live: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        samples.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(proc);
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut sorted = samples.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pct = |p: f64| sorted[((sorted.len() as f64 - 1.0) * p).round() as usize];
+    println!(
+        "{}",
+        json!({
+            "patches": patches, "artifact_bytes": size,
+            "p50_ms": round(pct(0.50)), "p95_ms": round(pct(0.95)), "p99_ms": round(pct(0.99)),
+            "max_ms": round(pct(1.0)), "min_ms": round(pct(0.0)),
+        })
+    );
+    Ok(())
+}
+
+fn round(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+/// A distinct tar.gz of about `size` compressed bytes (incompressible content).
+fn artifact(seed: usize, size: usize) -> Vec<u8> {
+    let mut data = Vec::with_capacity(size);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (seed as u64 + 1);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut b = aether_common::pack::ArchiveBuilder::in_memory();
+    let _ = b.file("payload.bin", &data, 0o644);
+    let _ = b.file("version.txt", seed.to_string().as_bytes(), 0o644);
+    b.finish().unwrap_or_default()
+}
