@@ -12,8 +12,10 @@ use tokio::task::JoinHandle;
 use crate::failure::{Reason, RefreshError};
 use crate::release::Staging;
 
-/// Chunks in flight between the download and the extractor (each at most a few tens of KiB).
-const CHANNEL_DEPTH: usize = 64;
+/// Chunks in flight between the download and the extractor. hyper grows its read buffer
+/// up to ~400 KiB on fast links, so this bounds the buffered bytes to a few MiB: enough
+/// for hashing, inflating and writing to overlap, and flat whatever the artifact size.
+const CHANNEL_DEPTH: usize = 8;
 
 /// The sending half; dropping it ends the stream for the extractor.
 pub type Feed = mpsc::Sender<Bytes>;

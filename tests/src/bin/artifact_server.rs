@@ -13,8 +13,19 @@ async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--listen" => listen = args.next().ok_or_else(|| anyhow::anyhow!("--listen needs ADDR"))?.parse()?,
-            "--dir" => dir = Some(args.next().ok_or_else(|| anyhow::anyhow!("--dir needs DIR"))?.into()),
+            "--listen" => {
+                listen = args
+                    .next()
+                    .ok_or_else(|| anyhow::anyhow!("--listen needs ADDR"))?
+                    .parse()?
+            }
+            "--dir" => {
+                dir = Some(
+                    args.next()
+                        .ok_or_else(|| anyhow::anyhow!("--dir needs DIR"))?
+                        .into(),
+                )
+            }
             "--help" | "-h" => {
                 println!("usage: aether-artifact-server --dir DIR [--listen 127.0.0.1:PORT]");
                 return Ok(());

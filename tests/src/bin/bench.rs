@@ -27,7 +27,9 @@ async fn main() -> anyhow::Result<()> {
     let mut patches = 50usize;
     let mut size = 1usize << 20;
     while let Some(arg) = args.next() {
-        let value = args.next().with_context(|| format!("{arg} needs a value"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{arg} needs a value"))?;
         match arg.as_str() {
             "--fetcher" => fetcher = Some(value.into()),
             "--patches" => patches = value.parse()?,
@@ -54,7 +56,10 @@ async fn main() -> anyhow::Result<()> {
             ("KUBECONFIG", kubeconfig.display().to_string()),
             ("POD_NAME", "bench-0".into()),
             ("POD_NAMESPACE", "default".into()),
-            ("AETHER_WORKSPACE", dir.join("workspace").display().to_string()),
+            (
+                "AETHER_WORKSPACE",
+                dir.join("workspace").display().to_string(),
+            ),
             ("AETHER_HTTP_ADDR", "127.0.0.1:0".into()),
             ("AETHER_ALLOW_HTTP", "1".into()),
             ("AETHER_MIN_REFRESH_INTERVAL_MS", "0".into()),

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The test command (README): installs what the tests need on a fresh Debian machine, then
+# runs every test of the workspace and checks the static release binary.
+#   - apt: kubectl (the real client the emulator is tested with), musl-tools (ring's C
+#     code for the static musl build);
+#   - rustup: the x86_64-unknown-linux-musl target.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TARGET=x86_64-unknown-linux-musl
+MAX_BINARY_BYTES=12000000
+
+apt_install() {
+  local sudo=
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+missing=()
+[ -x /usr/bin/kubectl ] || missing+=(kubectl)
+command -v musl-gcc >/dev/null || missing+=(musl-tools)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing ${missing[*]}..." >&2
+  apt_install "${missing[@]}"
+fi
+if ! rustup target list --installed | grep -qx "$TARGET"; then
+  rustup target add "$TARGET"
+fi
+
+cargo test --workspace --locked
+
+# The shipped artifact: a static, stripped binary under the size budget.
+cargo build --release --locked --target "$TARGET" -p aether-fetcher
+bin=target/$TARGET/release/aether-fetcher
+size=$(stat -c %s "$bin")
+if readelf -l "$bin" | grep -q "INTERP"; then
+  echo "FAIL: $bin asks for a dynamic loader (not static)" >&2
+  exit 1
+fi
+if [ "$size" -gt "$MAX_BINARY_BYTES" ]; then
+  echo "FAIL: $bin is $size bytes, budget $MAX_BINARY_BYTES" >&2
+  exit 1
+fi
+"$bin" --version
+echo "static binary OK: $size bytes"
