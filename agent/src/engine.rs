@@ -279,10 +279,15 @@ impl Engine {
                 self.backoff = backoff(self.cfg.backoff_max);
                 self.metrics.success(latency, digest);
                 let ms = latency.as_millis() as u64;
-                tracing::info!(
+                tracing::debug!(
                     bytes = applied.downloaded,
                     reused = applied.reused,
                     attempt_ms = started.elapsed().as_millis() as u64,
+                    "release details"
+                );
+                // The marker line carries exactly the contract's fields, so scripts can
+                // anchor their patterns.
+                tracing::info!(
                     "REFRESH_OK app={} digest={} ms={ms}",
                     self.cfg.pod,
                     digest.hex()
@@ -313,8 +318,8 @@ impl Engine {
         self.failures += 1;
         let anomaly = self.failures == self.cfg.anomaly_threshold;
         self.metrics.failure(reason, self.failures, anomaly);
+        tracing::warn!(reason = %reason, "refresh failed: {message}");
         tracing::warn!(
-            error = %message,
             "REFRESH_FAIL app={} reason={reason} ms={}",
             self.cfg.pod,
             took.as_millis()
