@@ -7,6 +7,7 @@
 pub mod annotations;
 pub mod digest;
 pub mod extract;
+pub mod manifest;
 pub mod pack;
 pub mod signature;
 

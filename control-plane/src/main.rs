@@ -1,3 +1,304 @@
-fn main() {
-    println!("Hello, world!");
+//! `aether`: the thin control plane (`aether serve`) and the user CLI.
+
+mod api;
+mod client;
+mod cluster;
+mod dev;
+mod keys;
+mod pack;
+mod reconcile;
+mod serve;
+mod store;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{DeployRequest, ReleaseRequest};
+use crate::client::{Client, ClientArgs};
+
+/// Exit codes, documented in the README.
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "aether",
+    version,
+    about = "Hot reload into Kubernetes: control plane and CLI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane: artifact store, deploy and release API, reconcile loop.
+    Serve(serve::ServeArgs),
+    /// Pack (or read) a release, sign it when a key is configured, upload it, and create or
+    /// update the app's Deployment.
+    Deploy {
+        app: String,
+        /// Source directory or a ready `.tar.gz` (default: current directory).
+        #[arg(default_value = ".")]
+        source: PathBuf,
+        /// Run the aether-fetcher sidecar so later releases go live without a rollout.
+        #[arg(long)]
+        dev_hot: bool,
+        #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
+        namespace: Option<String>,
+        /// App image (it runs the code from /workspace/current).
+        #[arg(long, default_value = "busybox:stable")]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        replicas: i32,
+        #[command(flatten)]
+        key: KeyArgs,
+        /// App command.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Watch a directory and hot-reload every change into the app's pods.
+    Dev {
+        /// Hot reload (required: the only mode today).
+        #[arg(long, required = true)]
+        hot: bool,
+        app: String,
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
+        namespace: Option<String>,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Desired digest and, per pod, the annotated and live digest.
+    Status {
+        app: String,
+        #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
+        namespace: Option<String>,
+        #[arg(long, short = 'o', value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// Create an Ed25519 key pair: DIR/aether.key (seed, 0600) and DIR/aether.pub.
+    Keygen {
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Print the signature of a digest (`sha256:<hex>`).
+    Sign {
+        digest: String,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct KeyArgs {
+    /// File holding the signing seed (64 hex); AETHER_SIGNING_KEY otherwise.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    #[arg(long, env = "AETHER_SIGNING_KEY", hide_env_values = true, hide = true)]
+    signing_key: Option<String>,
+}
+
+impl KeyArgs {
+    fn load(&self) -> anyhow::Result<Option<aether_common::SigningKey>> {
+        keys::signing_key(self.key_file.as_deref(), self.signing_key.as_deref())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    init_logging();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aether: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aether: {e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            let shutdown = CancellationToken::new();
+            let token = shutdown.clone();
+            tokio::spawn(async move {
+                use tokio::signal::unix::{SignalKind, signal};
+                if let (Ok(mut term), Ok(mut int)) = (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) {
+                    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+                    token.cancel();
+                }
+            });
+            serve::run(args, shutdown).await
+        }
+        Command::Deploy {
+            app,
+            source,
+            dev_hot,
+            namespace,
+            image,
+            replicas,
+            key,
+            command,
+        } => {
+            let client = Client::new(&cli.client)?;
+            let key = key.load()?;
+            let packed = dev::pack_dir(source.clone())
+                .await
+                .with_context(|| format!("packing {}", source.display()))?;
+            let signature = key.as_ref().map(|k| k.sign(&packed.digest).hex());
+            let uploaded = client.upload(&packed.digest, packed.bytes).await?;
+            let request = DeployRequest {
+                namespace: namespace.clone(),
+                image,
+                command,
+                dev_hot,
+                replicas,
+                release: ReleaseRequest {
+                    namespace,
+                    digest: packed.digest.to_string(),
+                    url: Some(uploaded.url),
+                    signature,
+                    build_commit: None,
+                },
+            };
+            let done = client.deploy(&app, &request).await?;
+            println!(
+                "deployed {app} {} ({} files){}",
+                done.digest,
+                packed.files,
+                if dev_hot { " with dev-hot" } else { "" }
+            );
+            Ok(())
+        }
+        Command::Dev {
+            hot: _,
+            app,
+            dir,
+            namespace,
+            key,
+        } => {
+            let client = Client::new(&cli.client)?;
+            println!("watching {} for {app}; Ctrl-C to stop", dir.display());
+            dev::DevLoop {
+                client,
+                app,
+                namespace,
+                dir,
+                key: key.load()?,
+            }
+            .run()
+            .await
+        }
+        Command::Status {
+            app,
+            namespace,
+            output,
+        } => {
+            let client = Client::new(&cli.client)?;
+            let status = client.status(&app, namespace.as_deref()).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                Output::Text => {
+                    println!(
+                        "app {} in {}: desired {}",
+                        status.app,
+                        status.namespace,
+                        status.desired_digest.as_deref().unwrap_or("-")
+                    );
+                    println!(
+                        "{:<32} {:<20} {:<20} LAST ERROR",
+                        "POD", "ANNOTATED", "LIVE"
+                    );
+                    for p in &status.pods {
+                        let short = |d: Option<&str>| {
+                            d.map(|d| d.chars().take(19).collect::<String>())
+                                .unwrap_or_else(|| "-".into())
+                        };
+                        let err = p
+                            .fetcher
+                            .as_ref()
+                            .and_then(|f| f["last_error"]["reason"].as_str().map(str::to_owned))
+                            .unwrap_or_else(|| {
+                                if p.fetcher.is_none() {
+                                    "fetcher unreachable".into()
+                                } else {
+                                    "-".into()
+                                }
+                            });
+                        println!(
+                            "{:<32} {:<20} {:<20} {}",
+                            p.name,
+                            short(p.annotated_digest.as_deref()),
+                            short(p.live_digest.as_deref()),
+                            err
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Keygen { out } => {
+            let (seed, public) = keys::keygen(&out)?;
+            println!(
+                "wrote {} (keep it secret) and {}",
+                seed.display(),
+                out.join(keys::PUBLIC_FILE).display()
+            );
+            println!("public key: {}", public.hex());
+            Ok(())
+        }
+        Command::Sign { digest, key } => {
+            let key = key
+                .load()?
+                .context("no signing key: set AETHER_SIGNING_KEY or --key-file")?;
+            let digest: aether_common::Digest = digest.parse().context("digest")?;
+            println!("{}", key.sign(&digest).hex());
+            Ok(())
+        }
+    }
 }

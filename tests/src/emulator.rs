@@ -741,6 +741,10 @@ async fn resource(
             }
             Ok(json_response(StatusCode::OK, &obj))
         }
+        (Method::GET, Some(name), ["proxy", rest @ ..]) if rt.plural == "pods" => {
+            c.get.fetch_add(1, Ordering::Relaxed);
+            pod_proxy(shared, ns, name, rest).await
+        }
         (Method::GET, Some(name), ["status"]) => {
             c.get.fetch_add(1, Ordering::Relaxed);
             let key = (idx, ns.to_owned(), name.to_owned());
@@ -785,6 +789,57 @@ async fn resource(
             format!("{m} is not supported on this path"),
         )),
     }
+}
+
+/// Pod annotation telling the emulator where a pod's ports really listen (`host:port`),
+/// since emulated pods have no network of their own. `pods/proxy` forwards there.
+pub const PROXY_ADDRESS_ANNOTATION: &str = "emulator.aether.dev/address";
+
+/// `GET /api/v1/namespaces/{ns}/pods/{name}[:port]/proxy/{path}`.
+async fn pod_proxy(
+    shared: &Shared,
+    ns: &str,
+    name_port: &str,
+    rest: &[&str],
+) -> Result<Response, ApiError> {
+    let name = name_port.split(':').next().unwrap_or(name_port);
+    let idx = type_index("pods").unwrap_or(1);
+    let pod = shared
+        .lock()
+        .objects
+        .get(&(idx, ns.to_owned(), name.to_owned()))
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("pods", name))?;
+    let addr = pod
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(PROXY_ADDRESS_ANNOTATION))
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("pod {name} has no {PROXY_ADDRESS_ANNOTATION}"),
+            )
+        })?
+        .to_owned();
+    let url = format!("http://{addr}/{}", rest.join("/"));
+    crate::process::install_crypto();
+    let response = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                format!("proxy to {url}: {e}"),
+            )
+        })?;
+    let status =
+        StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let body = response.bytes().await.unwrap_or_default();
+    Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {

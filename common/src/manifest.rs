@@ -1,0 +1,306 @@
+//! The manifest builder: the Deployment, ServiceAccount, Role and RoleBinding of an app,
+//! with or without dev-hot. The control plane applies exactly these; tests and the
+//! container end-to-end script read them too, so there is one source of truth.
+
+use serde_json::{Value, json};
+
+use crate::annotations;
+
+/// Port of the fetcher's HTTP listener inside the pod.
+pub const FETCHER_PORT: u16 = 9180;
+/// The shared volume mount.
+pub const WORKSPACE: &str = "/workspace";
+/// Label carrying the app name, also the pod selector.
+pub const APP_LABEL: &str = "app.kubernetes.io/name";
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "aether";
+/// UID and GID of the non-root containers (the `nonroot` user of distroless images).
+pub const RUN_AS: i64 = 65532;
+
+/// What to deploy.
+#[derive(Debug, Clone)]
+pub struct AppSpec {
+    pub app: String,
+    pub namespace: String,
+    /// The app image (runs the app from `/workspace/current`).
+    pub image: String,
+    /// Command of the app container; empty keeps the image's entrypoint.
+    pub command: Vec<String>,
+    pub dev_hot: bool,
+    /// The `aether-fetcher` image.
+    pub fetch_image: String,
+    pub replicas: i32,
+    /// Desired release annotations (contract keys) to start with.
+    pub desired: Vec<(String, String)>,
+    /// Public key the fetchers require signatures from, if any.
+    pub public_key: Option<String>,
+    /// Extra env for the fetcher (for example `AETHER_ALLOW_HTTP=1` for a plain store).
+    pub fetcher_env: Vec<(String, String)>,
+}
+
+/// Name of the fetcher's ServiceAccount, Role and RoleBinding.
+pub fn fetcher_account(app: &str) -> String {
+    format!("{app}-aether-fetcher")
+}
+
+pub fn labels(app: &str) -> Value {
+    json!({APP_LABEL: app, MANAGED_BY_LABEL: MANAGED_BY})
+}
+
+/// The label selector of an app's pods, in API syntax.
+pub fn selector(app: &str) -> String {
+    format!("{APP_LABEL}={app},{MANAGED_BY_LABEL}={MANAGED_BY}")
+}
+
+/// The restricted Pod Security Standard, per container.
+fn restricted() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "runAsUser": RUN_AS,
+        "runAsGroup": RUN_AS,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+fn fetcher_env(spec: &AppSpec, mode: &str) -> Vec<Value> {
+    let mut env = vec![
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        json!({"name": "AETHER_FETCH_MODE", "value": mode}),
+        json!({"name": "AETHER_WORKSPACE", "value": WORKSPACE}),
+        json!({"name": "AETHER_HTTP_ADDR", "value": format!("0.0.0.0:{FETCHER_PORT}")}),
+    ];
+    if spec.dev_hot {
+        // A developer saving twice in a second wants both saves live; the contract's 2 s
+        // default is for production rollouts.
+        env.push(json!({"name": "AETHER_MIN_REFRESH_INTERVAL_MS", "value": "100"}));
+    }
+    if let Some(key) = &spec.public_key {
+        env.push(json!({"name": "AETHER_PUBKEY", "value": key}));
+        env.push(json!({"name": "AETHER_REQUIRE_SIGNATURE", "value": "1"}));
+    }
+    for (k, v) in &spec.fetcher_env {
+        env.push(json!({"name": k, "value": v}));
+    }
+    env
+}
+
+fn resources(cpu_request: &str, mem_request: &str, cpu_limit: &str, mem_limit: &str) -> Value {
+    json!({
+        "requests": {"cpu": cpu_request, "memory": mem_request},
+        "limits": {"cpu": cpu_limit, "memory": mem_limit},
+    })
+}
+
+/// The app's Deployment.
+///
+/// With dev-hot: the fetcher is a native sidecar (an init container with
+/// `restartPolicy: Always`) whose startupProbe on `/readyz` holds the app back until the
+/// first release is live; it watches its own pod. The desired annotations go on the
+/// Deployment's metadata only: the control plane copies them onto pods, so a hot patch
+/// never changes the template and never causes a rollout.
+///
+/// Without dev-hot: an init container runs `aether-fetcher --once` in `file` mode (Downward
+/// API, no RBAC), and the desired annotations are part of the template, so a new release
+/// is an ordinary rollout.
+pub fn deployment(spec: &AppSpec) -> Value {
+    let app = &spec.app;
+    let desired: serde_json::Map<String, Value> = spec
+        .desired
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    let mut meta_annotations = desired.clone();
+    let mut template_annotations = serde_json::Map::new();
+    if spec.dev_hot {
+        meta_annotations.insert(annotations::DEV_HOT.into(), json!("true"));
+        template_annotations.insert(annotations::DEV_HOT.into(), json!("true"));
+    } else {
+        template_annotations = desired;
+    }
+    let workspace_mount = json!({"name": "workspace", "mountPath": WORKSPACE});
+    let mut fetcher = json!({
+        "name": "aether-fetcher",
+        "image": spec.fetch_image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": fetcher_env(spec, if spec.dev_hot { "watch" } else { "file" }),
+        "volumeMounts": [workspace_mount.clone()],
+        "resources": resources("10m", "16Mi", "500m", "64Mi"),
+        "securityContext": restricted(),
+    });
+    let mut volumes = vec![json!({"name": "workspace", "emptyDir": {}})];
+    let mut service_account = Value::Null;
+    if spec.dev_hot {
+        fetcher["restartPolicy"] = json!("Always");
+        fetcher["ports"] = json!([{"name": "aether-http", "containerPort": FETCHER_PORT}]);
+        fetcher["startupProbe"] = json!({
+            "httpGet": {"path": "/readyz", "port": FETCHER_PORT},
+            "periodSeconds": 1, "failureThreshold": 600,
+        });
+        fetcher["livenessProbe"] = json!({
+            "httpGet": {"path": "/healthz", "port": FETCHER_PORT}, "periodSeconds": 10,
+        });
+        service_account = json!(fetcher_account(app));
+    } else {
+        fetcher["args"] = json!(["--once"]);
+        fetcher["volumeMounts"] = json!([workspace_mount.clone(), {"name": "podinfo", "mountPath": "/etc/podinfo", "readOnly": true}]);
+        volumes.push(json!({"name": "podinfo", "downwardAPI": {"items": [
+            {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}}));
+    }
+    let mut app_container = json!({
+        "name": app,
+        "image": spec.image,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": format!("{WORKSPACE}/current"),
+        "volumeMounts": [workspace_mount],
+        "resources": resources("50m", "64Mi", "1", "512Mi"),
+        "securityContext": restricted(),
+    });
+    if !spec.command.is_empty() {
+        app_container["command"] = json!(spec.command);
+    }
+    let mut pod_spec = json!({
+        "automountServiceAccountToken": spec.dev_hot,
+        "securityContext": {
+            "runAsNonRoot": true, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "initContainers": [fetcher],
+        "containers": [app_container],
+        "volumes": volumes,
+    });
+    if !service_account.is_null() {
+        pod_spec["serviceAccountName"] = service_account;
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": app, "namespace": spec.namespace,
+            "labels": labels(app), "annotations": meta_annotations,
+        },
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": labels(app)},
+            "template": {
+                "metadata": {"labels": labels(app), "annotations": template_annotations},
+                "spec": pod_spec,
+            },
+        },
+    })
+}
+
+/// ServiceAccount, Role (get/list/watch pods, nothing else) and RoleBinding of the fetcher;
+/// empty without dev-hot (the `--once` init container reads the Downward API file).
+pub fn fetcher_rbac(spec: &AppSpec) -> Vec<Value> {
+    if !spec.dev_hot {
+        return Vec::new();
+    }
+    let name = fetcher_account(&spec.app);
+    let meta = json!({"name": name, "namespace": spec.namespace, "labels": labels(&spec.app)});
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": spec.namespace}]}),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dev_hot: bool) -> AppSpec {
+        AppSpec {
+            app: "web".into(),
+            namespace: "dev".into(),
+            image: "web:1".into(),
+            command: vec!["./serve".into()],
+            dev_hot,
+            fetch_image: "aether-fetcher:1".into(),
+            replicas: 2,
+            desired: vec![(annotations::DIGEST.into(), "sha256:00".into())],
+            public_key: Some("ab".repeat(32)),
+            fetcher_env: vec![],
+        }
+    }
+
+    #[test]
+    fn dev_hot_uses_a_native_sidecar_with_a_startup_probe_and_no_template_digest() {
+        let d = deployment(&spec(true));
+        let pod = &d["spec"]["template"]["spec"];
+        let sidecar = &pod["initContainers"][0];
+        assert_eq!(sidecar["restartPolicy"], "Always");
+        assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(pod["serviceAccountName"], "web-aether-fetcher");
+        assert_eq!(pod["containers"][0]["workingDir"], "/workspace/current");
+        assert_eq!(d["metadata"]["annotations"][annotations::DEV_HOT], "true");
+        assert_eq!(
+            d["metadata"]["annotations"][annotations::DIGEST],
+            "sha256:00"
+        );
+        let tmpl = &d["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(tmpl[annotations::DEV_HOT], "true");
+        assert!(
+            tmpl.get(annotations::DIGEST).is_none(),
+            "a hot patch must not roll out"
+        );
+        let env = sidecar["env"].as_array().unwrap();
+        assert!(env.iter().any(|e| e["name"] == "POD_NAME"
+            && e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"));
+        assert!(env.iter().any(|e| e["name"] == "AETHER_REQUIRE_SIGNATURE"));
+    }
+
+    #[test]
+    fn every_container_runs_restricted() {
+        for dev_hot in [true, false] {
+            let d = deployment(&spec(dev_hot));
+            let pod = &d["spec"]["template"]["spec"];
+            for c in pod["initContainers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .chain(pod["containers"].as_array().unwrap())
+            {
+                let sc = &c["securityContext"];
+                assert_eq!(sc["allowPrivilegeEscalation"], false);
+                assert_eq!(sc["readOnlyRootFilesystem"], true);
+                assert_eq!(sc["runAsNonRoot"], true);
+                assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+                assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+                assert!(c["resources"]["limits"]["memory"].is_string());
+            }
+        }
+    }
+
+    #[test]
+    fn without_dev_hot_an_init_container_runs_once_from_the_downward_api() {
+        let d = deployment(&spec(false));
+        let pod = &d["spec"]["template"]["spec"];
+        let init = &pod["initContainers"][0];
+        assert_eq!(init["args"], json!(["--once"]));
+        assert!(init.get("restartPolicy").is_none());
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        assert_eq!(
+            d["spec"]["template"]["metadata"]["annotations"][annotations::DIGEST],
+            "sha256:00"
+        );
+        assert!(fetcher_rbac(&spec(false)).is_empty());
+    }
+
+    #[test]
+    fn rbac_grants_only_reading_pods() {
+        let objs = fetcher_rbac(&spec(true));
+        assert_eq!(objs.len(), 3);
+        assert_eq!(
+            objs[1]["rules"],
+            json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+        );
+        assert_eq!(objs[2]["subjects"][0]["name"], "web-aether-fetcher");
+    }
+}

@@ -1,0 +1,140 @@
+//! The CLI's client of the control plane API.
+
+use std::time::Duration;
+
+use aether_common::Digest;
+use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
+
+use crate::api::{DeployRequest, ReleaseRequest, ReleaseResponse, UploadResponse};
+use crate::cluster::AppStatus;
+
+/// Connection settings shared by every client command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// Base URL of `aether serve`.
+    #[arg(
+        long,
+        env = "AETHER_API_URL",
+        default_value = "http://127.0.0.1:3000",
+        global = true
+    )]
+    pub api_url: String,
+    /// Bearer token for the API.
+    #[arg(long, env = "AETHER_API_TOKEN", hide_env_values = true, global = true)]
+    pub api_token: Option<String>,
+}
+
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl Client {
+    pub fn new(args: &ClientArgs) -> anyhow::Result<Self> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .tls_backend_preconfigured(tls_config()?)
+            .build()?;
+        Ok(Self {
+            http,
+            base: args.api_url.trim_end_matches('/').to_owned(),
+            token: args.api_token.clone().filter(|t| !t.is_empty()),
+        })
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{path}", self.base));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        r: reqwest::RequestBuilder,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        let response = r
+            .send()
+            .await
+            .with_context(|| format!("{what}: cannot reach {}", self.base))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        if !status.is_success() {
+            let msg = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            bail!("{what}: {status}: {msg}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("{what}: unexpected answer {text:?}"))
+    }
+
+    pub async fn upload(&self, digest: &Digest, bytes: Vec<u8>) -> anyhow::Result<UploadResponse> {
+        let r = self
+            .req(reqwest::Method::PUT, &format!("/v1/artifacts/{digest}"))
+            .header("content-type", "application/gzip")
+            .body(bytes);
+        self.send(r, "upload").await
+    }
+
+    pub async fn deploy(&self, app: &str, req: &DeployRequest) -> anyhow::Result<ReleaseResponse> {
+        let r = self
+            .req(reqwest::Method::POST, &format!("/v1/apps/{app}/deploy"))
+            .json_body(req)?;
+        self.send(r, "deploy").await
+    }
+
+    pub async fn release(
+        &self,
+        app: &str,
+        req: &ReleaseRequest,
+    ) -> anyhow::Result<ReleaseResponse> {
+        let r = self
+            .req(reqwest::Method::POST, &format!("/v1/apps/{app}/release"))
+            .json_body(req)?;
+        self.send(r, "release").await
+    }
+
+    pub async fn status(&self, app: &str, namespace: Option<&str>) -> anyhow::Result<AppStatus> {
+        let mut path = format!("/v1/apps/{app}/status");
+        if let Some(ns) = namespace {
+            path.push_str(&format!("?namespace={ns}"));
+        }
+        self.send(self.req(reqwest::Method::GET, &path), "status")
+            .await
+    }
+}
+
+trait JsonBody: Sized {
+    fn json_body<T: serde::Serialize>(self, body: &T) -> anyhow::Result<Self>;
+}
+
+impl JsonBody for reqwest::RequestBuilder {
+    fn json_body<T: serde::Serialize>(self, body: &T) -> anyhow::Result<Self> {
+        Ok(self
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(body)?))
+    }
+}
+
+fn tls_config() -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots_certs());
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+fn webpki_roots_certs() -> impl Iterator<Item = rustls::pki_types::TrustAnchor<'static>> {
+    webpki_roots::TLS_SERVER_ROOTS.iter().cloned()
+}

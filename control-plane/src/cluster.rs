@@ -1,0 +1,236 @@
+//! What the control plane does to the cluster: apply an app's manifests, set the desired
+//! annotations on a Deployment and its pods, and read each pod's fetcher status through the
+//! API server's pod proxy.
+
+use std::collections::BTreeMap;
+
+use aether_common::annotations::{ARTIFACT_URL, BUILD_COMMIT, DEV_HOT, DIGEST, SIGNATURE};
+use aether_common::manifest::{self, AppSpec, FETCHER_PORT};
+use anyhow::Context;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+/// The annotation keys the control plane owns on pods.
+pub const DESIRED_KEYS: [&str; 4] = [DIGEST, ARTIFACT_URL, SIGNATURE, BUILD_COMMIT];
+const FIELD_MANAGER: &str = "aether";
+
+/// Server-side applies the app's Deployment and, with dev-hot, the fetcher's RBAC.
+pub async fn apply_app(client: &kube::Client, spec: &AppSpec) -> anyhow::Result<()> {
+    let ns = &spec.namespace;
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    for obj in manifest::fetcher_rbac(spec) {
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        match obj["kind"].as_str() {
+            Some("ServiceAccount") => {
+                Api::<ServiceAccount>::namespaced(client.clone(), ns)
+                    .patch(&name, &params, &Patch::Apply(&obj))
+                    .await?;
+            }
+            Some("Role") => {
+                Api::<Role>::namespaced(client.clone(), ns)
+                    .patch(&name, &params, &Patch::Apply(&obj))
+                    .await?;
+            }
+            Some("RoleBinding") => {
+                Api::<RoleBinding>::namespaced(client.clone(), ns)
+                    .patch(&name, &params, &Patch::Apply(&obj))
+                    .await?;
+            }
+            _ => {}
+        }
+    }
+    let deployment = manifest::deployment(spec);
+    Api::<Deployment>::namespaced(client.clone(), ns)
+        .patch(&spec.app, &params, &Patch::Apply(&deployment))
+        .await
+        .with_context(|| format!("applying deployment {ns}/{}", spec.app))?;
+    Ok(())
+}
+
+/// The desired annotations as a merge patch: the given keys set, the other owned keys
+/// removed (so a release without a signature drops a stale one).
+pub fn desired_patch(desired: &BTreeMap<String, String>) -> Value {
+    let mut annotations = serde_json::Map::new();
+    for key in DESIRED_KEYS {
+        annotations.insert(
+            key.into(),
+            desired.get(key).map_or(Value::Null, |v| json!(v)),
+        );
+    }
+    json!({"metadata": {"annotations": annotations}})
+}
+
+/// The owned keys of an object's annotations.
+pub fn owned(annotations: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
+    annotations
+        .map(|a| {
+            a.iter()
+                .filter(|(k, _)| DESIRED_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Sets the desired annotations on the Deployment's metadata (never its template: no
+/// rollout) and merge-patches them onto every current pod of the app. Returns how many pods
+/// were patched.
+pub async fn release(
+    client: &kube::Client,
+    ns: &str,
+    app: &str,
+    desired: &BTreeMap<String, String>,
+) -> anyhow::Result<usize> {
+    let patch = desired_patch(desired);
+    let deploys = Api::<Deployment>::namespaced(client.clone(), ns);
+    let deploy = deploys
+        .get(app)
+        .await
+        .with_context(|| format!("deployment {ns}/{app}"))?;
+    let dev_hot = deploy
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DEV_HOT))
+        .is_some_and(|v| v == "true");
+    anyhow::ensure!(
+        dev_hot,
+        "deployment {ns}/{app} is not a dev-hot deployment (deploy it with --dev-hot)"
+    );
+    deploys
+        .patch(
+            app,
+            &PatchParams::apply(FIELD_MANAGER),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .with_context(|| format!("annotating deployment {ns}/{app}"))?;
+    patch_pods(client, ns, app, &patch).await
+}
+
+/// Merge-patches every pod of the app, 32 at a time.
+pub async fn patch_pods(
+    client: &kube::Client,
+    ns: &str,
+    app: &str,
+    patch: &Value,
+) -> anyhow::Result<usize> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let list = pods
+        .list(&ListParams::default().labels(&manifest::selector(app)))
+        .await?;
+    let names: Vec<String> = list
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(names.clone())
+        .map(|name| {
+            let pods = pods.clone();
+            let patch = patch.clone();
+            let ns = ns.to_owned();
+            async move {
+                pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(|_| ())
+                    .with_context(|| format!("annotating pod {ns}/{name}"))
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for r in results {
+        r?;
+    }
+    Ok(names.len())
+}
+
+/// One pod as `aether status` shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct PodStatus {
+    pub name: String,
+    pub annotated_digest: Option<String>,
+    /// What the pod's fetcher reports on `/status`, or `None` when it cannot be reached.
+    pub fetcher: Option<Value>,
+    pub live_digest: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct AppStatus {
+    pub app: String,
+    pub namespace: String,
+    pub desired_digest: Option<String>,
+    pub pods: Vec<PodStatus>,
+}
+
+/// Desired digest and, per pod, the annotated and the live digest.
+pub async fn status(client: &kube::Client, ns: &str, app: &str) -> anyhow::Result<AppStatus> {
+    let deploy = Api::<Deployment>::namespaced(client.clone(), ns)
+        .get(app)
+        .await
+        .with_context(|| format!("deployment {ns}/{app}"))?;
+    let desired = owned(deploy.metadata.annotations.as_ref())
+        .get(DIGEST)
+        .cloned();
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&manifest::selector(app)))
+        .await?;
+    let statuses = futures::stream::iter(pods.items)
+        .map(|pod| {
+            let client = client.clone();
+            let ns = ns.to_owned();
+            async move {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let annotated = owned(pod.metadata.annotations.as_ref())
+                    .get(DIGEST)
+                    .cloned();
+                let fetcher = fetcher_status(&client, &ns, &name).await.ok();
+                let live = fetcher
+                    .as_ref()
+                    .and_then(|f| f["current_digest"].as_str())
+                    .map(str::to_owned);
+                PodStatus {
+                    name,
+                    annotated_digest: annotated,
+                    fetcher,
+                    live_digest: live,
+                }
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let mut statuses = statuses;
+    statuses.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(AppStatus {
+        app: app.into(),
+        namespace: ns.into(),
+        desired_digest: desired,
+        pods: statuses,
+    })
+}
+
+/// GET `/status` of the pod's fetcher through `pods/proxy`.
+async fn fetcher_status(client: &kube::Client, ns: &str, pod: &str) -> anyhow::Result<Value> {
+    let path = format!("/api/v1/namespaces/{ns}/pods/{pod}:{FETCHER_PORT}/proxy/status");
+    let request = http::Request::get(path).body(Vec::new())?;
+    let text = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        client.request_text(request),
+    )
+    .await??;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Whether the API server answers (for `/readyz`).
+pub async fn reachable(client: &kube::Client) -> bool {
+    client.apiserver_version().await.is_ok()
+}

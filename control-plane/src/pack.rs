@@ -1,0 +1,128 @@
+//! Packing a source directory into a deterministic `tar.gz`: sorted entries, fixed owner
+//! and time, `.gitignore` and `.aetherignore` honoured (through the `ignore` crate), and
+//! `.git/`, `target/`, `node_modules/` skipped. The same tree always gives the same digest.
+
+use std::path::{Path, PathBuf};
+
+use aether_common::Digest;
+use aether_common::pack::ArchiveBuilder;
+use anyhow::Context;
+use flate2::Compression;
+
+const ALWAYS_SKIPPED: &[&str] = &[".git", "target", "node_modules"];
+
+/// A packed artifact.
+pub struct Packed {
+    pub bytes: Vec<u8>,
+    pub digest: Digest,
+    pub files: usize,
+}
+
+/// Packs `dir`, or reads `path` as is when it is already a `.tar.gz`/`.tgz` file.
+pub fn pack(path: &Path) -> anyhow::Result<Packed> {
+    if path.is_file() {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let digest = Digest::of(&bytes);
+        return Ok(Packed {
+            bytes,
+            digest,
+            files: 0,
+        });
+    }
+    let mut paths: Vec<(PathBuf, std::fs::FileType)> = Vec::new();
+    let walker = ignore::WalkBuilder::new(path)
+        .hidden(false)
+        .git_ignore(true)
+        .git_global(false)
+        .git_exclude(false)
+        .require_git(false)
+        .add_custom_ignore_filename(".aetherignore")
+        .filter_entry(|e| {
+            !ALWAYS_SKIPPED
+                .iter()
+                .any(|s| e.file_name() == *s && e.depth() > 0)
+        })
+        .build();
+    for entry in walker {
+        let entry = entry.context("walking the source directory")?;
+        if entry.depth() == 0 {
+            continue;
+        }
+        let rel = entry
+            .path()
+            .strip_prefix(path)
+            .context("path outside the source")?
+            .to_path_buf();
+        let kind = entry.file_type().context("unknown file type")?;
+        paths.push((rel, kind));
+    }
+    paths.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut builder = ArchiveBuilder::new(Vec::new(), Compression::fast());
+    let mut files = 0;
+    for (rel, kind) in &paths {
+        let name = rel
+            .to_str()
+            .with_context(|| format!("{} is not UTF-8", rel.display()))?;
+        let full = path.join(rel);
+        if kind.is_symlink() {
+            let target = std::fs::read_link(&full)?;
+            let target = target
+                .to_str()
+                .with_context(|| format!("link {name} is not UTF-8"))?;
+            builder.symlink(name, target)?;
+        } else if kind.is_dir() {
+            builder.dir(name)?;
+        } else if kind.is_file() {
+            use std::os::unix::fs::PermissionsExt;
+            let file = std::fs::File::open(&full)
+                .with_context(|| format!("reading {}", full.display()))?;
+            let meta = file.metadata()?;
+            let mode = if meta.permissions().mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            builder.file_from(name, meta.len(), mode, file)?;
+            files += 1;
+        }
+    }
+    let bytes = builder.finish()?;
+    let digest = Digest::of(&bytes);
+    Ok(Packed {
+        bytes,
+        digest,
+        files,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitignored_and_default_skipped_paths_stay_out_and_output_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join(".gitignore"), "*.log\n").unwrap();
+        std::fs::write(d.join(".aetherignore"), "secret.txt\n").unwrap();
+        std::fs::write(d.join("app.py"), "print(1)").unwrap();
+        std::fs::write(d.join("debug.log"), "x").unwrap();
+        std::fs::write(d.join("secret.txt"), "x").unwrap();
+        for skipped in [".git", "target", "node_modules"] {
+            std::fs::create_dir(d.join(skipped)).unwrap();
+            std::fs::write(d.join(skipped).join("f"), "x").unwrap();
+        }
+        let one = pack(d).unwrap();
+        let two = pack(d).unwrap();
+        assert_eq!(one.digest, two.digest);
+        let out = tempfile::tempdir().unwrap();
+        aether_common::extract::unpack_tar_gz(&one.bytes[..], out.path(), &Default::default())
+            .unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".aetherignore", ".gitignore", "app.py"]);
+    }
+}

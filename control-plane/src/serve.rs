@@ -1,0 +1,469 @@
+//! `aether serve`: the thin control plane. An axum API (artifact store, deploy, release,
+//! status), bearer-token auth, Prometheus metrics, and the reconcile loop.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use aether_common::manifest::AppSpec;
+use aether_common::{Digest, PublicKey, Signature};
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post, put};
+use metrics::{counter, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{
+    DeployRequest, ErrorBody, ReleaseRequest, ReleaseResponse, UploadResponse, desired_annotations,
+};
+use crate::store::{Store, StoreError};
+use crate::{cluster, keys, reconcile};
+
+/// Settings of `aether serve`; every flag is also an env var.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Listen address. Without AETHER_API_TOKEN only loopback addresses are allowed.
+    #[arg(long, env = "AETHER_LISTEN", default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// Artifact store directory.
+    #[arg(long, env = "AETHER_DATA_DIR", default_value = "./aether-data")]
+    pub data_dir: PathBuf,
+    /// Bearer token required on every API call except artifact downloads and probes.
+    #[arg(long, env = "AETHER_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// The namespace this control plane manages.
+    #[arg(long, env = "AETHER_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Base URL pods use to reach this server's artifact store.
+    #[arg(long, env = "AETHER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// The aether-fetcher image used in deployments.
+    #[arg(long, env = "AETHER_FETCH_IMAGE", default_value = "aether-fetcher:dev")]
+    pub fetch_image: String,
+    /// Refuse releases without a valid signature.
+    #[arg(long, env = "AETHER_REQUIRE_SIGNATURE", value_parser = clap::builder::BoolishValueParser::new(), default_value = "0", num_args = 0..=1, default_missing_value = "1")]
+    pub require_signature: bool,
+    /// Global Ed25519 public key (64 hex) for signature checks.
+    #[arg(long, env = "AETHER_PUBKEY")]
+    pub pubkey: Option<String>,
+    /// File holding the global public key.
+    #[arg(long, env = "AETHER_PUBKEY_FILE")]
+    pub pubkey_file: Option<PathBuf>,
+    /// Per-app public keys, `app=HEX` (comma-separated in the env var).
+    #[arg(long = "app-key", env = "AETHER_APP_KEYS", value_delimiter = ',')]
+    pub app_keys: Vec<String>,
+    /// Largest artifact accepted by the store.
+    #[arg(long, env = "AETHER_MAX_ARTIFACT_BYTES", default_value_t = 1 << 30)]
+    pub max_artifact_bytes: u64,
+    /// Kubeconfig; in-cluster configuration when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+struct AppState {
+    args: ServeArgs,
+    store: Store,
+    client: kube::Client,
+    public_url: String,
+    global_key: Option<PublicKey>,
+    app_keys: BTreeMap<String, PublicKey>,
+    metrics: PrometheusHandle,
+}
+
+type Shared = Arc<AppState>;
+
+/// An API error with its HTTP status.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+fn bad_request(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn internal(e: anyhow::Error) -> ApiError {
+    let msg = format!("{e:#}");
+    let code = if msg.contains("NotFound") || msg.contains("not found") {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    ApiError(code, msg)
+}
+
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no in-cluster configuration and no KUBECONFIG")?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if args.api_token.as_deref().is_none_or(str::is_empty) {
+        if !args.listen.ip().is_loopback() {
+            bail!(
+                "refusing to listen on {} without AETHER_API_TOKEN: set a token or listen on loopback",
+                args.listen
+            );
+        }
+        tracing::warn!(addr = %args.listen, "no AETHER_API_TOKEN: the API is unauthenticated and listens on loopback only");
+    }
+    let global_key = keys::public_key(args.pubkey.as_deref(), args.pubkey_file.as_deref())?;
+    let mut app_keys = BTreeMap::new();
+    for entry in &args.app_keys {
+        let (app, key) = entry
+            .split_once('=')
+            .with_context(|| format!("--app-key {entry:?}: expected app=HEX"))?;
+        app_keys.insert(
+            app.trim().to_owned(),
+            key.trim()
+                .parse::<PublicKey>()
+                .with_context(|| format!("--app-key for {app}"))?,
+        );
+    }
+    if args.require_signature && global_key.is_none() && app_keys.is_empty() {
+        bail!(
+            "AETHER_REQUIRE_SIGNATURE=1 needs AETHER_PUBKEY, AETHER_PUBKEY_FILE or AETHER_APP_KEYS"
+        );
+    }
+    let store = Store::open(&args.data_dir, args.max_artifact_bytes)
+        .with_context(|| format!("opening the artifact store {}", args.data_dir.display()))?;
+    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let metrics = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Prefix("aether_".into()),
+            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+        )?
+        .install_recorder()?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    let public_url = args
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{local}"))
+        .trim_end_matches('/')
+        .to_owned();
+    tracing::info!(addr = %local, public_url = %public_url, namespace = %args.namespace, "aether serve listening");
+    let state = Arc::new(AppState {
+        args: args.clone(),
+        store,
+        client: client.clone(),
+        public_url,
+        global_key,
+        app_keys,
+        metrics,
+    });
+    let protected = Router::new()
+        .route("/v1/artifacts/{digest}", put(upload))
+        .route("/v1/apps/{app}/deploy", post(deploy))
+        .route("/v1/apps/{app}/release", post(release))
+        .route("/v1/apps/{app}/status", get(status))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::disable());
+    let app = Router::new()
+        .route("/v1/artifacts/{digest}", get(download))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .merge(protected)
+        .with_state(state);
+    tokio::spawn(reconcile::run(
+        client,
+        args.namespace.clone(),
+        shutdown.clone(),
+    ));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+async fn auth(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = s.args.api_token.as_deref().filter(|t| !t.is_empty()) {
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = presented.as_bytes().ct_eq(token.as_bytes()).into();
+        if !ok {
+            counter!("aether_api_unauthorized_total").increment(1);
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
+    if cluster::reachable(&s.client).await {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Kubernetes API unreachable\n",
+        )
+    }
+}
+
+async fn metrics_handler(State(s): State<Shared>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+fn parse_digest(raw: &str) -> Result<Digest, ApiError> {
+    raw.parse::<Digest>()
+        .map_err(|e| bad_request(format!("digest {raw:?}: {e}")))
+}
+
+async fn upload(
+    State(s): State<Shared>,
+    Path(digest): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(&digest)?;
+    let stored = s
+        .store
+        .put(digest, body.into_data_stream())
+        .await
+        .map_err(|e| match e {
+            StoreError::Mismatch { .. } | StoreError::Body(_) => bad_request(e.to_string()),
+            StoreError::TooLarge(_) => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+            StoreError::Io(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        })?;
+    counter!("aether_uploads_total", "stored" => stored.to_string()).increment(1);
+    let code = if stored {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        code,
+        Json(UploadResponse {
+            digest: digest.to_string(),
+            url: artifact_url(&s, &digest),
+            stored,
+        }),
+    )
+        .into_response())
+}
+
+fn artifact_url(s: &AppState, digest: &Digest) -> String {
+    format!("{}/v1/artifacts/{digest}", s.public_url)
+}
+
+async fn download(
+    State(s): State<Shared>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(&digest)?;
+    let etag = format!("\"{digest}\"");
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+        && s.store.contains(&digest)
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let file = tokio::fs::File::open(s.store.path(&digest))
+        .await
+        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no artifact {digest}")))?;
+    let len = file
+        .metadata()
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .len();
+    counter!("aether_downloads_total").increment(1);
+    Ok((
+        [
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_TYPE, "application/gzip".to_owned()),
+            (header::ETAG, etag),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            file,
+            256 * 1024,
+        )),
+    )
+        .into_response())
+}
+
+fn namespace(s: &AppState, requested: Option<&str>) -> Result<String, ApiError> {
+    match requested.filter(|n| !n.is_empty()) {
+        Some(ns) if ns != s.args.namespace => Err(bad_request(format!(
+            "this control plane manages namespace {:?}, not {ns:?}",
+            s.args.namespace
+        ))),
+        _ => Ok(s.args.namespace.clone()),
+    }
+}
+
+/// Checks the release against the signature policy; returns the artifact URL to use.
+fn check_release(
+    s: &AppState,
+    app: &str,
+    r: &ReleaseRequest,
+) -> Result<(Digest, String), ApiError> {
+    let digest = parse_digest(&r.digest)?;
+    let url = match r.url.as_deref().filter(|u| !u.is_empty()) {
+        Some(url) => url.to_owned(),
+        None if s.store.contains(&digest) => artifact_url(s, &digest),
+        None => {
+            return Err(bad_request(format!(
+                "{digest} is not in the store: upload it first or give its url"
+            )));
+        }
+    };
+    let key = s.app_keys.get(app).or(s.global_key.as_ref());
+    if s.args.require_signature || (key.is_some() && r.signature.is_some()) {
+        let key =
+            key.ok_or_else(|| bad_request(format!("no public key configured for app {app}")))?;
+        let sig: Signature = r
+            .signature
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad_request("a signature is required (AETHER_REQUIRE_SIGNATURE=1)"))?
+            .parse()
+            .map_err(|e| bad_request(format!("signature: {e}")))?;
+        key.verify(&digest, &sig).map_err(|e| {
+            counter!("aether_signature_refused_total").increment(1);
+            bad_request(format!("signature refused: {e}"))
+        })?;
+    }
+    Ok((digest, url))
+}
+
+async fn deploy(
+    State(s): State<Shared>,
+    Path(app): Path<String>,
+    Json(req): Json<DeployRequest>,
+) -> Result<Response, ApiError> {
+    let ns = namespace(
+        &s,
+        req.namespace
+            .as_deref()
+            .or(req.release.namespace.as_deref()),
+    )?;
+    let (digest, url) = check_release(&s, &app, &req.release)?;
+    let key = s
+        .app_keys
+        .get(&app)
+        .or(s.global_key.as_ref())
+        .map(PublicKey::hex);
+    let mut fetcher_env = Vec::new();
+    if url.starts_with("http://") {
+        fetcher_env.push(("AETHER_ALLOW_HTTP".to_owned(), "1".to_owned()));
+    }
+    let spec = AppSpec {
+        app: app.clone(),
+        namespace: ns.clone(),
+        image: req.image,
+        command: req.command,
+        dev_hot: req.dev_hot,
+        fetch_image: s.args.fetch_image.clone(),
+        replicas: req.replicas,
+        desired: desired_annotations(&digest.to_string(), &url, &req.release)
+            .into_iter()
+            .collect(),
+        public_key: key,
+        fetcher_env,
+    };
+    cluster::apply_app(&s.client, &spec)
+        .await
+        .map_err(internal)?;
+    counter!("aether_deploys_total").increment(1);
+    let pods = if req.dev_hot {
+        let desired = desired_annotations(&digest.to_string(), &url, &req.release);
+        cluster::patch_pods(&s.client, &ns, &app, &cluster::desired_patch(&desired))
+            .await
+            .map_err(internal)?
+    } else {
+        0
+    };
+    Ok(Json(ReleaseResponse {
+        digest: digest.to_string(),
+        url,
+        pods_patched: pods,
+    })
+    .into_response())
+}
+
+async fn release(
+    State(s): State<Shared>,
+    Path(app): Path<String>,
+    Json(req): Json<ReleaseRequest>,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let ns = namespace(&s, req.namespace.as_deref())?;
+    let (digest, url) = check_release(&s, &app, &req)?;
+    let desired = desired_annotations(&digest.to_string(), &url, &req);
+    let pods = cluster::release(&s.client, &ns, &app, &desired)
+        .await
+        .map_err(|e| {
+            counter!("aether_patch_failures_total").increment(1);
+            internal(e)
+        })?;
+    counter!("aether_patches_total").increment(1);
+    histogram!("aether_patch_seconds").record(started.elapsed().as_secs_f64());
+    tracing::info!(app = %app, digest = %digest, pods, ms = started.elapsed().as_millis() as u64, "release patched");
+    Ok(Json(ReleaseResponse {
+        digest: digest.to_string(),
+        url,
+        pods_patched: pods,
+    })
+    .into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    namespace: Option<String>,
+}
+
+async fn status(
+    State(s): State<Shared>,
+    Path(app): Path<String>,
+    Query(q): Query<StatusQuery>,
+) -> Result<Response, ApiError> {
+    let ns = namespace(&s, q.namespace.as_deref())?;
+    let status = cluster::status(&s.client, &ns, &app)
+        .await
+        .map_err(internal)?;
+    Ok(Json(status).into_response())
+}

@@ -1,0 +1,545 @@
+//! End-to-end tests of `aether serve` and the CLI, spawned as real processes against the
+//! Kubernetes API emulator, with a real `aether-fetcher` for the hot-reload loop.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aether_common::SigningKey;
+use aether_testkit::emulator::{Emulator, PROXY_ADDRESS_ANNOTATION};
+use aether_testkit::process::{Proc, wait_until};
+use serde_json::{Value, json};
+
+const AETHER: &str = env!("CARGO_BIN_EXE_aether");
+const TOKEN: &str = "test-token-1234";
+const LONG: Duration = Duration::from_secs(30);
+
+fn fetcher_bin() -> PathBuf {
+    let path = Path::new(AETHER).with_file_name("aether-fetcher");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p aether-fetcher` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+struct Plane {
+    emu: Emulator,
+    dir: tempfile::TempDir,
+    kubeconfig: PathBuf,
+    _server: Proc,
+    url: String,
+}
+
+impl Plane {
+    async fn start(extra: &[(&'static str, String)]) -> Self {
+        let emu = Emulator::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = emu.write_kubeconfig(dir.path()).unwrap();
+        let port = free_port();
+        let mut env = vec![
+            ("KUBECONFIG", kubeconfig.display().to_string()),
+            ("AETHER_LISTEN", format!("127.0.0.1:{port}")),
+            (
+                "AETHER_DATA_DIR",
+                dir.path().join("data").display().to_string(),
+            ),
+            ("AETHER_API_TOKEN", TOKEN.into()),
+            ("AETHER_FETCH_IMAGE", "aether-fetcher:test".into()),
+        ];
+        env.extend(extra.iter().cloned());
+        let server = Proc::spawn(AETHER, &["serve"], &env).unwrap();
+        server
+            .wait_for_log("aether serve listening", LONG)
+            .await
+            .unwrap();
+        Self {
+            emu,
+            dir,
+            kubeconfig,
+            _server: server,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    fn cli(&self, args: &[&str], extra: &[(&'static str, String)]) -> Proc {
+        let mut env = vec![
+            ("AETHER_API_URL", self.url.clone()),
+            ("AETHER_API_TOKEN", TOKEN.to_owned()),
+        ];
+        env.extend(extra.iter().cloned());
+        Proc::spawn(AETHER, args, &env).unwrap()
+    }
+
+    async fn run(&self, args: &[&str], extra: &[(&'static str, String)]) -> (bool, String) {
+        let mut p = self.cli(args, extra);
+        let status = p.wait_exit(LONG).await.expect("cli exits");
+        (status.success(), p.logs().join("\n"))
+    }
+
+    fn source(&self, files: &[(&str, &str)]) -> PathBuf {
+        let src = self.dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        for (name, content) in files {
+            std::fs::write(src.join(name), content).unwrap();
+        }
+        src
+    }
+
+    fn pod(&self, name: &str, app: &str) {
+        self.emu
+            .create("pods", Some("default"), json!({
+                "metadata": {"name": name, "labels": {"app.kubernetes.io/name": app, "app.kubernetes.io/managed-by": "aether"}},
+                "spec": {"containers": [{"name": "c", "image": "i"}]},
+            }))
+            .unwrap();
+    }
+
+    fn annotation(&self, kind: &str, name: &str, key: &str) -> Option<String> {
+        self.emu
+            .get(kind, Some("default"), name)?
+            .pointer("/metadata/annotations")?
+            .get(key)?
+            .as_str()
+            .map(str::to_owned)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http(method: &str, url: &str, token: Option<&str>, body: Vec<u8>) -> (u16, String) {
+    aether_testkit::process::install_crypto();
+    let client = reqwest::Client::new();
+    let mut r = client.request(method.parse().unwrap(), url).body(body);
+    if let Some(t) = token {
+        r = r.bearer_auth(t);
+    }
+    if method == "POST" {
+        r = r.header("content-type", "application/json");
+    }
+    let resp = r.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_with_dev_hot_creates_the_sidecar_deployment_and_least_privilege_rbac() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("app.sh", "echo hi")]);
+    let (ok, out) = plane
+        .run(
+            &[
+                "deploy",
+                "web",
+                src.to_str().unwrap(),
+                "--dev-hot",
+                "--image",
+                "web:1",
+                "--",
+                "./app.sh",
+            ],
+            &[],
+        )
+        .await;
+    assert!(ok, "{out}");
+    let d = plane
+        .emu
+        .get("deployments", Some("default"), "web")
+        .expect("deployment");
+    let pod = &d["spec"]["template"]["spec"];
+    let sidecar = &pod["initContainers"][0];
+    assert_eq!(sidecar["image"], "aether-fetcher:test");
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(sidecar["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        sidecar["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+    assert!(
+        sidecar["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "AETHER_ALLOW_HTTP"),
+        "plain-http store needs the opt-in"
+    );
+    assert_eq!(pod["containers"][0]["command"], json!(["./app.sh"]));
+    assert_eq!(pod["containers"][0]["workingDir"], "/workspace/current");
+    assert_eq!(pod["serviceAccountName"], "web-aether-fetcher");
+    assert_eq!(d["metadata"]["annotations"]["aether.dev/dev-hot"], "true");
+    let digest = d["metadata"]["annotations"]["aether.dev/digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        d["spec"]["template"]["metadata"]["annotations"]
+            .get("aether.dev/digest")
+            .is_none()
+    );
+    let role = plane
+        .emu
+        .get("roles", Some("default"), "web-aether-fetcher")
+        .expect("role");
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}])
+    );
+    let binding = plane
+        .emu
+        .get("rolebindings", Some("default"), "web-aether-fetcher")
+        .expect("binding");
+    assert_eq!(binding["subjects"][0]["name"], "web-aether-fetcher");
+    assert!(
+        plane
+            .emu
+            .get("serviceaccounts", Some("default"), "web-aether-fetcher")
+            .is_some()
+    );
+    // The artifact is downloadable from the store, with its digest as ETag.
+    let url = d["metadata"]["annotations"]["aether.dev/artifact-url"]
+        .as_str()
+        .unwrap();
+    let (code, _) = http("GET", url, None, vec![]).await;
+    assert_eq!(code, 200);
+    assert!(url.ends_with(&digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_without_dev_hot_runs_the_fetcher_once_as_an_init_container() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("index.html", "x")]);
+    let (ok, out) = plane
+        .run(
+            &["deploy", "site", src.to_str().unwrap(), "--image", "site:1"],
+            &[],
+        )
+        .await;
+    assert!(ok, "{out}");
+    let d = plane
+        .emu
+        .get("deployments", Some("default"), "site")
+        .unwrap();
+    let init = &d["spec"]["template"]["spec"]["initContainers"][0];
+    assert_eq!(init["args"], json!(["--once"]));
+    assert!(init.get("restartPolicy").is_none());
+    assert!(d["spec"]["template"]["metadata"]["annotations"]["aether.dev/digest"].is_string());
+    assert!(
+        plane
+            .emu
+            .get("roles", Some("default"), "site-aether-fetcher")
+            .is_none(),
+        "no RBAC without dev-hot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_patch_annotates_pods_and_deployment_and_never_touches_the_template() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    assert!(
+        plane
+            .run(&["deploy", "app", src.to_str().unwrap(), "--dev-hot"], &[])
+            .await
+            .0
+    );
+    plane.pod("app-a", "app");
+    plane.pod("app-b", "app");
+    plane.pod("other-0", "other");
+    let before = plane
+        .emu
+        .get("deployments", Some("default"), "app")
+        .unwrap();
+    // Upload a new artifact and release it.
+    let bytes =
+        aether_common::pack::pack_dir(&src, Vec::new(), flate2::Compression::fast(), &|_| false)
+            .unwrap();
+    let _ = bytes;
+    std::fs::write(src.join("f"), "2").unwrap();
+    let packed = {
+        let b =
+            aether_common::pack::pack_dir(&src, Vec::new(), flate2::Compression::fast(), &|_| {
+                false
+            })
+            .unwrap();
+        (aether_common::Digest::of(&b), b)
+    };
+    let (code, body) = http(
+        "PUT",
+        &format!("{}/v1/artifacts/{}", plane.url, packed.0),
+        Some(TOKEN),
+        packed.1,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = http(
+        "POST",
+        &format!("{}/v1/apps/app/release", plane.url),
+        Some(TOKEN),
+        json!({"digest": packed.0.to_string()})
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let resp: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(resp["pods_patched"], 2);
+    let want = packed.0.to_string();
+    for pod in ["app-a", "app-b"] {
+        assert_eq!(
+            plane
+                .annotation("pods", pod, "aether.dev/digest")
+                .as_deref(),
+            Some(want.as_str())
+        );
+    }
+    assert_eq!(
+        plane.annotation("pods", "other-0", "aether.dev/digest"),
+        None
+    );
+    let after = plane
+        .emu
+        .get("deployments", Some("default"), "app")
+        .unwrap();
+    assert_eq!(
+        after["metadata"]["annotations"]["aether.dev/digest"],
+        want.as_str()
+    );
+    assert_eq!(
+        after["spec"]["template"], before["spec"]["template"],
+        "no rollout"
+    );
+    assert_eq!(
+        after["metadata"]["generation"],
+        before["metadata"]["generation"]
+    );
+    let (_, metrics) = http("GET", &format!("{}/metrics", plane.url), None, vec![]).await;
+    assert!(metrics.contains("aether_patches_total 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_pods_and_kubectl_annotate_deployment_get_the_desired_annotations() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    assert!(
+        plane
+            .run(&["deploy", "app", src.to_str().unwrap(), "--dev-hot"], &[])
+            .await
+            .0
+    );
+    let desired = plane
+        .annotation("deployments", "app", "aether.dev/digest")
+        .unwrap();
+    let t = std::time::Instant::now();
+    plane.pod("app-late", "app");
+    let ok = wait_until(Duration::from_secs(1), || async {
+        plane
+            .annotation("pods", "app-late", "aether.dev/digest")
+            .as_deref()
+            == Some(desired.as_str())
+    })
+    .await;
+    assert!(
+        ok,
+        "a new pod got the desired annotations within a second (waited {:?})",
+        t.elapsed()
+    );
+
+    let other = format!("sha256:{}", "ab".repeat(32));
+    let out = tokio::process::Command::new("kubectl")
+        .args([
+            "--server",
+            &plane.emu.url(),
+            "-n",
+            "default",
+            "annotate",
+            "deployment",
+            "app",
+            "--overwrite",
+        ])
+        .arg(format!("aether.dev/digest={other}"))
+        .env("KUBECONFIG", "/dev/null")
+        .env("HOME", plane.dir.path())
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = wait_until(Duration::from_secs(2), || async {
+        plane
+            .annotation("pods", "app-late", "aether.dev/digest")
+            .as_deref()
+            == Some(other.as_str())
+    })
+    .await;
+    assert!(ok, "kubectl annotate deployment propagates to pods");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_the_token_are_refused_and_a_wrong_digest_stores_nothing() {
+    let plane = Plane::start(&[]).await;
+    let digest = aether_common::Digest::of(b"payload");
+    let url = format!("{}/v1/artifacts/{digest}", plane.url);
+    let (code, _) = http("PUT", &url, None, b"payload".to_vec()).await;
+    assert_eq!(code, 401);
+    let (code, _) = http("PUT", &url, Some("wrong-token"), b"payload".to_vec()).await;
+    assert_eq!(code, 401);
+    let (code, body) = http("PUT", &url, Some(TOKEN), b"other bytes".to_vec()).await;
+    assert_eq!(code, 400, "{body}");
+    let stored: Vec<_> = std::fs::read_dir(plane.dir.path().join("data/sha256"))
+        .unwrap()
+        .collect();
+    assert!(stored.is_empty(), "a mismatch stores nothing");
+    assert_eq!(
+        std::fs::read_dir(plane.dir.path().join("data/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let (code, _) = http("PUT", &url, Some(TOKEN), b"payload".to_vec()).await;
+    assert_eq!(code, 201);
+    let (code, _) = http("PUT", &url, Some(TOKEN), b"payload".to_vec()).await;
+    assert_eq!(code, 200, "re-upload of a known digest is a no-op");
+    let (code, body) = http("GET", &url, None, vec![]).await;
+    assert_eq!((code, body.as_str()), (200, "payload"));
+    let (code, _) = http(
+        "GET",
+        &format!("{}/v1/apps/x/status", plane.url),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_public_listener_without_a_token() {
+    let mut p = Proc::spawn(
+        AETHER,
+        &["serve"],
+        &[
+            ("AETHER_LISTEN", "0.0.0.0:0".into()),
+            ("KUBECONFIG", "/nonexistent".into()),
+        ],
+    )
+    .unwrap();
+    let status = p.wait_exit(LONG).await.unwrap();
+    assert!(!status.success());
+    assert!(p.logs().join("\n").contains("without AETHER_API_TOKEN"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_required_signatures_unsigned_and_badly_signed_releases_are_refused() {
+    let key = SigningKey::from_seed([3; 32]);
+    let plane = Plane::start(&[
+        ("AETHER_REQUIRE_SIGNATURE", "1".into()),
+        ("AETHER_PUBKEY", key.public_key().hex()),
+    ])
+    .await;
+    let src = plane.source(&[("f", "1")]);
+    let (ok, out) = plane
+        .run(&["deploy", "app", src.to_str().unwrap(), "--dev-hot"], &[])
+        .await;
+    assert!(!ok && out.contains("signature"), "{out}");
+    let bad = SigningKey::from_seed([4; 32]).seed_hex();
+    let (ok, out) = plane
+        .run(
+            &["deploy", "app", src.to_str().unwrap(), "--dev-hot"],
+            &[("AETHER_SIGNING_KEY", bad)],
+        )
+        .await;
+    assert!(!ok && out.contains("signature refused"), "{out}");
+    let (ok, out) = plane
+        .run(
+            &["deploy", "app", src.to_str().unwrap(), "--dev-hot"],
+            &[("AETHER_SIGNING_KEY", key.seed_hex())],
+        )
+        .await;
+    assert!(ok, "{out}");
+    let d = plane
+        .emu
+        .get("deployments", Some("default"), "app")
+        .unwrap();
+    assert!(d["metadata"]["annotations"]["aether.dev/signature"].is_string());
+    let env = d["spec"]["template"]["spec"]["initContainers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        env.iter()
+            .any(|e| e["name"] == "AETHER_PUBKEY" && e["value"] == key.public_key().hex())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("index.html", "version one")]);
+    let (ok, out) = plane
+        .run(&["deploy", "web", src.to_str().unwrap(), "--dev-hot"], &[])
+        .await;
+    assert!(ok, "{out}");
+    // The "pod": an emulated Pod object plus a real fetcher process watching it.
+    let port = free_port();
+    plane.pod("web-0", "web");
+    plane
+        .emu
+        .merge_patch("pods", Some("default"), "web-0", &json!({"metadata": {"annotations": {PROXY_ADDRESS_ANNOTATION: format!("127.0.0.1:{port}")}}}))
+        .unwrap();
+    let workspace = plane.dir.path().join("workspace");
+    std::fs::create_dir_all(&workspace).unwrap();
+    let _fetcher = Proc::spawn(
+        fetcher_bin(),
+        &[],
+        &[
+            ("KUBECONFIG", plane.kubeconfig.display().to_string()),
+            ("POD_NAME", "web-0".into()),
+            ("POD_NAMESPACE", "default".into()),
+            ("AETHER_WORKSPACE", workspace.display().to_string()),
+            ("AETHER_HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("AETHER_ALLOW_HTTP", "1".into()),
+            ("AETHER_MIN_REFRESH_INTERVAL_MS", "100".into()),
+        ],
+    )
+    .unwrap();
+    let read = |f: &str| std::fs::read_to_string(workspace.join("current").join(f)).ok();
+    assert!(
+        wait_until(LONG, || async {
+            read("index.html").as_deref() == Some("version one")
+        })
+        .await,
+        "first release live via the reconcile loop"
+    );
+
+    let dev = plane.cli(&["dev", "--hot", "web", src.to_str().unwrap()], &[]);
+    dev.wait_for_lines("live sha256:", 1, LONG).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(src.join("index.html"), "version two").unwrap();
+    let line = dev.wait_for_lines("live sha256:", 2, LONG).await.unwrap();
+    assert_eq!(read("index.html").as_deref(), Some("version two"));
+    assert!(line.contains("on 1/1 pods"), "{line}");
+    let ms: u64 = line
+        .split(" in ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("latency in the line");
+    assert!(ms > 0 && ms < 10_000, "implausible latency {ms} ms: {line}");
+    let (ok, status) = plane.run(&["status", "web", "-o", "json"], &[]).await;
+    assert!(ok, "{status}");
+    let json_text = status
+        .lines()
+        .skip_while(|l| !l.starts_with('{'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let s: Value = serde_json::from_str(&json_text).unwrap_or_else(|e| panic!("{e}: {status}"));
+    assert_eq!(s["pods"][0]["live_digest"], s["desired_digest"]);
+}
