@@ -674,21 +674,21 @@ async fn a_dropped_watch_and_410_gone_are_recovered() {
     wait_live(addr, &digest).await;
     let watches_before = rig.emu.stats().watch;
 
-    // Cut the connection and forget history, then change the pod while the watcher is
-    // away: the only way to see the change is to re-list after 410.
-    rig.emu.compact();
+    // Cut the connection, then change the pod and forget history while the watcher is in
+    // its reconnect backoff: the only way to see the change is to re-list after 410.
+    rig.emu.drop_watches();
     let (url2, digest2) = rig.publish("w2.tgz", &[("f", "2")]);
+    rig.emu.compact();
     rig.emu
         .merge_patch(
             "pods",
             Some("default"),
             POD,
             &json!({"metadata": {"annotations": {
-                "aether.dev/digest": digest2.to_string(), "aether.dev/artifact-url": url2}}}),
+            "aether.dev/digest": digest2.to_string(), "aether.dev/artifact-url": url2}}}),
         )
         .unwrap();
     rig.emu.compact();
-    rig.emu.drop_watches();
     wait_live(addr, &digest2).await;
     assert!(
         rig.emu.stats().watch > watches_before,
