@@ -11,6 +11,7 @@ mod refresh;
 mod release;
 mod source;
 mod status;
+mod supervise;
 mod verify;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +53,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the app from the live release and restart it when a new release goes live
+    /// (works as PID 1: reaps zombies, forwards SIGTERM/SIGINT).
+    Supervise(supervise::SuperviseArgs),
     /// Copy this static binary into DIR (a shared volume), for app images without a shell.
     Install {
         /// Destination directory.
@@ -70,6 +74,26 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 tracing::error!("install failed: {e:#}");
+                ExitCode::from(EXIT_SETUP)
+            }
+        };
+    }
+    if let Some(Command::Supervise(args)) = cli.command {
+        let workspace = cli.settings.workspace.clone();
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("cannot start the runtime: {e}");
+                return ExitCode::from(EXIT_SETUP);
+            }
+        };
+        return match runtime.block_on(supervise::run(workspace, args)) {
+            Ok(code) => code,
+            Err(e) => {
+                tracing::error!("supervise: {e:#}");
                 ExitCode::from(EXIT_SETUP)
             }
         };

@@ -1,0 +1,247 @@
+//! `aether-fetcher supervise -- CMD…`: runs the app from the live release and restarts it
+//! when a new release goes live. It works as PID 1 of a container: it reaps every zombie
+//! and forwards SIGTERM/SIGINT to the app's process group.
+//!
+//! A restart is: SIGTERM to the app's process group, up to the grace period for it to exit,
+//! SIGKILL, then start again with the working directory in the new release. An app that
+//! exits on its own is restarted with backoff (0.5 s doubling to 10 s, reset after 10 s of
+//! running); a new release restarts it at once.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+const CRASH_BACKOFF_MIN: Duration = Duration::from_millis(500);
+const CRASH_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// An app that ran this long before exiting is not crash-looping: its backoff resets.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+/// How often the `current` link is re-read in case a file event is missed.
+const LINK_POLL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SuperviseArgs {
+    /// Seconds between SIGTERM and SIGKILL when stopping the app.
+    #[arg(long, env = "AETHER_SUPERVISOR_GRACE_SEC", default_value_t = 3)]
+    pub grace_sec: u64,
+    /// The app command, run with its working directory in the live release.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+struct App {
+    pid: i32,
+    started: Instant,
+    release: PathBuf,
+}
+
+/// How the app ended.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    fn from_wait_status(status: i32) -> Self {
+        if libc::WIFSIGNALED(status) {
+            Exit::Signal(libc::WTERMSIG(status))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(status))
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Exit::Code(c) => u8::try_from(c).unwrap_or(1),
+            Exit::Signal(s) => u8::try_from(128 + s).unwrap_or(1),
+        }
+    }
+}
+
+/// Reaps every exited child (zombies of any descendant re-parented to us included);
+/// returns the app's exit if it was among them.
+fn reap(app_pid: Option<i32>) -> Option<Exit> {
+    let mut app_exit = None;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with WNOHANG only writes the status integer we own.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid <= 0 {
+            return app_exit;
+        }
+        if Some(pid) == app_pid {
+            app_exit = Some(Exit::from_wait_status(status));
+        }
+    }
+}
+
+fn signal_group(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on our child's process group; no memory is touched.
+    unsafe {
+        libc::kill(-pid, sig);
+    }
+}
+
+/// The real directory `current` points at, if it exists.
+fn live_release(workspace: &Path) -> Option<PathBuf> {
+    std::fs::canonicalize(workspace.join("current")).ok()
+}
+
+fn start(command: &[String], release: &Path) -> anyhow::Result<App> {
+    use std::os::unix::process::CommandExt;
+    let (program, args) = command.split_first().context("empty command")?;
+    let child = std::process::Command::new(program)
+        .args(args)
+        .current_dir(release)
+        .env("AETHER_RELEASE_DIR", release)
+        // Its own process group, so a restart stops the app and everything it started.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {program:?} in {}", release.display()))?;
+    let pid = i32::try_from(child.id()).context("pid out of range")?;
+    // The child is reaped by `reap` (waitpid(-1)), not through this handle.
+    drop(child);
+    tracing::info!(pid, release = %release.display(), "SUPERVISE_START pid={pid} release={}", release.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    Ok(App {
+        pid,
+        started: Instant::now(),
+        release: release.to_path_buf(),
+    })
+}
+
+/// Stops the app: SIGTERM to its group, then SIGKILL after `grace`. Returns its exit.
+async fn stop(app: &App, grace: Duration) -> Exit {
+    signal_group(app.pid, libc::SIGTERM);
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Some(exit) = reap(Some(app.pid)) {
+            return exit;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tracing::warn!(
+        pid = app.pid,
+        "app ignored SIGTERM for {grace:?}; sending SIGKILL"
+    );
+    signal_group(app.pid, libc::SIGKILL);
+    loop {
+        if let Some(exit) = reap(Some(app.pid)) {
+            return exit;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<ExitCode> {
+    let grace = Duration::from_secs(args.grace_sec);
+    // Orphans of the app are re-parented to us even when we are not PID 1, so they are
+    // reaped too.
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        tracing::debug!("could not become a child subreaper");
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut chld = signal(SignalKind::child())?;
+    let (link_tx, mut link_rx) = mpsc::channel::<()>(1);
+    let _watcher = link_watcher(&workspace, link_tx)
+        .map_err(|e| tracing::warn!(error = %e, "cannot watch the workspace; polling `current` every second"))
+        .ok();
+    let mut poll = tokio::time::interval(LINK_POLL);
+    let mut app: Option<App> = None;
+    let mut backoff = CRASH_BACKOFF_MIN;
+    let mut restart_at: Option<Instant> = Some(Instant::now());
+    let mut crashed_release: Option<PathBuf> = None;
+    if live_release(&workspace).is_none() {
+        tracing::info!(workspace = %workspace.display(), "waiting for the first release in `current`");
+    }
+    loop {
+        if app.is_none()
+            && restart_at.is_some_and(|t| Instant::now() >= t)
+            && let Some(release) = live_release(&workspace)
+        {
+            restart_at = None;
+            match start(&args.command, &release) {
+                Ok(a) => {
+                    crashed_release = None;
+                    app = Some(a);
+                }
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    restart_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(CRASH_BACKOFF_MAX);
+                }
+            }
+        }
+        let wake = restart_at.unwrap_or_else(|| Instant::now() + LINK_POLL);
+        tokio::select! {
+            _ = term.recv() => return Ok(shutdown(app.as_ref(), grace, "SIGTERM").await),
+            _ = int.recv() => return Ok(shutdown(app.as_ref(), grace, "SIGINT").await),
+            _ = chld.recv() => {
+                if let Some(exit) = reap(app.as_ref().map(|a| a.pid)) && let Some(a) = app.take() {
+                    let ran = a.started.elapsed();
+                    if ran >= HEALTHY_RUN {
+                        backoff = CRASH_BACKOFF_MIN;
+                    }
+                    tracing::warn!(pid = a.pid, ?exit, ran_ms = ran.as_millis() as u64, "app exited; restarting in {backoff:?}");
+                    restart_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(CRASH_BACKOFF_MAX);
+                    crashed_release = Some(a.release);
+                }
+            }
+            Some(()) = link_rx.recv() => {}
+            _ = poll.tick() => {}
+            () = tokio::time::sleep_until(wake.into()), if restart_at.is_some() => {}
+        }
+        // A new release restarts the app at once, also out of a crash backoff.
+        let live = live_release(&workspace);
+        if let Some(live) = live {
+            if let Some(a) = app.as_ref().filter(|a| a.release != live) {
+                tracing::info!(pid = a.pid, release = %live.display(), "new release live; restarting the app");
+                let exit = stop(a, grace).await;
+                tracing::info!(pid = a.pid, ?exit, "app stopped");
+                app = None;
+                backoff = CRASH_BACKOFF_MIN;
+                restart_at = Some(Instant::now());
+            } else if app.is_none() && crashed_release.as_ref().is_some_and(|r| r != &live) {
+                crashed_release = None;
+                backoff = CRASH_BACKOFF_MIN;
+                restart_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
+async fn shutdown(app: Option<&App>, grace: Duration, why: &str) -> ExitCode {
+    let Some(app) = app else {
+        tracing::info!("{why}: no app running; exiting");
+        return ExitCode::SUCCESS;
+    };
+    tracing::info!(pid = app.pid, "{why}: stopping the app");
+    let exit = stop(app, grace).await;
+    tracing::info!(?exit, "app stopped; exiting");
+    match exit {
+        // Stopped by the signal we forwarded: a clean shutdown.
+        Exit::Signal(libc::SIGTERM) | Exit::Code(0) => ExitCode::SUCCESS,
+        other => ExitCode::from(other.code()),
+    }
+}
+
+fn link_watcher(
+    workspace: &Path,
+    tx: mpsc::Sender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |_e: notify::Result<notify::Event>| {
+        let _ = tx.try_send(());
+    })?;
+    watcher.watch(workspace, notify::RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}

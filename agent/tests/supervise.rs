@@ -1,0 +1,175 @@
+//! The supervisor as a real process: restarts on a new release, graceful then forced stop,
+//! zombie reaping, signal forwarding, crash restart with backoff.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use aether_testkit::process::{Proc, wait_until};
+
+const FETCHER: &str = env!("CARGO_BIN_EXE_aether-fetcher");
+const LONG: Duration = Duration::from_secs(20);
+
+/// A workspace with releases `names`, `current` on the first.
+fn workspace(names: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    for name in names {
+        let rel = ws.join(".aether/releases").join(name);
+        std::fs::create_dir_all(&rel).unwrap();
+        std::fs::write(rel.join("v"), name).unwrap();
+    }
+    swap(&ws, names[0]);
+    (dir, ws)
+}
+
+fn swap(ws: &Path, name: &str) {
+    let tmp = ws.join(".current.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(Path::new(".aether/releases").join(name), &tmp).unwrap();
+    std::fs::rename(&tmp, ws.join("current")).unwrap();
+}
+
+fn supervise(ws: &Path, grace: &str, script: &str) -> Proc {
+    Proc::spawn(
+        FETCHER,
+        &["supervise", "--grace-sec", grace, "--", "sh", "-c", script],
+        &[
+            ("AETHER_WORKSPACE", ws.display().to_string()),
+            ("RUST_LOG", "info".into()),
+        ],
+    )
+    .unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie still "exists" for kill(0); look at its state instead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn pid_of(line: &str) -> i32 {
+    line.split_whitespace().last().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_release_restarts_the_app_there_and_the_old_process_is_gone() {
+    let (_d, ws) = workspace(&["a", "b"]);
+    let sup = supervise(&ws, "3", "echo started $(cat v) $$; exec sleep 1000");
+    let first = sup.wait_for_log("started a", LONG).await.unwrap();
+    let old = pid_of(&first);
+    swap(&ws, "b");
+    let second = sup.wait_for_log("started b", LONG).await.unwrap();
+    assert_ne!(pid_of(&second), old);
+    assert!(
+        wait_until(LONG, || async move { !alive(old) }).await,
+        "old app still running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let (_d, ws) = workspace(&["a", "b"]);
+    let sup = supervise(
+        &ws,
+        "1",
+        "trap '' TERM; echo started $(cat v) $$; while true; do sleep 0.05; done",
+    );
+    sup.wait_for_log("started a", LONG).await.unwrap();
+    let t = Instant::now();
+    swap(&ws, "b");
+    sup.wait_for_log("started b", LONG).await.unwrap();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900),
+        "SIGKILL came before the grace period: {took:?}"
+    );
+    assert!(!sup.lines_with("ignored SIGTERM").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_grandchildren_are_reaped() {
+    let (_d, ws) = workspace(&["a"]);
+    let sup = supervise(
+        &ws,
+        "1",
+        "for i in 1 2 3 4 5; do sh -c 'sleep 0.2 &'; done; echo spawned; exec sleep 1000",
+    );
+    sup.wait_for_log("spawned", LONG).await.unwrap();
+    let me = sup.pid().unwrap() as i32;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let zombies: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())
+        .filter(|stat| {
+            let after = stat.rsplit(')').next().unwrap_or("");
+            let mut f = after.split_whitespace();
+            let state = f.next().unwrap_or("");
+            let ppid: i32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            state == "Z" && ppid == me
+        })
+        .collect();
+    assert!(zombies.is_empty(), "zombies left: {zombies:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_forwarded_and_the_supervisor_exits_cleanly() {
+    let (_d, ws) = workspace(&["a"]);
+    let mut sup = supervise(
+        &ws,
+        "3",
+        "trap 'echo got TERM; exit 0' TERM; echo up; while true; do sleep 0.05; done",
+    );
+    sup.wait_for_log("up", LONG).await.unwrap();
+    sup.sigterm();
+    let status = sup.wait_exit(Duration::from_secs(5)).await.expect("exits");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !sup.lines_with("got TERM").is_empty(),
+        "the app saw SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_app_is_restarted_with_growing_backoff() {
+    let (_d, ws) = workspace(&["a"]);
+    let sup = supervise(&ws, "1", "echo boot; exit 3");
+    let t = Instant::now();
+    sup.wait_for_lines("boot", 3, LONG).await.unwrap();
+    let took = t.elapsed();
+    // 0.5 s then 1 s of backoff before the third start.
+    assert!(
+        took >= Duration::from_millis(1400),
+        "restarted too fast: {took:?}"
+    );
+    assert!(
+        sup.lines_with("app exited")
+            .iter()
+            .any(|l| l.contains("Code(3)"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_copies_the_binary_for_images_without_a_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(
+        FETCHER,
+        &["install", dir.path().join("bin").to_str().unwrap()],
+        &[],
+    )
+    .unwrap();
+    assert!(p.wait_exit(LONG).await.unwrap().success());
+    let copied = dir.path().join("bin/aether-fetcher");
+    let out = std::process::Command::new(&copied)
+        .arg("--version")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("aether-fetcher"));
+}
