@@ -5,6 +5,7 @@ mod client;
 mod cluster;
 mod dev;
 mod keys;
+mod local;
 mod pack;
 mod reconcile;
 mod serve;
@@ -70,14 +71,27 @@ enum Command {
         #[arg(last = true)]
         command: Vec<String>,
     },
-    /// Watch a directory and hot-reload every change into the app's pods.
+    /// Watch a directory and hot-reload every change into the app's pods; with --local,
+    /// into CMD run on this machine, no cluster.
     Dev {
         /// Hot reload (required: the only mode today).
         #[arg(long, required = true)]
         hot: bool,
-        app: String,
-        #[arg(default_value = ".")]
-        dir: PathBuf,
+        /// Run the whole loop on this machine: store, fetcher and supervisor; no cluster.
+        #[arg(long)]
+        local: bool,
+        /// The app name, then the directory (with --local: only the directory).
+        #[arg(num_args = 0..=2)]
+        targets: Vec<String>,
+        /// --local: where the store, annotations file and workspace live (default: a temp dir).
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// --local: seconds between SIGTERM and SIGKILL when restarting the app.
+        #[arg(long, env = "AETHER_SUPERVISOR_GRACE_SEC", default_value_t = 3)]
+        grace_sec: u64,
+        /// --local: the app command.
+        #[arg(last = true)]
+        command: Vec<String>,
         #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
         namespace: Option<String>,
         #[command(flatten)]
@@ -217,11 +231,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dev {
             hot: _,
-            app,
-            dir,
+            local,
+            targets,
+            work_dir,
+            grace_sec,
+            command,
             namespace,
             key,
         } => {
+            if local {
+                let dir = match targets.as_slice() {
+                    [] => PathBuf::from("."),
+                    [dir] => PathBuf::from(dir),
+                    _ => anyhow::bail!(
+                        "with --local give only the directory: aether dev --hot --local DIR -- CMD…"
+                    ),
+                };
+                return local::run(local::LocalArgs {
+                    dir,
+                    command,
+                    work: work_dir,
+                    grace_sec,
+                })
+                .await;
+            }
+            let (app, dir) = match targets.as_slice() {
+                [app] => (app.clone(), PathBuf::from(".")),
+                [app, dir] => (app.clone(), PathBuf::from(dir)),
+                _ => anyhow::bail!("usage: aether dev --hot APP [DIR]  (or --local [DIR] -- CMD…)"),
+            };
             let client = Client::new(&cli.client)?;
             println!("watching {} for {app}; Ctrl-C to stop", dir.display());
             dev::DevLoop {

@@ -200,6 +200,32 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     Ok(())
 }
 
+/// A server with only the artifact download route, for the local loop: the same code path
+/// as the control plane's store.
+pub async fn serve_store_only(
+    store: Store,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let store = Arc::new(store);
+    let app = Router::new()
+        .route(
+            "/v1/artifacts/{digest}",
+            get(
+                |State(store): State<Arc<Store>>,
+                 Path(digest): Path<String>,
+                 headers: HeaderMap| async move {
+                    serve_artifact(&store, &digest, &headers).await
+                },
+            ),
+        )
+        .with_state(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let handle = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((addr, handle))
+}
+
 async fn auth(
     State(s): State<Shared>,
     headers: HeaderMap,
@@ -292,17 +318,26 @@ async fn download(
     Path(digest): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let digest = parse_digest(&digest)?;
+    serve_artifact(&s.store, &digest, &headers).await
+}
+
+/// Streams a stored artifact with Content-Length and its digest as ETag.
+async fn serve_artifact(
+    store: &Store,
+    digest: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
     let etag = format!("\"{digest}\"");
     if headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         == Some(etag.as_str())
-        && s.store.contains(&digest)
+        && store.contains(&digest)
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let file = tokio::fs::File::open(s.store.path(&digest))
+    let file = tokio::fs::File::open(store.path(&digest))
         .await
         .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no artifact {digest}")))?;
     let len = file

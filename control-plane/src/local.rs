@@ -1,0 +1,328 @@
+//! `aether dev --hot --local DIR -- CMD…`: the whole hot-reload loop on one machine, no
+//! cluster, through the production pipeline: pack → the embedded artifact store → a
+//! Downward-API-format annotations file → `aether-fetcher` (file mode: fetch, verify,
+//! extract, swap) → `aether-fetcher supervise` restarting CMD in the new release.
+//! Nothing is copied directly: the app only ever sees what the fetcher put live.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use aether_common::Digest;
+use aether_common::annotations::{ARTIFACT_URL, DIGEST};
+use anyhow::{Context, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::broadcast;
+
+use crate::dev::{self, Burst, short};
+use crate::store::Store;
+
+const LIVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct LocalArgs {
+    pub dir: PathBuf,
+    pub command: Vec<String>,
+    pub work: Option<PathBuf>,
+    pub grace_sec: u64,
+}
+
+/// Where `aether-fetcher` is: `AETHER_FETCHER_BIN`, else beside this binary, else `PATH`.
+fn fetcher_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("AETHER_FETCHER_BIN") {
+        return p.into();
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name("aether-fetcher");
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    PathBuf::from("aether-fetcher")
+}
+
+/// Writes the annotations file as the kubelet does: a fresh directory, then an atomic
+/// swap of the `..data` link, so the fetcher never reads a half-written file.
+fn write_downward(
+    dir: &Path,
+    annotations: &BTreeMap<String, String>,
+    generation: u64,
+) -> anyhow::Result<()> {
+    let data = dir.join(format!("..{generation}"));
+    std::fs::create_dir_all(&data)?;
+    let mut text = String::new();
+    for (k, v) in annotations {
+        text.push_str(&format!("{k}={}\n", serde_json::to_string(v)?));
+    }
+    std::fs::write(data.join("annotations"), text)?;
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(data.file_name().context("name")?, &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    let link = dir.join("annotations");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink("..data/annotations", &link)?;
+    }
+    if generation > 1 {
+        let _ = std::fs::remove_dir_all(dir.join(format!("..{}", generation - 1)));
+    }
+    Ok(())
+}
+
+/// Spawns a child whose stderr lines are echoed with a prefix and broadcast.
+fn spawn_logged(
+    mut cmd: Command,
+    prefix: &'static str,
+    lines: broadcast::Sender<String>,
+) -> anyhow::Result<Child> {
+    cmd.stderr(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().with_context(|| format!("starting {prefix}"))?;
+    if let Some(err) = child.stderr.take() {
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(err).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                eprintln!("[{prefix}] {line}");
+                let _ = lines.send(line);
+            }
+        });
+    }
+    Ok(child)
+}
+
+pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
+    if args.command.is_empty() {
+        bail!(
+            "give the app command after `--`, for example: aether dev --hot --local DIR -- python3 -m http.server 8080"
+        );
+    }
+    let dir = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("source directory {}", args.dir.display()))?;
+    let work = match &args.work {
+        Some(w) => w.clone(),
+        None => std::env::temp_dir().join(format!("aether-local-{}", std::process::id())),
+    };
+    let workspace = work.join("workspace");
+    let podinfo = work.join("podinfo");
+    std::fs::create_dir_all(&workspace)?;
+    std::fs::create_dir_all(&podinfo)?;
+    let store = Store::open(&work.join("store"), 1 << 30)?;
+    let store_check = Store::open(&work.join("store"), 1 << 30)?;
+    let (store_addr, _server) = crate::serve::serve_store_only(store).await?;
+    println!(
+        "local loop: source {}, workspace {}, store http://{store_addr}",
+        dir.display(),
+        workspace.display()
+    );
+
+    let (lines, _) = broadcast::channel::<String>(1024);
+    let fetcher_path = fetcher_bin();
+    let mut fetcher_cmd = Command::new(&fetcher_path);
+    fetcher_cmd
+        .env("AETHER_FETCH_MODE", "file")
+        .env("AETHER_ANNOTATIONS_FILE", podinfo.join("annotations"))
+        .env("AETHER_WORKSPACE", &workspace)
+        .env("AETHER_ALLOW_HTTP", "1")
+        .env("AETHER_MIN_REFRESH_INTERVAL_MS", "0")
+        .env("AETHER_HTTP_ADDR", "127.0.0.1:0")
+        .env("POD_NAME", "local")
+        .env_remove("KUBECONFIG");
+    let mut fetch_lines = lines.subscribe();
+    let fetcher = spawn_logged(fetcher_cmd, "fetcher", lines.clone()).with_context(|| {
+        format!(
+            "is {} built? (cargo build -p aether-fetcher, or set AETHER_FETCHER_BIN)",
+            fetcher_path.display()
+        )
+    })?;
+    let status_addr = wait_line(
+        &mut fetch_lines,
+        "serving /metrics",
+        Duration::from_secs(20),
+    )
+    .await
+    .and_then(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .map(str::to_owned)
+    })
+    .context("the fetcher did not start")?;
+    let mut sup_cmd = Command::new(&fetcher_path);
+    sup_cmd
+        .arg("supervise")
+        .arg("--grace-sec")
+        .arg(args.grace_sec.to_string())
+        .arg("--")
+        .args(&args.command)
+        .env("AETHER_WORKSPACE", &workspace);
+    let supervisor = spawn_logged(sup_cmd, "app", lines.clone())?;
+    let http = reqwest::Client::new();
+    let status_url = format!("http://{status_addr}/status");
+
+    let (_watcher, mut bursts) = dev::watch(&dir)?;
+    let now = Instant::now();
+    let mut next = Some(Burst {
+        first: now,
+        quiet: now,
+    });
+    let mut last: Option<Digest> = None;
+    let mut generation = 0u64;
+    let children = (fetcher, supervisor);
+    loop {
+        let burst = match next.take() {
+            Some(b) => b,
+            None => tokio::select! {
+                b = bursts.recv() => match b { Some(b) => b, None => break },
+                _ = tokio::signal::ctrl_c() => break,
+            },
+        };
+        let mut app_lines = lines.subscribe();
+        // `last` is what the annotations file asks for, live or refused: an edit that
+        // reverts to it is not a change, one that reverts to an earlier tree is.
+        if let Err(e) = refresh_once(
+            &dir,
+            &store_check,
+            store_addr,
+            &podinfo,
+            &mut generation,
+            &http,
+            &status_url,
+            &mut app_lines,
+            burst,
+            &mut last,
+        )
+        .await
+        {
+            println!("refresh failed: {e:#} (the app keeps running the previous release)");
+        }
+    }
+    stop(children).await;
+    if args.work.is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    Ok(())
+}
+
+async fn stop((mut fetcher, mut supervisor): (Child, Child)) {
+    for child in [&mut supervisor, &mut fetcher] {
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) on our own child; no memory is touched.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn refresh_once(
+    dir: &Path,
+    store: &Store,
+    store_addr: std::net::SocketAddr,
+    podinfo: &Path,
+    generation: &mut u64,
+    http: &reqwest::Client,
+    status_url: &str,
+    app_lines: &mut broadcast::Receiver<String>,
+    burst: Burst,
+    last: &mut Option<Digest>,
+) -> anyhow::Result<()> {
+    let packed = dev::pack_dir(dir.to_path_buf()).await.context("packing")?;
+    let t_pack = Instant::now();
+    if Some(packed.digest) == *last {
+        println!("unchanged {} (no refresh)", short(&packed.digest));
+        return Ok(());
+    }
+    let digest = packed.digest;
+    let want = digest.to_string();
+    let live_before = fetcher_status(http, status_url)
+        .await
+        .is_some_and(|s| s["current_digest"] == want.as_str());
+    store
+        .put(
+            digest,
+            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(packed.bytes))]),
+        )
+        .await
+        .context("storing the artifact")?;
+    let t_store = Instant::now();
+    let mut annotations = BTreeMap::new();
+    annotations.insert(DIGEST.to_owned(), digest.to_string());
+    annotations.insert(
+        ARTIFACT_URL.to_owned(),
+        format!("http://{store_addr}/v1/artifacts/{digest}"),
+    );
+    *generation += 1;
+    write_downward(podinfo, &annotations, *generation)?;
+    *last = Some(digest);
+    if live_before {
+        println!("back on {} (still live, no restart)", short(&digest));
+        return Ok(());
+    }
+    // Wait for the fetcher to put it live, or to refuse it.
+    let deadline = Instant::now() + LIVE_TIMEOUT;
+    loop {
+        if let Some(status) = fetcher_status(http, status_url).await {
+            if status["current_digest"] == want.as_str() {
+                break;
+            }
+            if status["desired_digest"] == want.as_str() && status["last_error"].is_object() {
+                bail!(
+                    "the fetcher refused {}: {} ({})",
+                    short(&digest),
+                    status["last_error"]["reason"].as_str().unwrap_or("?"),
+                    status["last_error"]["message"].as_str().unwrap_or("")
+                );
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{} did not go live within {LIVE_TIMEOUT:?}", short(&digest));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t_live = Instant::now();
+    let started = wait_line(
+        app_lines,
+        &format!("release={}", digest.hex()),
+        LIVE_TIMEOUT,
+    )
+    .await;
+    let t_app = Instant::now();
+    if started.is_none() {
+        bail!("{} is live but the app did not restart", short(&digest));
+    }
+    println!(
+        "live {} and app restarted in {} ms (debounce {} ms, pack {} ms, store {} ms, fetch→live {} ms, restart {} ms)",
+        short(&digest),
+        (t_app - burst.first).as_millis(),
+        (burst.quiet - burst.first).as_millis(),
+        (t_pack - burst.quiet).as_millis(),
+        (t_store - t_pack).as_millis(),
+        (t_live - t_store).as_millis(),
+        (t_app - t_live).as_millis(),
+    );
+    Ok(())
+}
+
+async fn fetcher_status(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    let text = http.get(url).send().await.ok()?.text().await.ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+async fn wait_line(
+    rx: &mut broadcast::Receiver<String>,
+    needle: &str,
+    timeout: Duration,
+) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Ok(line)) if line.contains(needle) => return Some(line),
+            Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+            _ => return None,
+        }
+    }
+}

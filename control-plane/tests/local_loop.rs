@@ -1,0 +1,123 @@
+//! `aether dev --hot --local` end to end: the real CLI, store, fetcher and supervisor on
+//! one machine, serving the example-style app with `python3 -m http.server`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aether_testkit::process::{Proc, http_get, wait_until};
+
+const AETHER: &str = env!("CARGO_BIN_EXE_aether");
+const LONG: Duration = Duration::from_secs(30);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn page(port: u16) -> Option<String> {
+    http_get(&format!("http://127.0.0.1:{port}/index.html"))
+        .await
+        .ok()
+        .filter(|(c, _)| *c == 200)
+        .map(|(_, b)| b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_is_served_by_the_restarted_app_and_bad_edits_keep_the_old_app() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("index.html"), "version one").unwrap();
+    let port = free_port();
+    let fetcher = Path::new(AETHER).with_file_name("aether-fetcher");
+    let port_s = port.to_string();
+    let dev = Proc::spawn(
+        AETHER,
+        &[
+            "dev",
+            "--hot",
+            "--local",
+            src.to_str().unwrap(),
+            "--work-dir",
+            dir.path().join("work").to_str().unwrap(),
+            "--grace-sec",
+            "1",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            &port_s,
+            "--bind",
+            "127.0.0.1",
+        ],
+        &[("AETHER_FETCHER_BIN", fetcher.display().to_string())],
+    )
+    .unwrap();
+    dev.wait_for_lines("app restarted in", 1, LONG)
+        .await
+        .unwrap();
+    assert!(
+        wait_until(LONG, || async {
+            page(port).await.as_deref() == Some("version one")
+        })
+        .await
+    );
+
+    std::fs::write(src.join("index.html"), "version two").unwrap();
+    let line = dev
+        .wait_for_lines("app restarted in", 2, LONG)
+        .await
+        .unwrap();
+    assert!(
+        wait_until(LONG, || async {
+            page(port).await.as_deref() == Some("version two")
+        })
+        .await
+    );
+    let ms: u64 = line
+        .split(" in ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(ms < 10_000, "{line}");
+
+    // A link leaving the tree packs fine but the fetcher refuses the archive.
+    std::os::unix::fs::symlink("/etc/passwd", src.join("evil")).unwrap();
+    let err = dev
+        .wait_for_log("the app keeps running", LONG)
+        .await
+        .unwrap();
+    assert!(err.contains("extract"), "{err}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        page(port).await.as_deref(),
+        Some("version two"),
+        "the old app keeps serving"
+    );
+    std::fs::remove_file(src.join("evil")).unwrap();
+    dev.wait_for_log("back on", LONG).await.unwrap();
+
+    // A file the packer cannot read (a name that is not UTF-8) is reported, nothing changes.
+    let bad = std::ffi::OsStr::from_bytes_compat(b"bad\xff.txt");
+    std::fs::write(src.join(bad), "x").unwrap();
+    let err = dev
+        .wait_for_lines("the app keeps running", 2, LONG)
+        .await
+        .unwrap();
+    assert!(err.contains("UTF-8"), "{err}");
+    assert_eq!(page(port).await.as_deref(), Some("version two"));
+}
+
+trait FromBytesCompat {
+    fn from_bytes_compat(b: &[u8]) -> &std::ffi::OsStr;
+}
+
+impl FromBytesCompat for std::ffi::OsStr {
+    fn from_bytes_compat(b: &[u8]) -> &std::ffi::OsStr {
+        std::os::unix::ffi::OsStrExt::from_bytes(b)
+    }
+}
