@@ -2,7 +2,7 @@
 # The test command (README): installs what the tests need on a fresh Debian machine, then
 # runs every test of the workspace and checks the static release binary.
 #   - apt: kubectl (the real client the emulator is tested with), musl-tools (ring's C
-#     code for the static musl build);
+#     code for the static musl build), python3 (the example app), curl (scripts);
 #   - rustup: the x86_64-unknown-linux-musl target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +19,8 @@ apt_install() {
 
 missing=()
 [ -x /usr/bin/kubectl ] || missing+=(kubectl)
+command -v python3 >/dev/null || missing+=(python3)
+command -v curl >/dev/null || missing+=(curl)
 command -v musl-gcc >/dev/null || missing+=(musl-tools)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}..." >&2
@@ -44,3 +46,7 @@ if [ "$size" -gt "$MAX_BINARY_BYTES" ]; then
 fi
 "$bin" --version
 echo "static binary OK: $size bytes"
+
+# The kube path end to end with real processes: emulator, aether serve, two fetcher+app
+# "pods", and the contract scripts.
+scripts/e2e-local.sh
