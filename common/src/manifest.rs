@@ -16,6 +16,8 @@ pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "aether";
 /// UID and GID of the non-root containers (the `nonroot` user of distroless images).
 pub const RUN_AS: i64 = 65532;
+/// Where `aether-fetcher install` puts the binary for the app container's supervisor.
+pub const BIN_DIR: &str = "/aether/bin";
 
 /// What to deploy.
 #[derive(Debug, Clone)]
@@ -159,7 +161,36 @@ pub fn deployment(spec: &AppSpec) -> Value {
         "resources": resources("50m", "64Mi", "1", "512Mi"),
         "securityContext": restricted(),
     });
-    if !spec.command.is_empty() {
+    let mut init_containers = vec![fetcher];
+    if spec.dev_hot && !spec.command.is_empty() {
+        // The app runs under `aether-fetcher supervise`, copied in by `aether-fetcher
+        // install`, so it restarts in each new release even in an image with no shell.
+        let bin_mount = json!({"name": "aether-bin", "mountPath": BIN_DIR});
+        init_containers.insert(
+            0,
+            json!({
+                "name": "aether-install",
+                "image": spec.fetch_image,
+                "imagePullPolicy": "IfNotPresent",
+                "args": ["install", BIN_DIR],
+                "volumeMounts": [bin_mount.clone()],
+                "resources": resources("10m", "16Mi", "200m", "32Mi"),
+                "securityContext": restricted(),
+            }),
+        );
+        volumes.push(json!({"name": "aether-bin", "emptyDir": {}}));
+        let mut command = vec![
+            format!("{BIN_DIR}/aether-fetcher"),
+            "supervise".into(),
+            "--".into(),
+        ];
+        command.extend(spec.command.iter().cloned());
+        app_container["command"] = json!(command);
+        app_container["env"] = json!([{"name": "AETHER_WORKSPACE", "value": WORKSPACE}]);
+        app_container["volumeMounts"]
+            .as_array_mut()
+            .map(|m| m.push(json!({"name": "aether-bin", "mountPath": BIN_DIR, "readOnly": true})));
+    } else if !spec.command.is_empty() {
         app_container["command"] = json!(spec.command);
     }
     let mut pod_spec = json!({
@@ -168,7 +199,7 @@ pub fn deployment(spec: &AppSpec) -> Value {
             "runAsNonRoot": true, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "initContainers": [fetcher],
+        "initContainers": init_containers,
         "containers": [app_container],
         "volumes": volumes,
     });
@@ -231,10 +262,37 @@ mod tests {
     }
 
     #[test]
+    fn dev_hot_runs_the_app_under_the_installed_supervisor() {
+        let d = deployment(&spec(true));
+        let pod = &d["spec"]["template"]["spec"];
+        let install = &pod["initContainers"][0];
+        assert_eq!(install["args"], json!(["install", BIN_DIR]));
+        let app = &pod["containers"][0];
+        assert_eq!(
+            app["command"],
+            json!(["/aether/bin/aether-fetcher", "supervise", "--", "./serve"])
+        );
+        assert!(
+            app["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == BIN_DIR && m["readOnly"] == true)
+        );
+        assert!(
+            pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["name"] == "aether-bin")
+        );
+    }
+
+    #[test]
     fn dev_hot_uses_a_native_sidecar_with_a_startup_probe_and_no_template_digest() {
         let d = deployment(&spec(true));
         let pod = &d["spec"]["template"]["spec"];
-        let sidecar = &pod["initContainers"][0];
+        let sidecar = &pod["initContainers"][1];
         assert_eq!(sidecar["restartPolicy"], "Always");
         assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(pod["serviceAccountName"], "web-aether-fetcher");

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use aether_common::Digest;
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
 use crate::api::{DeployRequest, ReleaseRequest, ReleaseResponse, UploadResponse};
@@ -75,11 +76,23 @@ impl Client {
     }
 
     pub async fn upload(&self, digest: &Digest, bytes: Vec<u8>) -> anyhow::Result<UploadResponse> {
+        let len = bytes.len();
+        let body =
+            if len > PROGRESS_MIN_BYTES && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                progress_body(bytes)
+            } else {
+                reqwest::Body::from(bytes)
+            };
         let r = self
             .req(reqwest::Method::PUT, &format!("/v1/artifacts/{digest}"))
             .header("content-type", "application/gzip")
-            .body(bytes);
-        self.send(r, "upload").await
+            .header("content-length", len.to_string())
+            .body(body);
+        let result = self.send(r, "upload").await;
+        if len > PROGRESS_MIN_BYTES && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            eprintln!();
+        }
+        result
     }
 
     pub async fn deploy(&self, app: &str, req: &DeployRequest) -> anyhow::Result<ReleaseResponse> {
@@ -108,6 +121,31 @@ impl Client {
         self.send(self.req(reqwest::Method::GET, &path), "status")
             .await
     }
+}
+
+/// Uploads larger than this show a progress line on a terminal.
+const PROGRESS_MIN_BYTES: usize = 4 << 20;
+
+/// The upload body in 256 KiB chunks, printing `upload NN% (x/y MB)` as they are sent.
+fn progress_body(bytes: Vec<u8>) -> reqwest::Body {
+    let total = bytes.len();
+    let bytes = bytes::Bytes::from(bytes);
+    let chunks: Vec<bytes::Bytes> = (0..total)
+        .step_by(256 * 1024)
+        .map(|start| bytes.slice(start..(start + 256 * 1024).min(total)))
+        .collect();
+    let mut sent = 0usize;
+    let stream = futures::stream::iter(chunks).map(move |chunk| {
+        sent += chunk.len();
+        eprint!(
+            "\rupload {:>3}% ({:.1}/{:.1} MB)",
+            sent * 100 / total.max(1),
+            sent as f64 / 1e6,
+            total as f64 / 1e6
+        );
+        Ok::<_, std::io::Error>(chunk)
+    });
+    reqwest::Body::wrap_stream(stream)
 }
 
 trait JsonBody: Sized {

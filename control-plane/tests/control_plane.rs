@@ -152,7 +152,11 @@ async fn deploy_with_dev_hot_creates_the_sidecar_deployment_and_least_privilege_
         .get("deployments", Some("default"), "web")
         .expect("deployment");
     let pod = &d["spec"]["template"]["spec"];
-    let sidecar = &pod["initContainers"][0];
+    assert_eq!(
+        pod["initContainers"][0]["args"],
+        json!(["install", "/aether/bin"])
+    );
+    let sidecar = &pod["initContainers"][1];
     assert_eq!(sidecar["image"], "aether-fetcher:test");
     assert_eq!(sidecar["restartPolicy"], "Always");
     assert_eq!(sidecar["startupProbe"]["httpGet"]["path"], "/readyz");
@@ -169,7 +173,10 @@ async fn deploy_with_dev_hot_creates_the_sidecar_deployment_and_least_privilege_
             .any(|e| e["name"] == "AETHER_ALLOW_HTTP"),
         "plain-http store needs the opt-in"
     );
-    assert_eq!(pod["containers"][0]["command"], json!(["./app.sh"]));
+    assert_eq!(
+        pod["containers"][0]["command"],
+        json!(["/aether/bin/aether-fetcher", "supervise", "--", "./app.sh"])
+    );
     assert_eq!(pod["containers"][0]["workingDir"], "/workspace/current");
     assert_eq!(pod["serviceAccountName"], "web-aether-fetcher");
     assert_eq!(d["metadata"]["annotations"]["aether.dev/dev-hot"], "true");
