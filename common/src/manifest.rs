@@ -157,7 +157,7 @@ pub fn deployment(spec: &AppSpec) -> Value {
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "workingDir": format!("{WORKSPACE}/current"),
-        "volumeMounts": [workspace_mount],
+        "volumeMounts": [workspace_mount.clone()],
         "resources": resources("50m", "64Mi", "1", "512Mi"),
         "securityContext": restricted(),
     });
@@ -187,9 +187,10 @@ pub fn deployment(spec: &AppSpec) -> Value {
         command.extend(spec.command.iter().cloned());
         app_container["command"] = json!(command);
         app_container["env"] = json!([{"name": "AETHER_WORKSPACE", "value": WORKSPACE}]);
-        app_container["volumeMounts"]
-            .as_array_mut()
-            .map(|m| m.push(json!({"name": "aether-bin", "mountPath": BIN_DIR, "readOnly": true})));
+        app_container["volumeMounts"] = json!([
+            workspace_mount,
+            {"name": "aether-bin", "mountPath": BIN_DIR, "readOnly": true},
+        ]);
     } else if !spec.command.is_empty() {
         app_container["command"] = json!(spec.command);
     }
