@@ -17,6 +17,12 @@ POD_NAMESPACE=${POD_NAMESPACE:-default}
 AETHER_WORKSPACE=${AETHER_WORKSPACE:-/workspace}
 AETHER_FETCH_INTERVAL_SEC=${AETHER_FETCH_INTERVAL_SEC:-5}
 tmp=${TMPDIR:-/tmp}/legacy-$$.tgz
+
+# The legacy image was busybox alone: use its applets even where the host has GNU tools.
+bb=${BUSYBOX:-busybox}
+for applet in wget sed awk sha256sum tar mkdir rm sleep; do
+  eval "$applet() { \"\$bb\" $applet \"\$@\"; }"
+done
 last=""
 failures=0
 

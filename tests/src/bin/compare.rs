@@ -134,6 +134,7 @@ fn spawn(
                 ("POD_NAMESPACE", "default".into()),
                 ("AETHER_WORKSPACE", workspace.display().to_string()),
                 ("AETHER_FETCH_INTERVAL_SEC", "5".into()),
+                ("BUSYBOX", o.busybox.clone()),
             ],
         )?,
     })
@@ -382,6 +383,7 @@ async fn big(o: &Opts) -> anyhow::Result<(Value, Value)> {
             .env("AETHER_WORKSPACE", &ws)
             .env("TMPDIR", &o.tmp)
             .env("LEGACY_ONCE", "1")
+            .env("BUSYBOX", &o.busybox)
             .stdout(std::process::Stdio::null());
         let (w, r) = tokio::task::block_in_place(|| timed(&mut cmd, &time_out))?;
         lw.push(w);
