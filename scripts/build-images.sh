@@ -12,7 +12,8 @@ cargo build --release --locked --target "$TARGET" -p aether-fetcher -p aether -p
 cargo build --release --locked --target "$TARGET" -p aether-testkit --bin aether-kube-emulator
 for image in fetcher:aether-fetcher control-plane:aether app:aether-example-app emulator:aether-kube-emulator; do
   file=${image%%:*} name=${image#*:}
-  docker build -q -f "images/$file.Dockerfile" -t "$name:$TAG" . >/dev/null
+  DOCKER_BUILDKIT=0 docker build -q -f "images/$file.Dockerfile" -t "$name:$TAG" . >/dev/null 2>&1 \
+    || docker build -q -f "images/$file.Dockerfile" -t "$name:$TAG" . >/dev/null
 done
 echo "| image | size |"
 echo "|---|---|"

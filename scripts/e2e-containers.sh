@@ -146,6 +146,7 @@ echo "==> 3. docker restart of the fetcher does not re-download"
 downloads() { curl -sf "$AETHER_API_URL/metrics" | sed -n 's/^aether_downloads_total \([0-9]*\).*/\1/p'; }
 before=$(downloads)
 docker restart -t 5 "$run-fetcher" >/dev/null
+fetcher=http://$(hostport "$run-fetcher" 9180)   # a restart may publish another host port
 until_ok 30 curl -sf "$fetcher/readyz" || fail "the fetcher did not come back"
 sleep 1
 after=$(downloads)
