@@ -16,7 +16,10 @@ fn main() {
         }
     };
     let root = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    eprintln!("aether-example-server: serving {} on :{port}", root.display());
+    eprintln!(
+        "aether-example-server: serving {} on :{port}",
+        root.display()
+    );
     for stream in listener.incoming().flatten() {
         if let Err(e) = handle(stream, &root) {
             eprintln!("aether-example-server: {e}");
@@ -30,12 +33,20 @@ fn handle(mut stream: TcpStream, root: &Path) -> std::io::Result<()> {
     let path = line.split_whitespace().nth(1).unwrap_or("/");
     let rel = path.trim_start_matches('/');
     let rel = if rel.is_empty() { "index.html" } else { rel };
-    let safe = Path::new(rel).components().all(|c| matches!(c, Component::Normal(_)));
+    let safe = Path::new(rel)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_)));
     match std::fs::read(root.join(rel)).ok().filter(|_| safe) {
         Some(body) => {
-            write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())?;
+            write!(
+                stream,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )?;
             stream.write_all(&body)
         }
-        None => stream.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n"),
+        None => stream.write_all(
+            b"HTTP/1.0 404 Not Found\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n",
+        ),
     }
 }
