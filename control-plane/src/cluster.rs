@@ -55,6 +55,16 @@ pub async fn apply_app(client: &kube::Client, spec: &AppSpec) -> anyhow::Result<
     Ok(())
 }
 
+/// Whether the Deployment carries `aether.dev/dev-hot=true`.
+pub fn is_dev_hot(deploy: &Deployment) -> bool {
+    deploy
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DEV_HOT))
+        .is_some_and(|v| v == "true")
+}
+
 /// The desired annotations as a merge patch: the given keys set, the other owned keys
 /// removed (so a release without a signature drops a stale one).
 pub fn desired_patch(desired: &BTreeMap<String, String>) -> Value {
@@ -95,14 +105,8 @@ pub async fn release(
         .get(app)
         .await
         .with_context(|| format!("deployment {ns}/{app}"))?;
-    let dev_hot = deploy
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(DEV_HOT))
-        .is_some_and(|v| v == "true");
     anyhow::ensure!(
-        dev_hot,
+        is_dev_hot(&deploy),
         "deployment {ns}/{app} is not a dev-hot deployment (deploy it with --dev-hot)"
     );
     deploys

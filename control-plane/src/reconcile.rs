@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use aether_common::annotations::DEV_HOT;
 use aether_common::manifest::{APP_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -67,13 +66,7 @@ fn app_of(pod: &Pod) -> Option<String> {
 
 /// Patches `pod` when its owned annotations differ from the Deployment's.
 async fn sync(pods: &Api<Pod>, deploy: &Deployment, pod: &Pod) {
-    let dev_hot = deploy
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(DEV_HOT))
-        .is_some_and(|v| v == "true");
-    if !dev_hot || pod.metadata.deletion_timestamp.is_some() {
+    if !cluster::is_dev_hot(deploy) || pod.metadata.deletion_timestamp.is_some() {
         return;
     }
     let desired = cluster::owned(deploy.metadata.annotations.as_ref());

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use aether_common::SigningKey;
 use aether_testkit::emulator::{Emulator, PROXY_ADDRESS_ANNOTATION};
-use aether_testkit::process::{Proc, wait_until};
+use aether_testkit::process::{Proc, free_port, wait_until};
 use serde_json::{Value, json};
 
 const AETHER: &str = env!("CARGO_BIN_EXE_aether");
@@ -103,14 +103,6 @@ impl Plane {
             .as_str()
             .map(str::to_owned)
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn http(method: &str, url: &str, token: Option<&str>, body: Vec<u8>) -> (u16, String) {

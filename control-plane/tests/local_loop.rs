@@ -4,18 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use aether_testkit::process::{Proc, http_get, wait_until};
+use aether_testkit::process::{Proc, free_port, http_get, wait_until};
 
 const AETHER: &str = env!("CARGO_BIN_EXE_aether");
 const LONG: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 async fn page(port: u16) -> Option<String> {
     http_get(&format!("http://127.0.0.1:{port}/index.html"))

@@ -207,3 +207,20 @@ async fn serve(State(shared): State<Shared>, Path(name): Path<String>) -> Respon
     )
         .into_response()
 }
+
+/// A distinct tar.gz of about `size` incompressible bytes (`payload.bin`) plus
+/// `version.txt` holding `seed`: benchmark releases that never compress away.
+pub fn incompressible_release(seed: usize, size: usize) -> Vec<u8> {
+    let mut data = Vec::with_capacity(size);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (seed as u64 + 1);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut b = aether_common::pack::ArchiveBuilder::in_memory();
+    let _ = b.file("payload.bin", &data, 0o644);
+    let _ = b.file("version.txt", seed.to_string().as_bytes(), 0o644);
+    b.finish().unwrap_or_default()
+}

@@ -148,6 +148,14 @@ where
     });
 }
 
+/// A loopback port free right now (for processes that must be told their port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// Installs the ring crypto provider once: reqwest is built without a default provider
 /// (as in the fetcher) and refuses to build a client before one is installed.
 pub fn install_crypto() {

@@ -85,7 +85,7 @@ async fn main() -> anyhow::Result<()> {
     let mut samples = Vec::with_capacity(patches);
     for i in 0..patches {
         let name = format!("a{i}.tgz");
-        let bytes = artifact(i, size);
+        let bytes = aether_testkit::artifacts::incompressible_release(i, size);
         let digest = aether_common::Digest::of(&bytes);
         let url = art.put(&name, bytes);
         let body = json!({"metadata": {"annotations": {
@@ -129,22 +129,6 @@ async fn main() -> anyhow::Result<()> {
 
 fn round(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
-}
-
-/// A distinct tar.gz of about `size` compressed bytes (incompressible content).
-fn artifact(seed: usize, size: usize) -> Vec<u8> {
-    let mut data = Vec::with_capacity(size);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (seed as u64 + 1);
-    while data.len() < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    let mut b = aether_common::pack::ArchiveBuilder::in_memory();
-    let _ = b.file("payload.bin", &data, 0o644);
-    let _ = b.file("version.txt", seed.to_string().as_bytes(), 0o644);
-    b.finish().unwrap_or_default()
 }
 
 async fn fanout(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {

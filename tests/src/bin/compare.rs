@@ -183,21 +183,6 @@ async fn wait_ok(proc: &Proc, digest: &Digest, timeout: Duration) -> anyhow::Res
     }
 }
 
-/// A distinct ~1 MB artifact.
-fn artifact(seed: usize, size: usize) -> Vec<u8> {
-    let mut data = Vec::with_capacity(size);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ (seed as u64 + 1);
-    while data.len() < size {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    let mut b = ArchiveBuilder::in_memory();
-    let _ = b.file("payload.bin", &data, 0o644);
-    b.finish().unwrap_or_default()
-}
-
 fn percentiles(mut v: Vec<f64>) -> Value {
     v.sort_by(f64::total_cmp);
     let pct = |p: f64| (v[((v.len() as f64 - 1.0) * p).round() as usize] * 10.0).round() / 10.0;
@@ -219,7 +204,7 @@ async fn latency(o: &Opts, kind: Kind) -> anyhow::Result<Value> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut samples = Vec::new();
     for i in 0..o.patches {
-        let bytes = artifact(i, 1 << 20);
+        let bytes = aether_testkit::artifacts::incompressible_release(i, 1 << 20);
         let digest = Digest::of(&bytes);
         let url = art.put(&format!("a{i}.tgz"), bytes);
         let start = Instant::now();
@@ -255,7 +240,7 @@ async fn idle(o: &Opts, kind: Kind) -> anyhow::Result<Value> {
     let emu = Emulator::start().await?;
     let art = ArtifactServer::start().await?;
     pod(&emu, "p-0")?;
-    let bytes = artifact(7, 1 << 20);
+    let bytes = aether_testkit::artifacts::incompressible_release(7, 1 << 20);
     let digest = Digest::of(&bytes);
     let url = art.put("a.tgz", bytes);
     annotate(&emu, "p-0", &url, &digest)?;
@@ -426,7 +411,7 @@ async fn fleet(o: &Opts, kind: Kind) -> anyhow::Result<Value> {
     let req0 = emu.stats().total;
     tokio::time::sleep(o.fleet_idle).await;
     let req1 = emu.stats().total;
-    let bytes = artifact(99, 1 << 20);
+    let bytes = aether_testkit::artifacts::incompressible_release(99, 1 << 20);
     let digest = Digest::of(&bytes);
     let url = art.put("fleet.tgz", bytes);
     let start = Instant::now();
