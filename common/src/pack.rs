@@ -74,6 +74,41 @@ impl<W: Write> ArchiveBuilder<W> {
         Ok(self)
     }
 
+    /// Adds `root/rel` from disk under the name `rel`: a symlink as a link, a directory, or a
+    /// regular file with mode 0755 when any execute bit is set and 0644 otherwise (other
+    /// kinds are skipped). Returns whether a regular file was added.
+    pub fn append_path(&mut self, root: &Path, rel: &Path) -> io::Result<bool> {
+        let not_utf8 = |what: &Path| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not UTF-8", what.display()),
+            )
+        };
+        let with_path = |full: &Path, e: io::Error| {
+            io::Error::new(e.kind(), format!("reading {}: {e}", full.display()))
+        };
+        let name = rel.to_str().ok_or_else(|| not_utf8(rel))?;
+        let full = root.join(rel);
+        let meta = fs::symlink_metadata(&full).map_err(|e| with_path(&full, e))?;
+        if meta.file_type().is_symlink() {
+            let target = fs::read_link(&full).map_err(|e| with_path(&full, e))?;
+            let target = target.to_str().ok_or_else(|| not_utf8(&target))?;
+            self.symlink(name, target)?;
+        } else if meta.is_dir() {
+            self.dir(name)?;
+        } else if meta.is_file() {
+            let mode = if meta.permissions().mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            let file = fs::File::open(&full).map_err(|e| with_path(&full, e))?;
+            self.file_from(name, meta.len(), mode, file)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     /// Writes the end-of-archive marker and the gzip trailer, returning the output.
     pub fn finish(self) -> io::Result<W> {
         self.tar.into_inner()?.finish()
@@ -94,28 +129,7 @@ pub fn pack_dir<W: Write>(
     collect(dir, Path::new(""), skip, &mut paths)?;
     paths.sort();
     for rel in paths {
-        let full = dir.join(&rel);
-        let name = rel
-            .to_str()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "non UTF-8 path"))?;
-        let meta = fs::symlink_metadata(&full)?;
-        if meta.file_type().is_symlink() {
-            let target = fs::read_link(&full)?;
-            let target = target
-                .to_str()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "non UTF-8 link"))?;
-            builder.symlink(name, target)?;
-        } else if meta.is_dir() {
-            builder.dir(name)?;
-        } else if meta.is_file() {
-            let mode = if meta.permissions().mode() & 0o111 != 0 {
-                0o755
-            } else {
-                0o644
-            };
-            let file = fs::File::open(&full)?;
-            builder.file_from(name, meta.len(), mode, file)?;
-        }
+        builder.append_path(dir, &rel)?;
     }
     builder.finish()
 }

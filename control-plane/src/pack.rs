@@ -29,7 +29,7 @@ pub fn pack(path: &Path) -> anyhow::Result<Packed> {
             files: 0,
         });
     }
-    let mut paths: Vec<(PathBuf, std::fs::FileType)> = Vec::new();
+    let mut paths: Vec<PathBuf> = Vec::new();
     let walker = ignore::WalkBuilder::new(path)
         .hidden(false)
         .git_ignore(true)
@@ -53,36 +53,13 @@ pub fn pack(path: &Path) -> anyhow::Result<Packed> {
             .strip_prefix(path)
             .context("path outside the source")?
             .to_path_buf();
-        let kind = entry.file_type().context("unknown file type")?;
-        paths.push((rel, kind));
+        paths.push(rel);
     }
-    paths.sort_by(|a, b| a.0.cmp(&b.0));
+    paths.sort();
     let mut builder = ArchiveBuilder::new(Vec::new(), Compression::fast());
     let mut files = 0;
-    for (rel, kind) in &paths {
-        let name = rel
-            .to_str()
-            .with_context(|| format!("{} is not UTF-8", rel.display()))?;
-        let full = path.join(rel);
-        if kind.is_symlink() {
-            let target = std::fs::read_link(&full)?;
-            let target = target
-                .to_str()
-                .with_context(|| format!("link {name} is not UTF-8"))?;
-            builder.symlink(name, target)?;
-        } else if kind.is_dir() {
-            builder.dir(name)?;
-        } else if kind.is_file() {
-            use std::os::unix::fs::PermissionsExt;
-            let file = std::fs::File::open(&full)
-                .with_context(|| format!("reading {}", full.display()))?;
-            let meta = file.metadata()?;
-            let mode = if meta.permissions().mode() & 0o111 != 0 {
-                0o755
-            } else {
-                0o644
-            };
-            builder.file_from(name, meta.len(), mode, file)?;
+    for rel in &paths {
+        if builder.append_path(path, rel)? {
             files += 1;
         }
     }
