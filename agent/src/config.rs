@@ -70,6 +70,11 @@ pub struct Settings {
     #[arg(long, env = "AETHER_BACKOFF_MAX_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(500..))]
     pub backoff_max_ms: u64,
 
+    /// Overall deadline of one refresh; past it the refresh is cancelled and counted as a
+    /// `timeout` failure (retried with backoff).
+    #[arg(long, env = "AETHER_REFRESH_TIMEOUT_MS", default_value_t = 300_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub refresh_timeout_ms: u64,
+
     /// Largest artifact (compressed bytes) accepted.
     #[arg(long, env = "AETHER_MAX_ARTIFACT_BYTES", default_value_t = 1 << 30)]
     pub max_artifact_bytes: u64,

@@ -33,6 +33,8 @@ pub struct EngineConfig {
     pub anomaly_threshold: u32,
     /// How often the workspace is re-checked against the desired state.
     pub resync: Duration,
+    /// Overall deadline of one refresh (download, verification, extraction, swap).
+    pub refresh_timeout: Duration,
 }
 
 /// A failed desired release and when it may be tried again (`None`: not until it changes).
@@ -156,7 +158,7 @@ impl Engine {
                 ));
             }
             Err(msg) => {
-                self.record_failure(Reason::InvalidAnnotation, msg, Duration::ZERO)
+                self.record_failure(Reason::InvalidAnnotation, msg, Duration::ZERO, None, false)
                     .await;
                 return Err(RefreshError::new(Reason::InvalidAnnotation, msg));
             }
@@ -207,8 +209,14 @@ impl Engine {
                 // A malformed update is refused once; the live release keeps serving.
                 if self.reported_invalid != Some(observed.seen_at) {
                     self.reported_invalid = Some(observed.seen_at);
-                    self.record_failure(Reason::InvalidAnnotation, message, Duration::ZERO)
-                        .await;
+                    self.record_failure(
+                        Reason::InvalidAnnotation,
+                        message,
+                        Duration::ZERO,
+                        None,
+                        false,
+                    )
+                    .await;
                 }
                 return Plan::Idle;
             }
@@ -250,6 +258,9 @@ impl Engine {
     ) {
         let cancel = shutdown.child_token();
         let started = Instant::now();
+        let deadline = tokio::time::sleep(self.cfg.refresh_timeout);
+        tokio::pin!(deadline);
+        let mut timed_out = false;
         let result = {
             let apply = self.refresher.apply(&desired, &cancel);
             tokio::pin!(apply);
@@ -265,8 +276,24 @@ impl Engine {
                         }
                         watching = false;
                     }
+                    () = &mut deadline, if !timed_out => {
+                        timed_out = true;
+                        cancel.cancel();
+                    }
                 }
             }
+        };
+        let result = match result {
+            Err(RefreshError::Cancelled) if timed_out && !shutdown.is_cancelled() => {
+                Err(RefreshError::new(
+                    Reason::Timeout,
+                    format!(
+                        "refresh took longer than {} ms (AETHER_REFRESH_TIMEOUT_MS)",
+                        self.cfg.refresh_timeout.as_millis()
+                    ),
+                ))
+            }
+            other => other,
         };
         match result {
             Ok(applied) => {
@@ -303,18 +330,40 @@ impl Engine {
             Err(RefreshError::Cancelled) => {
                 tracing::debug!(digest = %desired.digest, "refresh superseded");
             }
-            Err(RefreshError::Failed { reason, message }) => {
-                self.record_failure(reason, &message, started.elapsed())
-                    .await;
-                let retry_at = reason
-                    .retryable()
-                    .then(|| Instant::now() + self.next_delay());
+            Err(RefreshError::Failed {
+                reason,
+                message,
+                settled,
+            }) => {
+                let will_retry = reason.retryable() && !settled;
+                self.record_failure(
+                    reason,
+                    &message,
+                    started.elapsed(),
+                    Some(desired.digest),
+                    will_retry,
+                )
+                .await;
+                if settled {
+                    tracing::warn!(
+                        digest = %desired.digest,
+                        "refused for good: not retried until the annotations change"
+                    );
+                }
+                let retry_at = will_retry.then(|| Instant::now() + self.next_delay());
                 self.pending = Some(Pending { desired, retry_at });
             }
         }
     }
 
-    async fn record_failure(&mut self, reason: Reason, message: &str, took: Duration) {
+    async fn record_failure(
+        &mut self,
+        reason: Reason,
+        message: &str,
+        took: Duration,
+        digest: Option<Digest>,
+        will_retry: bool,
+    ) {
         self.failures += 1;
         let anomaly = self.failures == self.cfg.anomaly_threshold;
         self.metrics.failure(reason, self.failures, anomaly);
@@ -337,6 +386,8 @@ impl Engine {
             s.last_error = Some(LastError {
                 reason,
                 message: message.to_owned(),
+                digest,
+                will_retry,
             });
         });
         self.save_state().await;

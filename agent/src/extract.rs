@@ -8,6 +8,7 @@ use aether_common::extract::{self, ExtractError, Limits, Stats};
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::failure::{Reason, RefreshError};
 use crate::release::Staging;
@@ -25,15 +26,18 @@ pub type Feed = mpsc::Sender<Bytes>;
 pub type Extractor = JoinHandle<(Staging, Result<Stats, ExtractError>)>;
 
 /// Starts extracting into `staging` on a blocking thread; returns the feed and a handle
-/// that yields the staging directory back with the outcome.
-pub fn spawn(staging: Staging, limits: Limits) -> (Feed, Extractor) {
+/// that yields the staging directory back with the outcome. The thread checks `cancel`
+/// before every entry and chunk, so a deadline or shutdown stops it promptly.
+pub fn spawn(staging: Staging, limits: Limits, cancel: CancellationToken) -> (Feed, Extractor) {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let handle = tokio::task::spawn_blocking(move || {
         let reader = ChannelReader {
             rx,
             current: Bytes::new(),
         };
-        let result = extract::unpack_tar_gz(reader, staging.path(), &limits);
+        let cancelled = || cancel.is_cancelled();
+        let result =
+            extract::unpack_tar_gz_cancellable(reader, staging.path(), &limits, &cancelled);
         (staging, result)
     });
     (tx, handle)
@@ -45,6 +49,7 @@ pub fn classify(e: ExtractError) -> RefreshError {
         ExtractError::Refused { .. } | ExtractError::Corrupt(_) => Reason::Extract,
         ExtractError::TooLarge(_) => Reason::TooLarge,
         ExtractError::Io { .. } => Reason::Io,
+        ExtractError::Cancelled => return RefreshError::Cancelled,
     };
     RefreshError::new(reason, e)
 }

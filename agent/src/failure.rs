@@ -1,65 +1,21 @@
-//! Why a refresh failed: the contract's reason labels and the error that carries one.
+//! Why a refresh failed: the error that carries one of the contract's reasons.
 
 use std::fmt;
 
-/// A failure reason, exactly as it appears in metrics labels, log markers and `/status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Reason {
-    Download,
-    Checksum,
-    Signature,
-    Extract,
-    TooLarge,
-    InvalidAnnotation,
-    Timeout,
-    Io,
-}
-
-impl Reason {
-    pub const ALL: [Reason; 8] = [
-        Reason::Download,
-        Reason::Checksum,
-        Reason::Signature,
-        Reason::Extract,
-        Reason::TooLarge,
-        Reason::InvalidAnnotation,
-        Reason::Timeout,
-        Reason::Io,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::Download => "download",
-            Reason::Checksum => "checksum",
-            Reason::Signature => "signature",
-            Reason::Extract => "extract",
-            Reason::TooLarge => "too_large",
-            Reason::InvalidAnnotation => "invalid_annotation",
-            Reason::Timeout => "timeout",
-            Reason::Io => "io",
-        }
-    }
-
-    /// Whether trying the same desired release again can succeed. A bad annotation or a bad
-    /// signature is decided before any byte is fetched and can only change with the
-    /// annotations, so those wait for a new desired state instead of retrying.
-    pub fn retryable(self) -> bool {
-        !matches!(self, Reason::Signature | Reason::InvalidAnnotation)
-    }
-}
-
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use aether_common::status::Reason;
 
 /// The end of a refresh that did not make its release live.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
+    /// `settled`: the verdict cannot change by trying again (for example the bytes hash to
+    /// the annotated digest and the archive is refused), so the same desired release is not
+    /// retried until the annotations change.
     #[error("{reason}: {message}")]
-    Failed { reason: Reason, message: String },
+    Failed {
+        reason: Reason,
+        message: String,
+        settled: bool,
+    },
     /// A newer desired release or shutdown arrived first; not a failure.
     #[error("superseded before completion")]
     Cancelled,
@@ -70,6 +26,21 @@ impl RefreshError {
         RefreshError::Failed {
             reason,
             message: message.to_string(),
+            settled: false,
+        }
+    }
+
+    /// The same failure, marked as one that retrying cannot change.
+    pub fn settled(self) -> Self {
+        match self {
+            RefreshError::Failed {
+                reason, message, ..
+            } => RefreshError::Failed {
+                reason,
+                message,
+                settled: true,
+            },
+            other => other,
         }
     }
 }

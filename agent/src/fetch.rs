@@ -31,12 +31,36 @@ pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
         .with_no_client_auth();
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
+        // Without AETHER_ALLOW_HTTP no plain-http request is made at all, redirects
+        // included; with it, an https URL still never redirects to http (a downgrade
+        // would let anyone on the path serve the bytes).
+        .https_only(!settings.allow_http)
+        .redirect(redirect_policy())
         .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
         .read_timeout(Duration::from_millis(settings.read_timeout_ms))
         .user_agent(concat!("aether-fetcher/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("building the HTTP client")
 }
+
+/// Redirects the fetcher follows: at most `MAX_REDIRECTS`, never from https to http.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let downgrade = attempt.url().scheme() != "https"
+            && attempt.previous().iter().any(|u| u.scheme() == "https");
+        if downgrade {
+            let to = redact(attempt.url());
+            attempt.error(format!("refusing a redirect from https to {to}"))
+        } else if attempt.previous().len() >= MAX_REDIRECTS {
+            attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+        } else {
+            attempt.follow()
+        }
+    })
+}
+
+/// As browsers and curl's default.
+const MAX_REDIRECTS: usize = 10;
 
 fn add_pem(roots: &mut rustls::RootCertStore, path: &Path) -> anyhow::Result<()> {
     let mut added = 0;

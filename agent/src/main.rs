@@ -41,6 +41,8 @@ const EXIT_REFRESH_FAILED: u8 = 1;
 const EXIT_SETUP: u8 = 2;
 /// Budget for a clean stop after SIGTERM (the pod's grace period is longer).
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(800);
+/// What is left of the one-second stop for blocking threads after `SHUTDOWN_BUDGET`.
+const BLOCKING_SHUTDOWN_BUDGET: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Parser)]
 #[command(name = "aether-fetcher", version, about, long_about = None)]
@@ -115,7 +117,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    runtime.block_on(run(cli.settings))
+    let code = runtime.block_on(run(cli.settings));
+    // Dropping a runtime waits for every blocking thread; one stuck in a system call (a
+    // hung volume) must not keep a SIGTERM'd fetcher alive, so the wait is bounded.
+    runtime.shutdown_timeout(BLOCKING_SHUTDOWN_BUDGET);
+    code
 }
 
 fn init_logging(format: LogFormat) {
@@ -191,6 +197,7 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             backoff_max: Duration::from_millis(settings.backoff_max_ms),
             anomaly_threshold: settings.anomaly_fail_threshold,
             resync: settings.interval(),
+            refresh_timeout: Duration::from_millis(settings.refresh_timeout_ms),
         },
         refresher,
         metrics.clone(),

@@ -86,6 +86,11 @@ impl Refresher {
     }
 
     /// Streams the artifact into a verified release directory; returns the bytes read.
+    ///
+    /// Every byte is hashed. When the extractor stops early (it refused the archive) the
+    /// rest of the body is still hashed, up to the download cap: bytes that match the
+    /// annotated digest make the refusal final for that digest (retrying would fetch the
+    /// same refused bytes), while a mismatch is a `checksum` failure worth retrying.
     async fn download(
         &self,
         url: reqwest::Url,
@@ -99,7 +104,8 @@ impl Refresher {
         let staging = self.workspace.stage(digest).map_err(|e| {
             RefreshError::new(Reason::Io, format!("creating staging directory: {e}"))
         })?;
-        let (feed, extractor) = extract::spawn(staging, self.limits);
+        let (feed, extractor) = extract::spawn(staging, self.limits, cancel.clone());
+        let mut feed = Some(feed);
         let mut hasher = Sha256Writer::new();
         let mut total = 0u64;
         let stream_error = loop {
@@ -123,17 +129,24 @@ impl Refresher {
                 ));
             }
             hasher.update(&bytes);
-            let sent = tokio::select! {
-                s = feed.send(bytes) => s.is_ok(),
-                () = cancel.cancelled() => break Some(RefreshError::Cancelled),
-            };
-            if !sent {
-                // The extractor stopped: either the archive ended (the rest is
-                // padding, hashed below) or it refused the archive (reported below).
-                break None;
+            if let Some(tx) = &feed {
+                let sent = tokio::select! {
+                    s = tx.send(bytes) => s.is_ok(),
+                    () = cancel.cancelled() => break Some(RefreshError::Cancelled),
+                };
+                if !sent {
+                    // The extractor gave up on the archive; keep hashing for the verdict.
+                    feed = None;
+                }
             }
         };
         drop(feed);
+        if let Some(RefreshError::Cancelled) = stream_error {
+            // Not waiting for the extractor: its thread sees the cancel flag (or the closed
+            // feed) and drops the staging directory, which removes it. A thread stuck in
+            // a system call must not hold up a deadline or a shutdown.
+            return Err(RefreshError::Cancelled);
+        }
         let (staging, extracted) = extractor
             .await
             .map_err(|e| RefreshError::new(Reason::Io, format!("extractor task: {e}")))?;
@@ -141,41 +154,20 @@ impl Refresher {
             discard(staging).await;
             return Err(err);
         }
-        if let Err(e) = extracted {
-            discard(staging).await;
-            return Err(extract::classify(e));
-        }
-        // The extractor may have finished before the body did: hash what remains.
-        loop {
-            let chunk = tokio::select! {
-                c = response.chunk() => c,
-                () = cancel.cancelled() => {
-                    discard(staging).await;
-                    return Err(RefreshError::Cancelled);
-                }
-            };
-            match chunk {
-                Ok(Some(bytes)) => {
-                    total += bytes.len() as u64;
-                    if total > self.max_artifact_bytes {
-                        discard(staging).await;
-                        return Err(RefreshError::new(
-                            Reason::TooLarge,
-                            "artifact exceeds AETHER_MAX_ARTIFACT_BYTES",
-                        ));
-                    }
-                    hasher.update(&bytes);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    discard(staging).await;
-                    return Err(fetch::classify(e));
-                }
-            }
-        }
         if let Err(e) = verify::digest(digest, &hasher.finish()) {
             discard(staging).await;
             return Err(e);
+        }
+        if let Err(e) = extracted {
+            discard(staging).await;
+            let err = extract::classify(e);
+            return Err(match err {
+                // Disk full or permissions: the node may recover, so it is retried.
+                RefreshError::Failed {
+                    reason: Reason::Io, ..
+                } => err,
+                other => other.settled(),
+            });
         }
         let ws = self.workspace.clone();
         let digest = *digest;

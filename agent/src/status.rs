@@ -1,28 +1,9 @@
-//! The fetcher's view of itself, served as JSON on `/status` and used by `/readyz`.
+//! The fetcher's view of itself, served as JSON on `/status` and used by `/readyz`. The
+//! document itself is `aether_common::status::StatusReport`, shared with its readers.
 
 use std::sync::RwLock;
 
-use aether_common::Digest;
-use serde::Serialize;
-
-use crate::failure::Reason;
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct LastError {
-    pub reason: Reason,
-    pub message: String,
-}
-
-/// The `/status` document. `last_error` describes the latest failed attempt and is
-/// cleared when a release goes live.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct StatusReport {
-    pub desired_digest: Option<Digest>,
-    pub current_digest: Option<Digest>,
-    pub consecutive_failures: u32,
-    pub last_error: Option<LastError>,
-    pub last_refresh_ms: Option<u64>,
-}
+pub use aether_common::status::{LastError, StatusReport};
 
 /// Shared, updated by the engine, read by the HTTP handlers.
 #[derive(Debug, Default)]

@@ -489,6 +489,105 @@ async fn every_hostile_archive_is_refused_with_the_live_release_intact() {
     );
 }
 
+/// The pod limit the fetcher must live within, whatever the archive.
+const POD_MEMORY_LIMIT: u64 = 64 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_extension_headers_are_refused_for_good_within_the_memory_limit() {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[("AETHER_BACKOFF_MAX_MS", "500".into())]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let (url, digest) = rig.publish("base.tgz", &[("f", "base")]);
+    rig.point_at(&url, &digest).await;
+    wait_live(addr, &digest).await;
+
+    let mut refusals = 0;
+    for (name, kind) in [
+        ("pax.tgz", hostile::Extension::Pax),
+        ("longname.tgz", hostile::Extension::GnuLongName),
+    ] {
+        // 300 MB of header that gzips to well under 1 MB.
+        let bytes = hostile::huge_extension_header(kind, 300 << 20);
+        assert!(bytes.len() < 1 << 20, "{kind:?}: {} bytes", bytes.len());
+        let (bad_url, bad) = rig.publish_bytes(name, bytes);
+        rig.point_at(&bad_url, &bad).await;
+        let refused = wait_until(LONG, || async {
+            status(addr)
+                .await
+                .get("last_error")
+                .and_then(|e| e.get("digest"))
+                .is_some_and(|d| d == bad.to_string().as_str())
+        })
+        .await;
+        let s = status(addr).await;
+        assert!(refused, "{kind:?}: never refused: {s}");
+        assert_eq!(s["last_error"]["reason"], "extract", "{kind:?}: {s}");
+        assert_eq!(s["last_error"]["will_retry"], false, "{kind:?}: {s}");
+        assert_eq!(rig.read_current("f").as_deref(), Some("base"), "{kind:?}");
+        assert_eq!(rig.staging_entries(), 0, "{kind:?}");
+        let peak = fetcher.peak_rss_bytes().expect("fetcher is running");
+        assert!(
+            peak < POD_MEMORY_LIMIT,
+            "{kind:?}: peak RSS {peak} bytes, limit {POD_MEMORY_LIMIT}"
+        );
+        // The same digest from another URL is a change of annotations: tried once more,
+        // refused again. The first URL was fetched exactly once (no re-download loop):
+        // its refusal was final, while the 500 ms backoff would have retried it by now
+        // had it been retryable.
+        let (again_url, _) = rig.publish_bytes(
+            &format!("again-{name}"),
+            hostile::huge_extension_header(kind, 300 << 20),
+        );
+        rig.point_at(&again_url, &bad).await;
+        refusals += 2;
+        fetcher
+            .wait_for_lines("refused for good", refusals, LONG)
+            .await
+            .unwrap();
+        assert_eq!(rig.art.requests(name), 1, "{kind:?} was downloaded again");
+        assert_eq!(rig.art.requests(&format!("again-{name}")), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_past_its_deadline_fails_as_timeout_and_is_retried() {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[
+        ("AETHER_REFRESH_TIMEOUT_MS", "300".into()),
+        // Only the overall deadline can end the stalled download.
+        ("AETHER_READ_TIMEOUT_MS", "600000".into()),
+        ("AETHER_BACKOFF_MAX_MS", "500".into()),
+    ]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let (url, digest) = rig.publish("base.tgz", &[("f", "base")]);
+    rig.point_at(&url, &digest).await;
+    wait_live(addr, &digest).await;
+    let big = noise(1 << 20);
+    let (url2, digest2) = rig.publish("stalls.tgz", &[("big", &big), ("f", "new")]);
+    rig.art.fail_next(
+        "stalls.tgz",
+        Fault::Stall {
+            after: 4096,
+            pause: Duration::from_secs(600),
+        },
+    );
+    rig.point_at(&url2, &digest2).await;
+    fetcher
+        .wait_for_log("REFRESH_FAIL app=app-0 reason=timeout", LONG)
+        .await
+        .unwrap();
+    assert_eq!(rig.read_current("f").as_deref(), Some("base"));
+    // The stall was the first request only: the retry completes.
+    wait_live(addr, &digest2).await;
+    assert_eq!(rig.read_current("f").as_deref(), Some("new"));
+    assert_eq!(rig.staging_entries(), 0);
+    let m = metrics(addr).await;
+    assert_eq!(
+        metric(&m, "dev_hot_refresh_failure_total", "reason=\"timeout\""),
+        Some(1.0)
+    );
+}
+
 fn url_of(rig: &Rig, name: &str) -> String {
     rig.art.url(name)
 }
@@ -674,11 +773,14 @@ async fn a_dropped_watch_and_410_gone_are_recovered() {
     wait_live(addr, &digest).await;
     let watches_before = rig.emu.stats().watch;
 
-    // Cut the connection, then change the pod and forget history while the watcher is in
-    // its reconnect backoff: the only way to see the change is to re-list after 410.
+    // Cut the connection while new watches are parked: the watcher is then known to be
+    // reconnecting. Change the pod and forget the history before letting it through, so
+    // its resumed watch gets 410 Gone and the only way to see the change is to re-list.
+    rig.emu.hold_watches();
     rig.emu.drop_watches();
+    let reconnecting = wait_until(LONG, || async { rig.emu.held_watches() >= 1 }).await;
+    assert!(reconnecting, "the watcher never tried to reconnect");
     let (url2, digest2) = rig.publish("w2.tgz", &[("f", "2")]);
-    rig.emu.compact();
     rig.emu
         .merge_patch(
             "pods",
@@ -689,12 +791,17 @@ async fn a_dropped_watch_and_410_gone_are_recovered() {
         )
         .unwrap();
     rig.emu.compact();
+    let lists_before = rig.emu.stats().list;
+    rig.emu.release_watches();
     wait_live(addr, &digest2).await;
     assert!(
         rig.emu.stats().watch > watches_before,
         "the watcher reconnected"
     );
-    assert!(rig.emu.stats().list >= 2, "the watcher re-listed");
+    assert!(
+        rig.emu.stats().list > lists_before,
+        "the watcher re-listed after 410"
+    );
 
     // And plain drops without compaction resume from the last version.
     rig.emu.drop_watches();

@@ -9,7 +9,14 @@
 //! - every link must resolve inside the release (chains of links are followed on disk);
 //!   hard links must name a regular file extracted earlier;
 //! - setuid, setgid, sticky and group/other write bits are stripped, ownership is ignored;
-//! - total bytes, entry count and path length are capped (gzip bombs stop at the cap).
+//! - total bytes, entry count and path length are capped (gzip bombs stop at the cap);
+//! - extension headers (GNU long names and links, PAX records) are read by this module,
+//!   not by tar-rs, so each is capped at [`MAX_EXTENSION_BYTES`] before it is buffered: an
+//!   archive cannot make the extractor allocate more than that for one header;
+//! - link resolution follows at most [`MAX_LINK_FOLLOWS`] links per symlink checked, as the
+//!   kernel does, so no arrangement of links makes the check exponential;
+//! - a caller-supplied cancel check runs before every entry and every chunk written, so a
+//!   deadline or shutdown stops a long extraction promptly.
 //!
 //! Any refusal is an error: the caller removes the whole staging directory, so a refused
 //! archive leaves nothing behind.
@@ -27,8 +34,13 @@ use flate2::read::MultiGzDecoder;
 
 /// Longest single path component, as on common Linux file systems.
 pub const MAX_COMPONENT_BYTES: usize = 255;
-/// Links followed while checking where a symlink leads, as the kernel's own limit.
-const MAX_LINK_DEPTH: u32 = 40;
+/// Links followed while checking where one symlink leads (the kernel's own limit for one
+/// path resolution). It bounds the total, not only the nesting: links `l0 -> .` and
+/// `lk -> l(k-1)/l(k-1)` would otherwise cost 2^k lookups.
+pub const MAX_LINK_FOLLOWS: u32 = 40;
+/// Largest GNU long name, long link or PAX extension header accepted. Real ones are a few
+/// hundred bytes; tar-rs would buffer any size, which lets a small gzip exhaust memory.
+pub const MAX_EXTENSION_BYTES: u64 = 64 * 1024;
 /// Data allowed after the end-of-archive marker (tar pads records to 10 KiB).
 const MAX_TRAILING_BYTES: u64 = 1 << 20;
 const COPY_BUFFER: usize = 256 * 1024;
@@ -73,6 +85,9 @@ pub enum ExtractError {
     /// The compressed or tar stream could not be read.
     #[error("archive is corrupt or truncated: {0}")]
     Corrupt(#[source] io::Error),
+    /// The caller's cancel check fired (deadline or shutdown): not a verdict on the archive.
+    #[error("extraction cancelled")]
+    Cancelled,
     /// Writing into the destination failed (disk full, permissions).
     #[error("writing {}: {source}", path.display())]
     Io {
@@ -89,6 +104,9 @@ fn refused(path: impl AsRef<[u8]>, why: impl Into<String>) -> ExtractError {
     }
 }
 
+/// Tells a running extraction to stop; checked before every entry and every chunk.
+pub type CancelCheck<'a> = &'a (dyn Fn() -> bool + Sync);
+
 /// Inflates `reader` and extracts the tar stream into `dest`, which must be an existing,
 /// empty directory. The whole compressed stream is consumed, so its gzip checksum is
 /// verified and trailing garbage is detected.
@@ -97,8 +115,18 @@ pub fn unpack_tar_gz<R: Read>(
     dest: &Path,
     limits: &Limits,
 ) -> Result<Stats, ExtractError> {
+    unpack_tar_gz_cancellable(reader, dest, limits, &|| false)
+}
+
+/// As [`unpack_tar_gz`], stopping with [`ExtractError::Cancelled`] once `cancelled` is true.
+pub fn unpack_tar_gz_cancellable<R: Read>(
+    reader: R,
+    dest: &Path,
+    limits: &Limits,
+    cancelled: CancelCheck<'_>,
+) -> Result<Stats, ExtractError> {
     let mut gz = MultiGzDecoder::new(reader);
-    let stats = unpack_tar(&mut gz, dest, limits)?;
+    let stats = unpack_tar_cancellable(&mut gz, dest, limits, cancelled)?;
     let trailing = io::copy(&mut (&mut gz).take(MAX_TRAILING_BYTES + 1), &mut io::sink())
         .map_err(ExtractError::Corrupt)?;
     if trailing > MAX_TRAILING_BYTES {
@@ -111,10 +139,20 @@ pub fn unpack_tar_gz<R: Read>(
 
 /// Extracts an uncompressed tar stream into `dest` (an existing, empty directory).
 pub fn unpack_tar<R: Read>(reader: R, dest: &Path, limits: &Limits) -> Result<Stats, ExtractError> {
+    unpack_tar_cancellable(reader, dest, limits, &|| false)
+}
+
+fn unpack_tar_cancellable<R: Read>(
+    reader: R,
+    dest: &Path,
+    limits: &Limits,
+    cancelled: CancelCheck<'_>,
+) -> Result<Stats, ExtractError> {
     let mut archive = tar::Archive::new(reader);
     let mut unpacker = Unpacker {
         root: dest,
         limits,
+        cancelled,
         stats: Stats::default(),
         dirs_made: HashSet::new(),
         files: HashSet::new(),
@@ -122,16 +160,162 @@ pub fn unpack_tar<R: Read>(reader: R, dest: &Path, limits: &Limits) -> Result<St
         symlinks: Vec::new(),
         buf: vec![0u8; COPY_BUFFER],
     };
-    for entry in archive.entries().map_err(ExtractError::Corrupt)? {
+    // Raw mode: tar-rs hands over extension headers as entries instead of buffering them
+    // itself without a cap; `Extensions` reads them with one.
+    let mut ext = Extensions::default();
+    for entry in archive.entries().map_err(ExtractError::Corrupt)?.raw(true) {
+        if cancelled() {
+            return Err(ExtractError::Cancelled);
+        }
         let mut entry = entry.map_err(ExtractError::Corrupt)?;
-        unpacker.entry(&mut entry)?;
+        if ext.absorb(&mut entry)? {
+            continue;
+        }
+        let names = ext.take_names(&entry)?;
+        unpacker.entry(&mut entry, names)?;
+    }
+    if ext.pending() {
+        return Err(ExtractError::Corrupt(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "extension header without the entry it describes",
+        )));
     }
     unpacker.finish()
+}
+
+/// The path and link target of one entry, after its extension headers are applied.
+struct Names {
+    path: Vec<u8>,
+    link: Option<Vec<u8>>,
+}
+
+/// Extension headers seen since the last real entry. They apply to the next entry only.
+#[derive(Default)]
+struct Extensions {
+    long_name: Option<Vec<u8>>,
+    long_link: Option<Vec<u8>>,
+    pax_path: Option<Vec<u8>>,
+    pax_link: Option<Vec<u8>>,
+    pax_size: Option<u64>,
+    seen_pax: bool,
+}
+
+impl Extensions {
+    fn pending(&self) -> bool {
+        self.long_name.is_some() || self.long_link.is_some() || self.seen_pax
+    }
+
+    /// Consumes `entry` if it is an extension header; returns whether it was one.
+    fn absorb<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<bool, ExtractError> {
+        let kind = entry.header().entry_type();
+        let what = if kind.is_gnu_longname() {
+            "GNU long name"
+        } else if kind.is_gnu_longlink() {
+            "GNU long link"
+        } else if kind.is_pax_local_extensions() {
+            "PAX extension"
+        } else if kind.is_pax_global_extensions() {
+            "PAX global extension"
+        } else {
+            return Ok(false);
+        };
+        let raw_path = entry.header().path_bytes().into_owned();
+        let size = entry.header().entry_size().map_err(ExtractError::Corrupt)?;
+        if size > MAX_EXTENSION_BYTES {
+            return Err(refused(
+                &raw_path,
+                format!("{what} header of {size} bytes (at most {MAX_EXTENSION_BYTES})"),
+            ));
+        }
+        let mut data = Vec::with_capacity(size as usize);
+        Read::by_ref(entry)
+            .take(MAX_EXTENSION_BYTES)
+            .read_to_end(&mut data)
+            .map_err(ExtractError::Corrupt)?;
+        if data.len() as u64 != size {
+            return Err(ExtractError::Corrupt(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{what} header ended early"),
+            )));
+        }
+        let twice = || refused(&raw_path, format!("two {what} headers for one entry"));
+        if kind.is_gnu_longname() {
+            if self.long_name.is_some() {
+                return Err(twice());
+            }
+            self.long_name = Some(strip_nuls(data));
+        } else if kind.is_gnu_longlink() {
+            if self.long_link.is_some() {
+                return Err(twice());
+            }
+            self.long_link = Some(strip_nuls(data));
+        } else if kind.is_pax_local_extensions() {
+            if self.seen_pax {
+                return Err(twice());
+            }
+            self.seen_pax = true;
+            self.read_pax(&raw_path, &data)?;
+        }
+        // Global PAX records (comments, charset, default times) change nothing we honour.
+        Ok(true)
+    }
+
+    fn read_pax(&mut self, raw_path: &[u8], data: &[u8]) -> Result<(), ExtractError> {
+        for record in tar::PaxExtensions::new(data) {
+            let record = record.map_err(|_| refused(raw_path, "malformed PAX record"))?;
+            match record.key_bytes() {
+                b"path" => self.pax_path = Some(record.value_bytes().to_vec()),
+                b"linkpath" => self.pax_link = Some(record.value_bytes().to_vec()),
+                b"size" => {
+                    let size = record
+                        .value()
+                        .ok()
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or_else(|| refused(raw_path, "malformed PAX size"))?;
+                    self.pax_size = Some(size);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of the real entry that follows the extension headers, which are reset.
+    fn take_names<R: Read>(&mut self, entry: &tar::Entry<'_, R>) -> Result<Names, ExtractError> {
+        let header = entry.header();
+        let path = self
+            .pax_path
+            .take()
+            .or_else(|| self.long_name.take())
+            .unwrap_or_else(|| header.path_bytes().into_owned());
+        if let Some(size) = self.pax_size.take() {
+            // Raw mode frames the entry by its header size; a PAX size that disagrees would
+            // make this parser and others see different archives, so it is refused.
+            if Some(size) != header.entry_size().ok() {
+                return Err(refused(&path, "PAX size disagrees with the header size"));
+            }
+        }
+        let link = self
+            .pax_link
+            .take()
+            .or_else(|| self.long_link.take())
+            .or_else(|| header.link_name_bytes().map(|l| l.into_owned()));
+        *self = Self::default();
+        Ok(Names { path, link })
+    }
+}
+
+fn strip_nuls(mut v: Vec<u8>) -> Vec<u8> {
+    while v.last() == Some(&0) {
+        v.pop();
+    }
+    v
 }
 
 struct Unpacker<'a> {
     root: &'a Path,
     limits: &'a Limits,
+    cancelled: CancelCheck<'a>,
     stats: Stats,
     /// Directories known to exist (created by us), relative to the root.
     dirs_made: HashSet<PathBuf>,
@@ -143,11 +327,12 @@ struct Unpacker<'a> {
 }
 
 impl Unpacker<'_> {
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ExtractError> {
+    fn entry<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        names: Names,
+    ) -> Result<(), ExtractError> {
         let kind = entry.header().entry_type();
-        if kind.is_pax_global_extensions() {
-            return Ok(());
-        }
         self.stats.entries += 1;
         if self.stats.entries > self.limits.max_entries {
             return Err(ExtractError::TooLarge(format!(
@@ -155,7 +340,7 @@ impl Unpacker<'_> {
                 self.limits.max_entries
             )));
         }
-        let raw_path = entry.path_bytes().into_owned();
+        let raw_path = names.path;
         let Some(rel) = self.sanitize(&raw_path)? else {
             // The archive's own root (`./`): nothing to create.
             return Ok(());
@@ -167,17 +352,15 @@ impl Unpacker<'_> {
             }
             tar::EntryType::Directory => self.make_dir(&rel, &raw_path, mode),
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| refused(&raw_path, "hard link without a target"))?
-                    .into_owned();
+                let target = names
+                    .link
+                    .ok_or_else(|| refused(&raw_path, "hard link without a target"))?;
                 self.hard_link(&rel, &raw_path, &target)
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| refused(&raw_path, "symlink without a target"))?
-                    .into_owned();
+                let target = names
+                    .link
+                    .ok_or_else(|| refused(&raw_path, "symlink without a target"))?;
                 self.check_link_target(&raw_path, &target)?;
                 self.symlinks
                     .push((rel, PathBuf::from(OsStr::from_bytes(&target))));
@@ -304,6 +487,9 @@ impl Unpacker<'_> {
         };
         let mut written = 0u64;
         loop {
+            if (self.cancelled)() {
+                return Err(ExtractError::Cancelled);
+            }
             let n = match entry.read(&mut self.buf) {
                 Ok(0) => break,
                 Ok(n) => n,
@@ -394,7 +580,8 @@ impl Unpacker<'_> {
                 .parent()
                 .map(|p| p.iter().map(OsStr::to_owned).collect())
                 .unwrap_or_default();
-            resolve_inside(self.root, start, target, 0).map_err(|why| {
+            let mut follows = 0;
+            resolve_inside(self.root, start, target, &mut follows).map_err(|why| {
                 refused(
                     rel.as_os_str().as_bytes(),
                     format!("symlink to {}: {why}", target.display()),
@@ -411,16 +598,14 @@ impl Unpacker<'_> {
 }
 
 /// Follows `target` from the directory `start` (components below the root), through any
-/// symlinks on disk, and fails if the walk ever climbs above the root.
+/// symlinks on disk, and fails if the walk ever climbs above the root. `follows` counts
+/// every link followed in the whole resolution, nested or not.
 fn resolve_inside(
     root: &Path,
     start: Vec<OsString>,
     target: &Path,
-    depth: u32,
+    follows: &mut u32,
 ) -> Result<Vec<OsString>, String> {
-    if depth > MAX_LINK_DEPTH {
-        return Err("too many levels of symbolic links".into());
-    }
     let mut stack = start;
     for component in target.components() {
         match component {
@@ -436,9 +621,13 @@ fn resolve_inside(
                 if let Ok(meta) = fs::symlink_metadata(&on_disk)
                     && meta.file_type().is_symlink()
                 {
+                    *follows += 1;
+                    if *follows > MAX_LINK_FOLLOWS {
+                        return Err("too many levels of symbolic links".into());
+                    }
                     let next = fs::read_link(&on_disk).map_err(|e| e.to_string())?;
                     stack.pop();
-                    stack = resolve_inside(root, stack, &next, depth + 1)?;
+                    stack = resolve_inside(root, stack, &next, follows)?;
                 }
             }
             Component::RootDir | Component::Prefix(_) => {
@@ -487,8 +676,8 @@ mod tests {
         fs::create_dir(&root).unwrap();
         std::os::unix::fs::symlink(".", root.join("d")).unwrap();
         // `d/..` looks harmless written down, but `d` is `.`, so it means the root's parent.
-        assert!(resolve_inside(&root, vec![], Path::new("d/.."), 0).is_err());
-        assert!(resolve_inside(&root, vec![], Path::new("d/x"), 0).is_ok());
+        assert!(resolve_inside(&root, vec![], Path::new("d/.."), &mut 0).is_err());
+        assert!(resolve_inside(&root, vec![], Path::new("d/x"), &mut 0).is_ok());
     }
 
     #[test]
@@ -496,6 +685,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("b", dir.path().join("a")).unwrap();
         std::os::unix::fs::symlink("a", dir.path().join("b")).unwrap();
-        assert!(resolve_inside(dir.path(), vec![], Path::new("a"), 0).is_err());
+        assert!(resolve_inside(dir.path(), vec![], Path::new("a"), &mut 0).is_err());
+    }
+
+    #[test]
+    fn doubling_link_chains_stop_at_the_follow_budget() {
+        // l0 -> ., lk -> l(k-1)/l(k-1): a depth bound alone lets link k cost 2^k lookups.
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(".", dir.path().join("l0")).unwrap();
+        for k in 1..48 {
+            let prev = format!("l{}", k - 1);
+            std::os::unix::fs::symlink(format!("{prev}/{prev}"), dir.path().join(format!("l{k}")))
+                .unwrap();
+        }
+        let mut follows = 0;
+        let got = resolve_inside(dir.path(), vec![], Path::new("l47"), &mut follows);
+        assert!(got.is_err(), "{got:?}");
+        assert!(follows <= MAX_LINK_FOLLOWS + 1, "{follows}");
     }
 }

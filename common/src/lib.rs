@@ -10,6 +10,7 @@ pub mod extract;
 pub mod manifest;
 pub mod pack;
 pub mod signature;
+pub mod status;
 
 pub use digest::{Digest, DigestError, Sha256Writer};
 pub use signature::{PublicKey, Signature, SignatureError, SigningKey};

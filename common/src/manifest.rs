@@ -18,6 +18,12 @@ pub const MANAGED_BY: &str = "aether";
 pub const RUN_AS: i64 = 65532;
 /// Where `aether-fetcher install` puts the binary for the app container's supervisor.
 pub const BIN_DIR: &str = "/aether/bin";
+/// Where kube-rs' in-cluster configuration (like every Kubernetes client) looks for the
+/// service-account token, CA and namespace. Only the fetcher gets a volume here.
+pub const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// Lifetime asked for the fetcher's projected token; the kubelet refreshes it at 80 %, and
+/// kube-rs re-reads the file. 3607 s is what the kubelet itself asks for by default.
+const TOKEN_SECONDS: i64 = 3607;
 
 /// What to deploy.
 #[derive(Debug, Clone)]
@@ -40,6 +46,27 @@ pub struct AppSpec {
     pub fetcher_env: Vec<(String, String)>,
 }
 
+/// Longest app name: names derived from it (`<app>-aether-fetcher`, 15 more characters)
+/// stay within a DNS-1123 label's 63 characters.
+pub const MAX_APP_NAME: usize = 47;
+
+/// Checks that `app` is a DNS-1123 label (lowercase letters, digits and `-`, starting and
+/// ending with a letter or digit) of at most [`MAX_APP_NAME`] characters.
+pub fn check_app_name(app: &str) -> Result<(), String> {
+    let valid_chars = app
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let valid_ends = !app.starts_with('-') && !app.ends_with('-');
+    if app.is_empty() || app.len() > MAX_APP_NAME || !valid_chars || !valid_ends {
+        return Err(format!(
+            "app name {app:?} must be 1 to {MAX_APP_NAME} lowercase letters, digits or '-', \
+             starting and ending with a letter or digit (a DNS-1123 label that leaves room \
+             for the \"-aether-fetcher\" suffix)"
+        ));
+    }
+    Ok(())
+}
+
 /// Name of the fetcher's ServiceAccount, Role and RoleBinding.
 pub fn fetcher_account(app: &str) -> String {
     format!("{app}-aether-fetcher")
@@ -52,6 +79,18 @@ pub fn labels(app: &str) -> Value {
 /// The label selector of an app's pods, in API syntax.
 pub fn selector(app: &str) -> String {
     format!("{APP_LABEL}={app},{MANAGED_BY_LABEL}={MANAGED_BY}")
+}
+
+/// The service-account credentials the kubelet would mount by default, as a projected
+/// volume that only the fetcher mounts (the pod itself has `automountServiceAccountToken:
+/// false`, so the app container holds no token).
+fn token_volume() -> Value {
+    json!({"name": "aether-fetcher-token", "projected": {"defaultMode": 0o444, "sources": [
+        {"serviceAccountToken": {"path": "token", "expirationSeconds": TOKEN_SECONDS}},
+        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+        {"downwardAPI": {"items": [{"path": "namespace",
+            "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}]}},
+    ]}})
 }
 
 /// The restricted Pod Security Standard, per container.
@@ -145,6 +184,11 @@ pub fn deployment(spec: &AppSpec) -> Value {
         fetcher["livenessProbe"] = json!({
             "httpGet": {"path": "/healthz", "port": FETCHER_PORT}, "periodSeconds": 10,
         });
+        fetcher["volumeMounts"] = json!([
+            workspace_mount.clone(),
+            {"name": "aether-fetcher-token", "mountPath": SA_DIR, "readOnly": true},
+        ]);
+        volumes.push(token_volume());
         service_account = json!(fetcher_account(app));
     } else {
         fetcher["args"] = json!(["--once"]);
@@ -152,12 +196,15 @@ pub fn deployment(spec: &AppSpec) -> Value {
         volumes.push(json!({"name": "podinfo", "downwardAPI": {"items": [
             {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}]}}));
     }
+    // The app only reads releases; a write into one would change what a digest names.
+    let app_workspace_mount =
+        json!({"name": "workspace", "mountPath": WORKSPACE, "readOnly": true});
     let mut app_container = json!({
         "name": app,
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
         "workingDir": format!("{WORKSPACE}/current"),
-        "volumeMounts": [workspace_mount.clone()],
+        "volumeMounts": [app_workspace_mount.clone()],
         "resources": resources("50m", "64Mi", "1", "512Mi"),
         "securityContext": restricted(),
     });
@@ -188,14 +235,14 @@ pub fn deployment(spec: &AppSpec) -> Value {
         app_container["command"] = json!(command);
         app_container["env"] = json!([{"name": "AETHER_WORKSPACE", "value": WORKSPACE}]);
         app_container["volumeMounts"] = json!([
-            workspace_mount,
+            app_workspace_mount,
             {"name": "aether-bin", "mountPath": BIN_DIR, "readOnly": true},
         ]);
     } else if !spec.command.is_empty() {
         app_container["command"] = json!(spec.command);
     }
     let mut pod_spec = json!({
-        "automountServiceAccountToken": spec.dev_hot,
+        "automountServiceAccountToken": false,
         "securityContext": {
             "runAsNonRoot": true, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
             "seccompProfile": {"type": "RuntimeDefault"},
@@ -338,6 +385,39 @@ mod tests {
     }
 
     #[test]
+    fn only_the_fetcher_holds_a_token_and_the_app_reads_the_workspace_only() {
+        let d = deployment(&spec(true));
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["automountServiceAccountToken"], false);
+        let mounts_token = |c: &Value| {
+            c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["mountPath"] == SA_DIR)
+        };
+        let sidecar = &pod["initContainers"][1];
+        assert_eq!(sidecar["name"], "aether-fetcher");
+        assert!(mounts_token(sidecar));
+        assert!(!mounts_token(&pod["initContainers"][0]));
+        let app = &pod["containers"][0];
+        assert!(!mounts_token(app));
+        for m in app["volumeMounts"].as_array().unwrap() {
+            assert_eq!(m["readOnly"], true, "{m}");
+        }
+        let token = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "aether-fetcher-token")
+            .expect("projected token volume");
+        let sources = token["projected"]["sources"].as_array().unwrap();
+        assert_eq!(sources[0]["serviceAccountToken"]["path"], "token");
+        assert_eq!(sources[1]["configMap"]["items"][0]["path"], "ca.crt");
+        assert_eq!(sources[2]["downwardAPI"]["items"][0]["path"], "namespace");
+    }
+
+    #[test]
     fn without_dev_hot_an_init_container_runs_once_from_the_downward_api() {
         let d = deployment(&spec(false));
         let pod = &d["spec"]["template"]["spec"];
@@ -350,6 +430,27 @@ mod tests {
             "sha256:00"
         );
         assert!(fetcher_rbac(&spec(false)).is_empty());
+    }
+
+    #[test]
+    fn app_names_are_short_dns_labels() {
+        assert_eq!(MAX_APP_NAME, 47);
+        for ok in ["a", "web", "web-2", &"a".repeat(47)] {
+            assert!(check_app_name(ok).is_ok(), "{ok}");
+            assert!(fetcher_account(ok).len() <= 63);
+        }
+        for bad in [
+            "",
+            "Web",
+            "-web",
+            "web-",
+            "web_2",
+            "a.b",
+            &"a".repeat(48),
+            "wéb",
+        ] {
+            assert!(check_app_name(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,13 +6,17 @@ use std::collections::BTreeMap;
 
 use aether_common::annotations::{ARTIFACT_URL, BUILD_COMMIT, DEV_HOT, DIGEST, SIGNATURE};
 use aether_common::manifest::{self, AppSpec, FETCHER_PORT};
+use aether_common::status::StatusReport;
 use anyhow::Context;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::reflector::ObjectRef;
 use serde::Serialize;
+
+use crate::reconcile::Cache;
 use serde_json::{Value, json};
 
 /// The annotation keys the control plane owns on pods.
@@ -53,6 +57,14 @@ pub async fn apply_app(client: &kube::Client, spec: &AppSpec) -> anyhow::Result<
         .await
         .with_context(|| format!("applying deployment {ns}/{}", spec.app))?;
     Ok(())
+}
+
+/// A hot release was asked for an app deployed without dev-hot.
+#[derive(Debug, thiserror::Error)]
+#[error("deployment {namespace}/{app} is not a dev-hot deployment (deploy it with --dev-hot)")]
+pub struct NotDevHot {
+    pub namespace: String,
+    pub app: String,
 }
 
 /// Whether the Deployment carries `aether.dev/dev-hot=true`.
@@ -105,10 +117,13 @@ pub async fn release(
         .get(app)
         .await
         .with_context(|| format!("deployment {ns}/{app}"))?;
-    anyhow::ensure!(
-        is_dev_hot(&deploy),
-        "deployment {ns}/{app} is not a dev-hot deployment (deploy it with --dev-hot)"
-    );
+    if !is_dev_hot(&deploy) {
+        return Err(NotDevHot {
+            namespace: ns.to_owned(),
+            app: app.to_owned(),
+        }
+        .into());
+    }
     deploys
         .patch(
             app,
@@ -163,7 +178,7 @@ pub struct PodStatus {
     pub name: String,
     pub annotated_digest: Option<String>,
     /// What the pod's fetcher reports on `/status`, or `None` when it cannot be reached.
-    pub fetcher: Option<Value>,
+    pub fetcher: Option<StatusReport>,
     pub live_digest: Option<String>,
 }
 
@@ -175,19 +190,51 @@ pub struct AppStatus {
     pub pods: Vec<PodStatus>,
 }
 
-/// Desired digest and, per pod, the annotated and the live digest.
-pub async fn status(client: &kube::Client, ns: &str, app: &str) -> anyhow::Result<AppStatus> {
-    let deploy = Api::<Deployment>::namespaced(client.clone(), ns)
-        .get(app)
-        .await
-        .with_context(|| format!("deployment {ns}/{app}"))?;
+/// Desired digest and, per pod, the annotated and the live digest. The Deployment and its
+/// pods come from the reconcile loop's caches once they are complete (one pod-proxy request
+/// per pod is then the whole cost of a read), from the API server before that.
+pub async fn status(
+    client: &kube::Client,
+    cache: Option<&Cache>,
+    ns: &str,
+    app: &str,
+) -> anyhow::Result<AppStatus> {
+    let cached = cache.filter(|c| c.ready()).and_then(|c| {
+        let deploy = c.deployments.get(&ObjectRef::new(app).within(ns))?;
+        let selector = manifest::labels(app);
+        let pods: Vec<Pod> = c
+            .pods
+            .state()
+            .into_iter()
+            .filter(|p| {
+                let labels = p.metadata.labels.clone().unwrap_or_default();
+                selector.as_object().is_some_and(|want| {
+                    want.iter()
+                        .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+                })
+            })
+            .map(|p| Pod::clone(&p))
+            .collect();
+        Some((Deployment::clone(&deploy), pods))
+    });
+    let (deploy, pods) = match cached {
+        Some(found) => found,
+        None => {
+            let deploy = Api::<Deployment>::namespaced(client.clone(), ns)
+                .get(app)
+                .await
+                .with_context(|| format!("deployment {ns}/{app}"))?;
+            let pods = Api::<Pod>::namespaced(client.clone(), ns)
+                .list(&ListParams::default().labels(&manifest::selector(app)))
+                .await?
+                .items;
+            (deploy, pods)
+        }
+    };
     let desired = owned(deploy.metadata.annotations.as_ref())
         .get(DIGEST)
         .cloned();
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&manifest::selector(app)))
-        .await?;
-    let statuses = futures::stream::iter(pods.items)
+    let mut statuses = futures::stream::iter(pods)
         .map(|pod| {
             let client = client.clone();
             let ns = ns.to_owned();
@@ -199,8 +246,8 @@ pub async fn status(client: &kube::Client, ns: &str, app: &str) -> anyhow::Resul
                 let fetcher = fetcher_status(&client, &ns, &name).await.ok();
                 let live = fetcher
                     .as_ref()
-                    .and_then(|f| f["current_digest"].as_str())
-                    .map(str::to_owned);
+                    .and_then(|f| f.current_digest)
+                    .map(|d| d.to_string());
                 PodStatus {
                     name,
                     annotated_digest: annotated,
@@ -212,7 +259,6 @@ pub async fn status(client: &kube::Client, ns: &str, app: &str) -> anyhow::Resul
         .buffer_unordered(32)
         .collect::<Vec<_>>()
         .await;
-    let mut statuses = statuses;
     statuses.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(AppStatus {
         app: app.into(),
@@ -223,7 +269,11 @@ pub async fn status(client: &kube::Client, ns: &str, app: &str) -> anyhow::Resul
 }
 
 /// GET `/status` of the pod's fetcher through `pods/proxy`.
-async fn fetcher_status(client: &kube::Client, ns: &str, pod: &str) -> anyhow::Result<Value> {
+async fn fetcher_status(
+    client: &kube::Client,
+    ns: &str,
+    pod: &str,
+) -> anyhow::Result<StatusReport> {
     let path = format!("/api/v1/namespaces/{ns}/pods/{pod}:{FETCHER_PORT}/proxy/status");
     let request = http::Request::get(path).body(Vec::new())?;
     let text = tokio::time::timeout(

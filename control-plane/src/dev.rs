@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::api::ReleaseRequest;
 use crate::client::Client;
-use crate::pack;
+use crate::{live, pack};
 
 /// Quiet time that ends a burst of file events (editors write several files per save).
 pub const DEBOUNCE: Duration = Duration::from_millis(80);
@@ -79,111 +79,147 @@ pub struct DevLoop {
 }
 
 impl DevLoop {
-    /// Runs forever: one release at start, then one per burst of changes.
+    /// Runs until the watch ends: one release at start, then one per burst of changes. A
+    /// burst that arrives while pods are still taking the previous release supersedes the
+    /// wait (newest wins, as in the fetcher).
     pub async fn run(self) -> anyhow::Result<()> {
         let (_watcher, mut events) = watch(&self.dir)?;
         let mut last: Option<Digest> = None;
         let now = Instant::now();
-        let mut start = Some(Burst {
+        let mut next = Some(Burst {
             first: now,
             quiet: now,
         });
         loop {
-            let burst = match start.take() {
+            let burst = match next.take() {
                 Some(b) => b,
                 None => match events.recv().await {
                     Some(b) => b,
                     None => return Ok(()),
                 },
             };
-            match self.once(burst, last).await {
-                Ok(Some(digest)) => last = Some(digest),
-                Ok(None) => {}
+            match self.once(burst, last, &mut events).await {
+                Ok(sent) => {
+                    if sent.digest.is_some() {
+                        last = sent.digest;
+                    }
+                    next = sent.superseded_by;
+                }
                 Err(e) => eprintln!("aether dev: {e:#} (waiting for the next change)"),
             }
         }
     }
 
-    /// One refresh; returns the digest that went out, or `None` when nothing changed.
-    async fn once(&self, burst: Burst, last: Option<Digest>) -> anyhow::Result<Option<Digest>> {
+    /// One refresh: pack, upload, release, wait.
+    async fn once(
+        &self,
+        burst: Burst,
+        last: Option<Digest>,
+        events: &mut mpsc::Receiver<Burst>,
+    ) -> anyhow::Result<Sent> {
         let t0 = burst.first;
         let packed = pack_dir(self.dir.clone()).await.context("packing")?;
         let t_pack = Instant::now();
         if Some(packed.digest) == last {
             println!("unchanged {} (no refresh)", short(&packed.digest));
-            return Ok(None);
+            return Ok(Sent::default());
         }
-        let signature = self.key.as_ref().map(|k| k.sign(&packed.digest).hex());
-        let uploaded = self.client.upload(&packed.digest, packed.bytes).await?;
+        let digest = packed.digest;
+        let signature = self.key.as_ref().map(|k| k.sign(&digest).hex());
+        let uploaded = self.client.upload(&digest, packed.bytes).await?;
         let t_upload = Instant::now();
         let release = ReleaseRequest {
             namespace: self.namespace.clone(),
-            digest: packed.digest.to_string(),
+            digest: digest.to_string(),
             url: Some(uploaded.url),
             signature,
             build_commit: None,
         };
         self.client.release(&self.app, &release).await?;
-        let (live, total, failures) = self.wait_live(&packed.digest).await?;
+        let observe = || async {
+            let status = self
+                .client
+                .status(&self.app, self.namespace.as_deref())
+                .await?;
+            Ok(status
+                .pods
+                .into_iter()
+                .map(|p| (p.name, p.fetcher))
+                .collect())
+        };
+        let outcome = live::wait(
+            &digest,
+            observe,
+            live::Pace::CLUSTER,
+            LIVE_TIMEOUT,
+            events.recv(),
+        )
+        .await;
         let t_live = Instant::now();
-        for (pod, reason) in &failures {
-            println!("pod {pod}: refresh failed: {reason}");
-        }
+        let progress = match outcome {
+            live::Outcome::Settled(p) => p,
+            live::Outcome::Superseded(next, p) => {
+                println!(
+                    "superseded {} by a newer save ({}/{} pods had it live)",
+                    short(&digest),
+                    p.live,
+                    p.total
+                );
+                return Ok(Sent {
+                    digest: Some(digest),
+                    superseded_by: next,
+                });
+            }
+            live::Outcome::TimedOut(p) => {
+                report_refusals(&digest, &p);
+                println!(
+                    "{} live on {}/{} pods after {} s; not reporting it yet: {}",
+                    short(&digest),
+                    p.live,
+                    p.total,
+                    LIVE_TIMEOUT.as_secs(),
+                    p.pending.join(", ")
+                );
+                return Ok(Sent {
+                    digest: Some(digest),
+                    superseded_by: None,
+                });
+            }
+        };
+        report_refusals(&digest, &progress);
         println!(
-            "live {} on {live}/{total} pods in {} ms (debounce {} ms, pack {} ms, upload {} ms, patch→live {} ms)",
-            short(&packed.digest),
+            "live {} on {}/{} pods in {} ms (debounce {} ms, pack {} ms, upload {} ms, patch→live {} ms)",
+            short(&digest),
+            progress.live,
+            progress.total,
             ms(t_live - t0),
             ms(burst.quiet - t0),
             ms(t_pack - burst.quiet),
             ms(t_upload - t_pack),
             ms(t_live - t_upload),
         );
-        Ok(Some(packed.digest))
+        Ok(Sent {
+            digest: Some(digest),
+            superseded_by: None,
+        })
     }
+}
 
-    /// Polls the status API until every pod reports `digest` live or has failed on it.
-    async fn wait_live(
-        &self,
-        digest: &Digest,
-    ) -> anyhow::Result<(usize, usize, Vec<(String, String)>)> {
-        let want = digest.to_string();
-        let deadline = Instant::now() + LIVE_TIMEOUT;
-        loop {
-            let status = self
-                .client
-                .status(&self.app, self.namespace.as_deref())
-                .await?;
-            let total = status.pods.len();
-            let live = status
-                .pods
-                .iter()
-                .filter(|p| p.live_digest.as_deref() == Some(&want))
-                .count();
-            let failed: Vec<(String, String)> = status
-                .pods
-                .iter()
-                .filter(|p| p.live_digest.as_deref() != Some(&want))
-                .filter_map(|p| {
-                    let f = p.fetcher.as_ref()?;
-                    (f["desired_digest"] == want.as_str() && f["last_error"].is_object()).then(
-                        || {
-                            (
-                                p.name.clone(),
-                                format!(
-                                    "{} ({})",
-                                    f["last_error"]["reason"].as_str().unwrap_or("?"),
-                                    f["last_error"]["message"].as_str().unwrap_or("")
-                                ),
-                            )
-                        },
-                    )
-                })
-                .collect();
-            if live + failed.len() >= total || Instant::now() > deadline {
-                return Ok((live, total, failed));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+/// What one refresh sent, and the save that cut its wait short, if any.
+#[derive(Default)]
+struct Sent {
+    digest: Option<Digest>,
+    superseded_by: Option<Burst>,
+}
+
+fn report_refusals(digest: &Digest, progress: &live::Progress) {
+    for (pod, e) in &progress.refused {
+        println!(
+            "pod {pod}: refused {}: {} ({})",
+            short(digest),
+            e.reason,
+            e.message
+        );
     }
 }
 

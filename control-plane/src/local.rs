@@ -3,6 +3,10 @@
 //! Downward-API-format annotations file → `aether-fetcher` (file mode: fetch, verify,
 //! extract, swap) → `aether-fetcher supervise` restarting CMD in the new release.
 //! Nothing is copied directly: the app only ever sees what the fetcher put live.
+//!
+//! The loop's children die with it: SIGTERM, SIGINT and SIGHUP stop them cleanly, and
+//! each child asks the kernel (`PR_SET_PDEATHSIG`) for a SIGTERM should `aether` itself be
+//! killed outright; the supervisor passes it on to the app's process group.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,12 +15,15 @@ use std::time::{Duration, Instant};
 
 use aether_common::Digest;
 use aether_common::annotations::{ARTIFACT_URL, DIGEST};
+use aether_common::status::StatusReport;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use crate::dev::{self, Burst, short};
+use crate::live;
 use crate::store::Store;
 
 const LIVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -71,12 +78,29 @@ fn write_downward(
     Ok(())
 }
 
-/// Spawns a child whose stderr lines are echoed with a prefix and broadcast.
+/// Spawns a child whose stderr lines are echoed with a prefix and broadcast. The child
+/// gets SIGTERM from the kernel if this process dies without stopping it (SIGKILL).
 fn spawn_logged(
     mut cmd: Command,
     prefix: &'static str,
     lines: broadcast::Sender<String>,
 ) -> anyhow::Result<Child> {
+    let parent = std::process::id();
+    // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid, raise.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Fires when the thread that forked exits: a tokio worker thread, which lives
+            // as long as the runtime, that is as long as this process.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
     cmd.stderr(Stdio::piped())
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -162,6 +186,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let status_url = format!("http://{status_addr}/status");
 
     let (_watcher, mut bursts) = dev::watch(&dir)?;
+    let stopping = stop_signals()?;
     let now = Instant::now();
     let mut next = Some(Burst {
         first: now,
@@ -175,34 +200,92 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             Some(b) => b,
             None => tokio::select! {
                 b = bursts.recv() => match b { Some(b) => b, None => break },
-                _ = tokio::signal::ctrl_c() => break,
+                () = stopping.cancelled() => break,
             },
         };
         let mut app_lines = lines.subscribe();
         // `last` is what the annotations file asks for, live or refused: an edit that
         // reverts to it is not a change, one that reverts to an earlier tree is.
-        if let Err(e) = refresh_once(
-            &dir,
-            &store_check,
-            store_addr,
-            &podinfo,
+        let result = refresh_once(
+            &Target {
+                dir: &dir,
+                store: &store_check,
+                store_addr,
+                podinfo: &podinfo,
+                http: &http,
+                status_url: &status_url,
+            },
             &mut generation,
-            &http,
-            &status_url,
             &mut app_lines,
             burst,
             &mut last,
+            Interrupts {
+                bursts: &mut bursts,
+                stopping: &stopping,
+            },
         )
-        .await
-        {
-            println!("refresh failed: {e:#} (the app keeps running the previous release)");
+        .await;
+        match result {
+            Ok(Some(Next::Save(b))) => next = Some(b),
+            Ok(Some(Next::Stop)) => break,
+            Ok(None) => {}
+            Err(e) => {
+                println!("refresh failed: {e:#} (the app keeps running the previous release)")
+            }
+        }
+        if stopping.is_cancelled() {
+            break;
         }
     }
+    println!("stopping the app and the fetcher");
     stop(children).await;
     if args.work.is_none() {
         let _ = std::fs::remove_dir_all(&work);
     }
     Ok(())
+}
+
+/// A token cancelled by the first SIGTERM, SIGINT or SIGHUP.
+fn stop_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}
+
+/// What ended a wait early.
+enum Next {
+    /// A newer save: refresh it now.
+    Save(Burst),
+    /// A stop signal.
+    Stop,
+}
+
+/// Where one refresh goes.
+struct Target<'a> {
+    dir: &'a Path,
+    store: &'a Store,
+    store_addr: std::net::SocketAddr,
+    podinfo: &'a Path,
+    http: &'a reqwest::Client,
+    status_url: &'a str,
+}
+
+/// What may cut a refresh's wait short.
+struct Interrupts<'a> {
+    bursts: &'a mut mpsc::Receiver<Burst>,
+    stopping: &'a CancellationToken,
 }
 
 async fn stop((mut fetcher, mut supervisor): (Child, Child)) {
@@ -217,31 +300,30 @@ async fn stop((mut fetcher, mut supervisor): (Child, Child)) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One save: pack, store, annotate, wait until the fetcher has it live and the app
+/// restarted. Returns what cut the wait short, if anything did.
 async fn refresh_once(
-    dir: &Path,
-    store: &Store,
-    store_addr: std::net::SocketAddr,
-    podinfo: &Path,
+    target: &Target<'_>,
     generation: &mut u64,
-    http: &reqwest::Client,
-    status_url: &str,
     app_lines: &mut broadcast::Receiver<String>,
     burst: Burst,
     last: &mut Option<Digest>,
-) -> anyhow::Result<()> {
-    let packed = dev::pack_dir(dir.to_path_buf()).await.context("packing")?;
+    interrupts: Interrupts<'_>,
+) -> anyhow::Result<Option<Next>> {
+    let packed = dev::pack_dir(target.dir.to_path_buf())
+        .await
+        .context("packing")?;
     let t_pack = Instant::now();
     if Some(packed.digest) == *last {
         println!("unchanged {} (no refresh)", short(&packed.digest));
-        return Ok(());
+        return Ok(None);
     }
     let digest = packed.digest;
-    let want = digest.to_string();
-    let live_before = fetcher_status(http, status_url)
+    let live_before = fetcher_status(target.http, target.status_url)
         .await
-        .is_some_and(|s| s["current_digest"] == want.as_str());
-    store
+        .is_some_and(|s| s.current_digest == Some(digest));
+    target
+        .store
         .put(
             digest,
             futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(packed.bytes))]),
@@ -253,35 +335,53 @@ async fn refresh_once(
     annotations.insert(DIGEST.to_owned(), digest.to_string());
     annotations.insert(
         ARTIFACT_URL.to_owned(),
-        format!("http://{store_addr}/v1/artifacts/{digest}"),
+        format!("http://{}/v1/artifacts/{digest}", target.store_addr),
     );
     *generation += 1;
-    write_downward(podinfo, &annotations, *generation)?;
+    write_downward(target.podinfo, &annotations, *generation)?;
     *last = Some(digest);
     if live_before {
         println!("back on {} (still live, no restart)", short(&digest));
-        return Ok(());
+        return Ok(None);
     }
-    // Wait for the fetcher to put it live, or to refuse it.
-    let deadline = Instant::now() + LIVE_TIMEOUT;
-    loop {
-        if let Some(status) = fetcher_status(http, status_url).await {
-            if status["current_digest"] == want.as_str() {
-                break;
-            }
-            if status["desired_digest"] == want.as_str() && status["last_error"].is_object() {
-                bail!(
-                    "the fetcher refused {}: {} ({})",
-                    short(&digest),
-                    status["last_error"]["reason"].as_str().unwrap_or("?"),
-                    status["last_error"]["message"].as_str().unwrap_or("")
-                );
-            }
+    let observe = || async {
+        let status = fetcher_status(target.http, target.status_url).await;
+        Ok(vec![("local".to_owned(), status)])
+    };
+    let Interrupts { bursts, stopping } = interrupts;
+    let interrupted = async {
+        tokio::select! {
+            b = bursts.recv() => b.map_or(Next::Stop, Next::Save),
+            () = stopping.cancelled() => Next::Stop,
         }
-        if Instant::now() > deadline {
-            bail!("{} did not go live within {LIVE_TIMEOUT:?}", short(&digest));
+    };
+    let progress = match live::wait(
+        &digest,
+        observe,
+        live::Pace::LOCAL,
+        LIVE_TIMEOUT,
+        interrupted,
+    )
+    .await
+    {
+        live::Outcome::Settled(p) => p,
+        live::Outcome::Superseded(next, _) => {
+            if matches!(next, Next::Save(_)) {
+                println!("superseded {} by a newer save", short(&digest));
+            }
+            return Ok(Some(next));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        live::Outcome::TimedOut(_) => {
+            bail!("{} did not go live within {LIVE_TIMEOUT:?}", short(&digest))
+        }
+    };
+    if let Some((_, e)) = progress.refused.first() {
+        bail!(
+            "the fetcher refused {}: {} ({})",
+            short(&digest),
+            e.reason,
+            e.message
+        );
     }
     let t_live = Instant::now();
     let started = wait_line(
@@ -304,10 +404,10 @@ async fn refresh_once(
         (t_live - t_store).as_millis(),
         (t_app - t_live).as_millis(),
     );
-    Ok(())
+    Ok(None)
 }
 
-async fn fetcher_status(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+async fn fetcher_status(http: &reqwest::Client, url: &str) -> Option<StatusReport> {
     let text = http.get(url).send().await.ok()?.text().await.ok()?;
     serde_json::from_str(&text).ok()
 }

@@ -5,6 +5,7 @@ mod client;
 mod cluster;
 mod dev;
 mod keys;
+mod live;
 mod local;
 mod pack;
 mod reconcile;
@@ -141,6 +142,10 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
         }
     };
+    if let Err(e) = check_usage(&cli) {
+        let _ = e.print();
+        return ExitCode::from(EXIT_USAGE);
+    }
     init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -157,6 +162,30 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// Combinations clap cannot express, refused as usage errors before anything is done.
+fn check_usage(cli: &Cli) -> Result<(), clap::Error> {
+    use clap::CommandFactory;
+    if let Command::Deploy {
+        dev_hot: true,
+        command,
+        app,
+        ..
+    } = &cli.command
+        && command.is_empty()
+    {
+        return Err(Cli::command().error(
+            clap::error::ErrorKind::MissingRequiredArgument,
+            format!(
+                "--dev-hot needs the app's command: aether deploy {app} DIR --dev-hot -- CMD…\n\
+                 The app runs under the supervisor, which restarts it in each new release; \
+                 without it the app would keep running the first release while its files \
+                 are pruned under it."
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn init_logging() {
@@ -297,17 +326,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                             d.map(|d| d.chars().take(19).collect::<String>())
                                 .unwrap_or_else(|| "-".into())
                         };
-                        let err = p
-                            .fetcher
-                            .as_ref()
-                            .and_then(|f| f["last_error"]["reason"].as_str().map(str::to_owned))
-                            .unwrap_or_else(|| {
-                                if p.fetcher.is_none() {
-                                    "fetcher unreachable".into()
-                                } else {
-                                    "-".into()
-                                }
-                            });
+                        let err = match &p.fetcher {
+                            None => "fetcher unreachable".to_owned(),
+                            Some(f) => f
+                                .last_error
+                                .as_ref()
+                                .map_or_else(|| "-".to_owned(), |e| e.reason.to_string()),
+                        };
                         println!(
                             "{:<32} {:<20} {:<20} {}",
                             p.name,

@@ -1,7 +1,14 @@
 //! The reconcile loop: copies each dev-hot Deployment's desired annotations onto its pods,
 //! new and restarted pods included, so `kubectl annotate deployment …` works too and a pod
 //! created by a rollout or a crash starts on the desired release.
+//!
+//! It is a kube-runtime `Controller` over the managed Deployments, triggered by their pods
+//! too: a failed pod patch is requeued with backoff, and reconciles of one app never run
+//! concurrently. The reflector caches it keeps (Deployments and pods) also answer
+//! `aether status` without listing the API server on every read.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aether_common::manifest::{APP_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
@@ -9,81 +16,199 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster;
 
-/// Runs until `shutdown`, watching Deployments and pods managed by aether in `ns`.
-pub async fn run(client: kube::Client, ns: String, shutdown: CancellationToken) {
-    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    let deploys = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let pods = Api::<Pod>::namespaced(client.clone(), &ns);
-    let (dstore, dwriter) = reflector::store::<Deployment>();
-    let (pstore, pwriter) = reflector::store::<Pod>();
-    let cfg = watcher::Config::default().labels(&selector);
-    let mut deploy_events = reflector::reflector(dwriter, watcher(deploys, cfg.clone()))
-        .default_backoff()
-        .applied_objects()
-        .boxed();
-    let mut pod_events = reflector::reflector(pwriter, watcher(pods.clone(), cfg))
-        .default_backoff()
-        .applied_objects()
-        .boxed();
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            Some(event) = deploy_events.next() => match event {
-                Ok(deploy) => {
-                    let app = deploy.metadata.name.clone().unwrap_or_default();
-                    for pod in pstore.state() {
-                        if app_of(&pod).as_deref() == Some(app.as_str()) {
-                            sync(&pods, &deploy, &pod).await;
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "deployment watch failed; retrying"),
-            },
-            Some(event) = pod_events.next() => match event {
-                Ok(pod) => {
-                    if let Some(app) = app_of(&pod)
-                        && let Some(deploy) = dstore.get(&ObjectRef::new(&app).within(&ns))
-                    {
-                        sync(&pods, &deploy, &pod).await;
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "pod watch failed; retrying"),
-            },
-            else => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+/// First delay before a failed reconcile is retried; it doubles up to `RETRY_MAX`.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The reflector caches of the managed objects, shared with the API handlers.
+#[derive(Clone)]
+pub struct Cache {
+    pub deployments: Store<Deployment>,
+    pub pods: Store<Pod>,
+}
+
+impl Cache {
+    /// Whether both caches hold a complete list (until then readers ask the API server).
+    pub fn ready(&self) -> bool {
+        use futures::FutureExt;
+        self.deployments.wait_until_ready().now_or_never().is_some()
+            && self.pods.wait_until_ready().now_or_never().is_some()
     }
+}
+
+struct Ctx {
+    pods: Api<Pod>,
+    deployments: Api<Deployment>,
+    pod_cache: Store<Pod>,
+    /// Consecutive failures per app, for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReconcileError {
+    #[error("reading deployment {0}: {1}")]
+    Read(String, #[source] kube::Error),
+    #[error("{failed} of {total} pod patches failed, first: {first}")]
+    Patch {
+        failed: usize,
+        total: usize,
+        first: kube::Error,
+    },
+}
+
+/// Starts the controller (until `shutdown`) and returns its caches.
+pub fn start(client: kube::Client, ns: &str, shutdown: CancellationToken) -> Cache {
+    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
+    let cfg = watcher::Config::default().labels(&selector);
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+    let pods = Api::<Pod>::namespaced(client, ns);
+    let (pod_cache, pod_writer) = reflector::store::<Pod>();
+    // The pod cache, kept by its own reflector (the controller's trigger watch below is
+    // internal to it); its stream only has to be driven.
+    let pod_reflector = reflector::reflector(pod_writer, watcher(pods.clone(), cfg.clone()))
+        .default_backoff()
+        .for_each(|event| async move {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, "pod watch failed; retrying with backoff");
+            }
+        });
+    let namespace = ns.to_owned();
+    let controller = Controller::new(deployments.clone(), cfg.clone()).watches(
+        pods.clone(),
+        cfg,
+        move |pod: Pod| app_of(&pod).map(|app| ObjectRef::new(&app).within(&namespace)),
+    );
+    let cache = Cache {
+        deployments: controller.store(),
+        pods: pod_cache.clone(),
+    };
+    let ctx = Arc::new(Ctx {
+        pods,
+        deployments,
+        pod_cache,
+        failures: Mutex::new(HashMap::new()),
+    });
+    let stop = shutdown.clone();
+    let run = controller
+        .graceful_shutdown_on(async move { stop.cancelled().await })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| async {});
+    tokio::spawn(async move {
+        tokio::select! {
+            () = run => {}
+            () = pod_reflector => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
+    cache
 }
 
 fn app_of(pod: &Pod) -> Option<String> {
     pod.metadata.labels.as_ref()?.get(APP_LABEL).cloned()
 }
 
-/// Patches `pod` when its owned annotations differ from the Deployment's.
-async fn sync(pods: &Api<Pod>, deploy: &Deployment, pod: &Pod) {
-    if !cluster::is_dev_hot(deploy) || pod.metadata.deletion_timestamp.is_some() {
-        return;
+/// Brings every pod of one app to its Deployment's desired annotations.
+///
+/// Never copies a stale desired state: the pods are read from the cache first, the
+/// Deployment is then read fresh from the API server, and each patch carries the pod's
+/// resourceVersion from that first read. `aether serve`'s release route patches the
+/// Deployment before its pods, so a pod patched by a newer release after our read makes
+/// our patch fail with 409 (and be retried), and one patched before it means the fresh
+/// read already sees that release.
+async fn reconcile(deploy: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
+    let app = deploy.metadata.name.clone().unwrap_or_default();
+    let pods: Vec<Arc<Pod>> = ctx
+        .pod_cache
+        .state()
+        .into_iter()
+        .filter(|p| app_of(p).as_deref() == Some(app.as_str()))
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .collect();
+    let fresh = match ctx.deployments.get_opt(&app).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return Ok(Action::await_change()),
+        Err(e) => return Err(ReconcileError::Read(app, e)),
+    };
+    if !cluster::is_dev_hot(&fresh) {
+        return Ok(Action::await_change());
     }
-    let desired = cluster::owned(deploy.metadata.annotations.as_ref());
-    let actual = cluster::owned(pod.metadata.annotations.as_ref());
-    if desired == actual {
-        return;
+    let desired = cluster::owned(fresh.metadata.annotations.as_ref());
+    let mut patch = cluster::desired_patch(&desired);
+    let mut total = 0;
+    let mut errors = Vec::new();
+    for pod in pods {
+        if cluster::owned(pod.metadata.annotations.as_ref()) == desired {
+            continue;
+        }
+        total += 1;
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        if let Some(rv) = &pod.metadata.resource_version {
+            patch["metadata"]["resourceVersion"] = serde_json::json!(rv);
+        }
+        match ctx
+            .pods
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(pod = %name, "copied the desired release annotations onto the pod");
+            }
+            Err(e) => {
+                tracing::warn!(pod = %name, error = %e, "could not annotate pod; retrying with backoff");
+                errors.push(e);
+            }
+        }
     }
-    let name = pod.metadata.name.clone().unwrap_or_default();
-    match pods
-        .patch(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(cluster::desired_patch(&desired)),
-        )
-        .await
-    {
-        Ok(_) => tracing::info!(pod = %name, "copied the desired release annotations onto the pod"),
-        Err(e) => tracing::warn!(pod = %name, error = %e, "could not annotate pod"),
+    let failed = errors.len();
+    match errors.into_iter().next() {
+        Some(first) => Err(ReconcileError::Patch {
+            failed,
+            total,
+            first,
+        }),
+        None => {
+            if let Ok(mut f) = ctx.failures.lock() {
+                f.remove(&app);
+            }
+            Ok(Action::await_change())
+        }
+    }
+}
+
+fn error_policy(deploy: Arc<Deployment>, error: &ReconcileError, ctx: Arc<Ctx>) -> Action {
+    let app = deploy.metadata.name.clone().unwrap_or_default();
+    let attempt = ctx.failures.lock().map_or(0, |mut f| {
+        let n = f.entry(app.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    });
+    let delay = retry_delay(attempt);
+    tracing::warn!(app = %app, attempt, retry_in_ms = delay.as_millis() as u64, "reconcile failed: {error}");
+    Action::requeue(delay)
+}
+
+/// 200 ms, 400 ms, … doubling up to 30 s.
+fn retry_delay(attempt: u32) -> Duration {
+    let factor = 1u32 << attempt.saturating_sub(1).min(16);
+    RETRY_MIN.saturating_mul(factor).min(RETRY_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_the_cap() {
+        assert_eq!(retry_delay(1), Duration::from_millis(200));
+        assert_eq!(retry_delay(2), Duration::from_millis(400));
+        assert_eq!(retry_delay(5), Duration::from_millis(3200));
+        assert_eq!(retry_delay(100), RETRY_MAX);
     }
 }

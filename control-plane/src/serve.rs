@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use aether_common::manifest::AppSpec;
-use aether_common::{Digest, PublicKey, Signature};
+use aether_common::annotations;
+use aether_common::manifest::{self, AppSpec};
+use aether_common::{Digest, PublicKey};
 use anyhow::{Context, bail};
 use axum::Router;
 use axum::body::Body;
@@ -28,6 +29,9 @@ use crate::api::{
 use crate::store::{Store, StoreError};
 use crate::{cluster, keys, reconcile};
 
+/// Largest JSON request body.
+const JSON_BODY_LIMIT: usize = 1 << 20;
+
 /// Settings of `aether serve`; every flag is also an env var.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -43,9 +47,15 @@ pub struct ServeArgs {
     /// The namespace this control plane manages.
     #[arg(long, env = "AETHER_NAMESPACE", default_value = "default")]
     pub namespace: String,
-    /// Base URL pods use to reach this server's artifact store.
+    /// Base URL pods use to reach this server's artifact store (`https://…`, or `http://…`
+    /// which then allows plain-http artifact URLs). Required with a non-loopback listener;
+    /// the default, `http://<listen address>`, only works on this machine.
     #[arg(long, env = "AETHER_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Allow plain `http://` artifact URLs in releases (and tell the fetchers so) even
+    /// though the public URL is https. Only the operator decides this, never a client.
+    #[arg(long, env = "AETHER_ALLOW_HTTP_ARTIFACTS", value_parser = clap::builder::BoolishValueParser::new(), default_value = "0", num_args = 0..=1, default_missing_value = "1")]
+    pub allow_http_artifacts: bool,
     /// The aether-fetcher image used in deployments.
     #[arg(long, env = "AETHER_FETCH_IMAGE", default_value = "aether-fetcher:dev")]
     pub fetch_image: String,
@@ -74,9 +84,14 @@ struct AppState {
     store: Store,
     client: kube::Client,
     public_url: String,
+    /// Whether releases may name `http://` artifact URLs (and fetchers get
+    /// `AETHER_ALLOW_HTTP=1`): the operator's `--public-url` or `--allow-http-artifacts`.
+    allow_http: bool,
     global_key: Option<PublicKey>,
     app_keys: BTreeMap<String, PublicKey>,
     metrics: PrometheusHandle,
+    /// The reconcile loop's caches of the managed Deployments and pods.
+    cache: reconcile::Cache,
 }
 
 type Shared = Arc<AppState>;
@@ -94,14 +109,64 @@ fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-fn internal(e: anyhow::Error) -> ApiError {
+/// A request that is well formed but asks for something that cannot be done.
+fn unprocessable(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::UNPROCESSABLE_ENTITY, msg.into())
+}
+
+/// Maps a failed cluster operation to an HTTP status by its type, not its text: the API
+/// server's own status (403, 404, 409, 422) with its message, 409 for an app that is not
+/// dev-hot, 502 for anything else (the API server could not be asked).
+fn cluster_error(e: anyhow::Error) -> ApiError {
     let msg = format!("{e:#}");
-    let code = if msg.contains("NotFound") || msg.contains("not found") {
-        StatusCode::NOT_FOUND
-    } else {
-        StatusCode::BAD_GATEWAY
+    if e.downcast_ref::<cluster::NotDevHot>().is_some() {
+        return ApiError(StatusCode::CONFLICT, msg);
+    }
+    let api_status = e.chain().find_map(|cause| match cause.downcast_ref() {
+        Some(kube::Error::Api(status)) => Some(status.code),
+        _ => None,
+    });
+    let code = match api_status {
+        Some(c @ (400 | 403 | 404 | 409 | 422)) => {
+            StatusCode::from_u16(if c == 400 { 422 } else { c }).unwrap_or(StatusCode::BAD_GATEWAY)
+        }
+        _ => StatusCode::BAD_GATEWAY,
     };
     ApiError(code, msg)
+}
+
+/// App names become object names (`<app>-aether-fetcher` too), so they must be DNS-1123
+/// labels short enough for that suffix.
+fn check_app(app: &str) -> Result<(), ApiError> {
+    manifest::check_app_name(app).map_err(unprocessable)
+}
+
+/// Settles the public URL: given and valid, or the listener's own address on loopback.
+fn public_url(args: &ServeArgs, local: SocketAddr) -> anyhow::Result<String> {
+    let Some(raw) = args.public_url.as_deref().filter(|u| !u.is_empty()) else {
+        if !args.listen.ip().is_loopback() {
+            bail!(
+                "listening on {} needs --public-url (AETHER_PUBLIC_URL): the default \
+                 http://{local} is this machine's address, which pods cannot reach",
+                args.listen
+            );
+        }
+        return Ok(format!("http://{local}"));
+    };
+    let url = reqwest::Url::parse(raw).with_context(|| format!("--public-url {raw:?}"))?;
+    if !matches!(url.scheme(), "http" | "https")
+        || url.host_str().is_none_or(str::is_empty)
+        || url.query().is_some()
+        || url.fragment().is_some()
+        || !url.username().is_empty()
+        || url.password().is_some()
+    {
+        bail!(
+            "--public-url {raw:?} must be an http:// or https:// base URL with a host and no \
+             credentials, query or fragment"
+        );
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
 }
 
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
@@ -159,29 +224,33 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
-    let public_url = args
-        .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{local}"))
-        .trim_end_matches('/')
-        .to_owned();
-    tracing::info!(addr = %local, public_url = %public_url, namespace = %args.namespace, "aether serve listening");
+    let public_url = public_url(&args, local)?;
+    let allow_http = args.allow_http_artifacts || public_url.starts_with("http://");
+    tracing::info!(addr = %local, public_url = %public_url, allow_http, namespace = %args.namespace, "aether serve listening");
+    let cache = reconcile::start(client.clone(), &args.namespace, shutdown.clone());
     let state = Arc::new(AppState {
+        cache,
         args: args.clone(),
         store,
         client: client.clone(),
         public_url,
+        allow_http,
         global_key,
         app_keys,
         metrics,
     });
+    // JSON bodies are small; only artifact uploads may be large (up to the store's cap,
+    // enforced while streaming).
     let protected = Router::new()
-        .route("/v1/artifacts/{digest}", put(upload))
+        .route(
+            "/v1/artifacts/{digest}",
+            put(upload).layer(DefaultBodyLimit::disable()),
+        )
         .route("/v1/apps/{app}/deploy", post(deploy))
         .route("/v1/apps/{app}/release", post(release))
         .route("/v1/apps/{app}/status", get(status))
-        .layer(middleware::from_fn_with_state(state.clone(), auth))
-        .layer(DefaultBodyLimit::disable());
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
     let app = Router::new()
         .route("/v1/artifacts/{digest}", get(download))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -189,11 +258,6 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         .route("/metrics", get(metrics_handler))
         .merge(protected)
         .with_state(state);
-    tokio::spawn(reconcile::run(
-        client,
-        args.namespace.clone(),
-        shutdown.clone(),
-    ));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await?;
@@ -370,7 +434,11 @@ fn namespace(s: &AppState, requested: Option<&str>) -> Result<String, ApiError> 
     }
 }
 
-/// Checks the release against the signature policy; returns the artifact URL to use.
+/// Checks a release with the fetcher's own rules (`annotations::desired_release`: digest
+/// syntax, URL scheme and host, signature syntax) and the signature policy: whenever a key
+/// applies to the app (its own or the global one) the signature must verify, and with
+/// `--require-signature` an app without a key is refused. Returns the digest and the
+/// artifact URL to annotate.
 fn check_release(
     s: &AppState,
     app: &str,
@@ -381,26 +449,35 @@ fn check_release(
         Some(url) => url.to_owned(),
         None if s.store.contains(&digest) => artifact_url(s, &digest),
         None => {
-            return Err(bad_request(format!(
+            return Err(unprocessable(format!(
                 "{digest} is not in the store: upload it first or give its url"
             )));
         }
     };
+    let desired = annotations::desired_release(
+        &desired_annotations(&digest.to_string(), &url, r),
+        s.allow_http,
+    )
+    .map_err(|e| unprocessable(e.to_string()))?
+    .ok_or_else(|| unprocessable("no digest"))?;
     let key = s.app_keys.get(app).or(s.global_key.as_ref());
-    if s.args.require_signature || (key.is_some() && r.signature.is_some()) {
-        let key =
-            key.ok_or_else(|| bad_request(format!("no public key configured for app {app}")))?;
-        let sig: Signature = r
-            .signature
-            .as_deref()
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| bad_request("a signature is required (AETHER_REQUIRE_SIGNATURE=1)"))?
-            .parse()
-            .map_err(|e| bad_request(format!("signature: {e}")))?;
-        key.verify(&digest, &sig).map_err(|e| {
+    match (key, &desired.signature) {
+        (Some(key), Some(sig)) => key.verify(&digest, sig).map_err(|e| {
             counter!("aether_signature_refused_total").increment(1);
-            bad_request(format!("signature refused: {e}"))
-        })?;
+            unprocessable(format!("signature refused: {e}"))
+        })?,
+        (Some(_), None) => {
+            counter!("aether_signature_refused_total").increment(1);
+            return Err(unprocessable(format!(
+                "a signature is required: a public key applies to app {app}"
+            )));
+        }
+        (None, _) if s.args.require_signature => {
+            return Err(unprocessable(format!(
+                "no public key configured for app {app} and signatures are required"
+            )));
+        }
+        (None, _) => {}
     }
     Ok((digest, url))
 }
@@ -410,6 +487,13 @@ async fn deploy(
     Path(app): Path<String>,
     Json(req): Json<DeployRequest>,
 ) -> Result<Response, ApiError> {
+    check_app(&app)?;
+    if req.dev_hot && req.command.is_empty() {
+        return Err(unprocessable(
+            "a dev-hot deployment needs the app's command: it runs under the supervisor, \
+             which restarts it in each new release",
+        ));
+    }
     let ns = namespace(
         &s,
         req.namespace
@@ -423,7 +507,7 @@ async fn deploy(
         .or(s.global_key.as_ref())
         .map(PublicKey::hex);
     let mut fetcher_env = Vec::new();
-    if url.starts_with("http://") {
+    if s.allow_http {
         fetcher_env.push(("AETHER_ALLOW_HTTP".to_owned(), "1".to_owned()));
     }
     let spec = AppSpec {
@@ -442,13 +526,13 @@ async fn deploy(
     };
     cluster::apply_app(&s.client, &spec)
         .await
-        .map_err(internal)?;
+        .map_err(cluster_error)?;
     counter!("aether_deploys_total").increment(1);
     let pods = if req.dev_hot {
         let desired = desired_annotations(&digest.to_string(), &url, &req.release);
         cluster::patch_pods(&s.client, &ns, &app, &cluster::desired_patch(&desired))
             .await
-            .map_err(internal)?
+            .map_err(cluster_error)?
     } else {
         0
     };
@@ -466,6 +550,7 @@ async fn release(
     Json(req): Json<ReleaseRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    check_app(&app)?;
     let ns = namespace(&s, req.namespace.as_deref())?;
     let (digest, url) = check_release(&s, &app, &req)?;
     let desired = desired_annotations(&digest.to_string(), &url, &req);
@@ -473,7 +558,7 @@ async fn release(
         .await
         .map_err(|e| {
             counter!("aether_patch_failures_total").increment(1);
-            internal(e)
+            cluster_error(e)
         })?;
     counter!("aether_patches_total").increment(1);
     histogram!("aether_patch_seconds").record(started.elapsed().as_secs_f64());
@@ -496,9 +581,10 @@ async fn status(
     Path(app): Path<String>,
     Query(q): Query<StatusQuery>,
 ) -> Result<Response, ApiError> {
+    check_app(&app)?;
     let ns = namespace(&s, q.namespace.as_deref())?;
-    let status = cluster::status(&s.client, &ns, &app)
+    let status = cluster::status(&s.client, Some(&s.cache), &ns, &app)
         .await
-        .map_err(internal)?;
+        .map_err(cluster_error)?;
     Ok(Json(status).into_response())
 }

@@ -67,11 +67,14 @@ impl Store {
             return Ok(false);
         }
         let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .tmp
-            .join(format!("{}.{}.{seq}", claimed.hex(), std::process::id()));
-        let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
+        let mut tmp = TempFile(Some(self.tmp.join(format!(
+            "{}.{}.{seq}",
+            claimed.hex(),
+            std::process::id()
+        ))));
+        let path = tmp.path().to_path_buf();
+        {
+            let mut file = tokio::fs::File::create(&path).await?;
             let mut hasher = Sha256Writer::new();
             let mut total = 0u64;
             while let Some(chunk) = body.next().await {
@@ -88,13 +91,71 @@ impl Store {
             if got != claimed {
                 return Err(StoreError::Mismatch { claimed, got });
             }
-            tokio::fs::rename(&tmp, self.path(&claimed)).await?;
-            Ok(true)
         }
-        .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        tokio::fs::rename(&path, self.path(&claimed)).await?;
+        tmp.0 = None;
+        Ok(true)
+    }
+}
+
+/// An upload's temporary file, removed when dropped unless it was renamed into place. A
+/// drop guard, because an upload ends in ways that run no code of ours: the client goes
+/// away and axum drops the handler's future at its next await.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
         }
-        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp_entries(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("tmp")).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_upload_leaves_no_temporary_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        // A body that yields one chunk and then never ends, like a client gone quiet.
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"abc"))])
+            .chain(futures::stream::pending());
+        let mut put = Box::pin(store.put(Digest::of(b"abcdef"), Box::pin(body)));
+        // Drive the upload until its temporary file exists, then drop it mid-body.
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut put => panic!("the body never ends"),
+                () = tokio::task::yield_now() => {}
+            }
+            if tmp_entries(dir.path()) == 1 {
+                break;
+            }
+        }
+        drop(put); // what axum does when the client goes away
+        assert_eq!(tmp_entries(dir.path()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_mismatched_upload_stores_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap();
+        let body = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"abc"))]);
+        let err = store.put(Digest::of(b"xyz"), body).await.unwrap_err();
+        assert!(matches!(err, StoreError::Mismatch { .. }), "{err}");
+        assert_eq!(tmp_entries(dir.path()), 0);
+        assert!(!store.contains(&Digest::of(b"xyz")));
     }
 }

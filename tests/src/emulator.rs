@@ -11,10 +11,13 @@
 //! merge lists of named objects by `name` and replace other lists (no field ownership, no
 //! `$patch` directives); a deleted pod disappears at once.
 //!
-//! Test hooks: [`Emulator::drop_watches`] cuts every open watch connection, and
-//! [`Emulator::compact`] forgets the history so that resuming an older watch gets 410.
-//! The same hooks are reachable over HTTP: `POST /_emulator/drop-watches`,
-//! `POST /_emulator/compact`, `GET /_emulator/stats`.
+//! Test hooks: [`Emulator::drop_watches`] cuts every open watch connection,
+//! [`Emulator::compact`] forgets the history so that resuming an older watch gets 410, and
+//! [`Emulator::hold_watches`] parks new watch requests until [`Emulator::release_watches`],
+//! so a test can change the world while a client is known to be reconnecting (the events
+//! a test waits for, instead of racing the client's backoff). The same hooks are reachable
+//! over HTTP: `POST /_emulator/drop-watches`, `POST /_emulator/compact`,
+//! `GET /_emulator/stats`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -186,6 +189,10 @@ struct Shared {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Arc<WatchEvent>>,
     drop_watches: watch::Sender<u64>,
+    /// While true, new watch requests wait before they are served.
+    hold_watches: watch::Sender<bool>,
+    /// Watch requests parked by `hold_watches` right now.
+    held: AtomicU64,
     counters: Counters,
     bookmark_every: Duration,
 }
@@ -241,6 +248,8 @@ impl Emulator {
             inner: Mutex::new(Inner::default()),
             events,
             drop_watches: watch::channel(0).0,
+            hold_watches: watch::channel(false).0,
+            held: AtomicU64::new(0),
             counters: Counters::default(),
             bookmark_every: options.bookmark_every,
         });
@@ -277,6 +286,23 @@ impl Emulator {
     /// Cuts every open watch connection, as a restarting API server or load balancer would.
     pub fn drop_watches(&self) {
         self.shared.drop_watches.send_modify(|g| *g += 1);
+    }
+
+    /// Parks every new watch request (already open watches are untouched) until
+    /// [`Emulator::release_watches`]; [`Emulator::held_watches`] counts the parked ones.
+    pub fn hold_watches(&self) {
+        self.shared.hold_watches.send_replace(true);
+    }
+
+    /// Serves the parked watch requests, each as of now (its resource version is checked
+    /// against the history at release time).
+    pub fn release_watches(&self) {
+        self.shared.hold_watches.send_replace(false);
+    }
+
+    /// Watch requests parked right now.
+    pub fn held_watches(&self) -> u64 {
+        self.shared.held.load(Ordering::SeqCst)
     }
 
     /// Forgets the event history: a watch resuming from any earlier resource version gets
@@ -707,6 +733,7 @@ async fn resource(
             let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
             if watch {
                 c.watch.fetch_add(1, Ordering::Relaxed);
+                wait_while_held(shared).await;
                 return watch_response(shared, idx, namespace, query);
             }
             c.list.fetch_add(1, Ordering::Relaxed);
@@ -1452,6 +1479,18 @@ fn table(rt: &ResourceType, items: &[Value], rv: u64) -> Value {
         "metadata": {"resourceVersion": rv.to_string()},
         "columnDefinitions": columns, "rows": rows,
     })
+}
+
+/// Parks a watch request while the test holds watches.
+async fn wait_while_held(shared: &Shared) {
+    let mut hold = shared.hold_watches.subscribe();
+    if !*hold.borrow_and_update() {
+        return;
+    }
+    shared.held.fetch_add(1, Ordering::SeqCst);
+    // An error means the emulator is going away; serving the request is harmless then.
+    let _ = hold.wait_for(|held| !*held).await;
+    shared.held.fetch_sub(1, Ordering::SeqCst);
 }
 
 fn watch_line(kind: &str, object: &Value) -> Bytes {

@@ -43,10 +43,13 @@ pub enum Hostile {
     CorruptGzip,
     /// Valid gzip header, then truncated.
     TruncatedGzip,
+    /// `l0 -> .` and `lk -> l(k-1)/l(k-1)`: each link doubles the lookups of the one before,
+    /// so a resolver that bounds only the nesting depth never finishes.
+    LinkDoubling,
 }
 
 impl Hostile {
-    pub const ALL: [Hostile; 17] = [
+    pub const ALL: [Hostile; 18] = [
         Hostile::AbsolutePath,
         Hostile::ParentTraversal,
         Hostile::NestedTraversal,
@@ -64,6 +67,7 @@ impl Hostile {
         Hostile::Duplicate,
         Hostile::CorruptGzip,
         Hostile::TruncatedGzip,
+        Hostile::LinkDoubling,
     ];
 
     /// The archive bytes (`tar.gz`). `outside` is an absolute path of a directory the
@@ -109,6 +113,13 @@ impl Hostile {
             Hostile::TruncatedGzip => {
                 let full = t.finish();
                 return full[..full.len() / 2].to_vec();
+            }
+            Hostile::LinkDoubling => {
+                t.symlink("l0", ".");
+                for k in 1..48 {
+                    let prev = format!("l{}", k - 1);
+                    t.symlink(&format!("l{k}"), &format!("{prev}/{prev}"));
+                }
             }
         }
         t.finish()
@@ -237,6 +248,54 @@ pub fn zero_bomb(size: u64) -> Vec<u8> {
     }
     let pad = ((512 - size % 512) % 512) as usize + 1024;
     gz.write_all(&vec![0u8; pad]).ok();
+    gz.finish().unwrap_or_default()
+}
+
+/// Which extension header [`huge_extension_header`] inflates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extension {
+    /// A PAX `x` header whose one record (`comment`) is `size` bytes long.
+    Pax,
+    /// A GNU `L` long-name header of `size` bytes.
+    GnuLongName,
+}
+
+/// An archive whose first header is an extension header of `size` bytes (a few hundred
+/// MB of repeated letters gzip to well under 1 MB), followed by a small file. An extractor
+/// that buffers extension headers whole runs out of memory on it. Built streaming, so the
+/// test itself stays small.
+pub fn huge_extension_header(kind: Extension, size: u64) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::best());
+    let (entry_type, prefix) = match kind {
+        Extension::Pax => {
+            // One PAX record, `<len> comment=<value>\n`, where `len` is the whole record.
+            (
+                tar::EntryType::XHeader,
+                format!("{size} comment=").into_bytes(),
+            )
+        }
+        Extension::GnuLongName => (tar::EntryType::GNULongName, Vec::new()),
+    };
+    let mut h = RawTar::header(entry_type, b"././@LongLink", size, 0o644);
+    h.set_cksum();
+    gz.write_all(h.as_bytes()).ok();
+    gz.write_all(&prefix).ok();
+    let block = vec![b'a'; 1 << 20];
+    let mut left = size - prefix.len() as u64 - u64::from(kind == Extension::Pax);
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        gz.write_all(&block[..n]).ok();
+        left -= n as u64;
+    }
+    if kind == Extension::Pax {
+        gz.write_all(b"\n").ok();
+    }
+    gz.write_all(&vec![0u8; ((512 - size % 512) % 512) as usize])
+        .ok();
+    let mut t = RawTar::default();
+    t.file("after.txt", b"after the header", 0o644);
+    t.out.extend(std::iter::repeat_n(0u8, 1024));
+    gz.write_all(&t.out).ok();
     gz.finish().unwrap_or_default()
 }
 

@@ -16,7 +16,14 @@ pub struct Proc {
     child: tokio::process::Child,
     name: String,
     logs: Arc<Mutex<Vec<String>>>,
+    /// The readers of stdout and stderr; they end at end of file.
+    readers: Vec<tokio::task::JoinHandle<()>>,
 }
+
+/// How long `wait_exit` waits for the output pipes to close after the process exited. They
+/// close at once unless a grandchild inherited them and outlives the process; the bound
+/// keeps such a test from hanging, the lines themselves are never cut short otherwise.
+const DRAIN_BOUND: Duration = Duration::from_secs(10);
 
 impl Proc {
     pub fn spawn(
@@ -39,13 +46,19 @@ impl Proc {
             .kill_on_drop(true);
         let mut child = cmd.spawn()?;
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
-            collect(out, logs.clone(), name.clone());
+            readers.push(collect(out, logs.clone(), name.clone()));
         }
         if let Some(err) = child.stderr.take() {
-            collect(err, logs.clone(), name.clone());
+            readers.push(collect(err, logs.clone(), name.clone()));
         }
-        Ok(Self { child, name, logs })
+        Ok(Self {
+            child,
+            name,
+            logs,
+            readers,
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -105,6 +118,21 @@ impl Proc {
         addr.parse().map_err(|e| format!("{addr}: {e}"))
     }
 
+    /// The process's peak resident set size so far (`VmHWM`), while it runs.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     pub fn signal(&self, signal: i32) {
         if let Some(pid) = self.child.id() {
             // SAFETY: kill(2) has no memory effects; the pid is our own child.
@@ -122,16 +150,31 @@ impl Proc {
         self.signal(libc::SIGTERM);
     }
 
-    /// Waits for the process to exit.
+    /// Waits for the process to exit, then for everything it wrote to be collected, so
+    /// `logs()` afterwards holds its last lines.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        tokio::time::timeout(timeout, self.child.wait())
+        let status = tokio::time::timeout(timeout, self.child.wait())
             .await
             .ok()?
-            .ok()
+            .ok()?;
+        self.drain().await;
+        Some(status)
+    }
+
+    /// Waits until both output pipes reached end of file (bounded by `DRAIN_BOUND`).
+    async fn drain(&mut self) {
+        let readers = std::mem::take(&mut self.readers);
+        let all = futures::future::join_all(readers);
+        if tokio::time::timeout(DRAIN_BOUND, all).await.is_err() {
+            eprintln!(
+                "[{}] output still open {DRAIN_BOUND:?} after exit (a child kept the pipe)",
+                self.name
+            );
+        }
     }
 }
 
-fn collect<R>(stream: R, logs: Arc<Mutex<Vec<String>>>, name: String)
+fn collect<R>(stream: R, logs: Arc<Mutex<Vec<String>>>, name: String) -> tokio::task::JoinHandle<()>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
 {
@@ -145,7 +188,7 @@ where
                 l.push(line);
             }
         }
-    });
+    })
 }
 
 /// A loopback port free right now (for processes that must be told their port).
