@@ -73,9 +73,7 @@ impl Engine {
         let workspace = refresher.workspace.clone();
         let live = workspace.live_digest();
         let failures = previous.map_or(0, |s| s.consecutive_failures);
-        if let Some(d) = live {
-            metrics.set_current(d);
-        }
+        metrics.set_current(live);
         metrics.set_consecutive(failures);
         status.update(|s| {
             s.current_digest = live;
@@ -412,6 +410,8 @@ impl Engine {
                 "`current` changed on disk; re-applying the desired release"
             );
             self.live = on_disk;
+            // Metrics first: a reader that sees the new `/status` sees the new metric too.
+            self.metrics.set_current(on_disk);
             self.status.update(|s| s.current_digest = on_disk);
         }
     }

@@ -77,7 +77,7 @@ impl Metrics {
         counter!(REFRESH_TOTAL).increment(1);
         histogram!(REFRESH_LATENCY).record(latency.as_secs_f64());
         gauge!(CONSECUTIVE_FAILURES).set(0.0);
-        self.set_current(live);
+        self.set_current(Some(live));
     }
 
     pub fn failure(&self, reason: Reason, consecutive: u32, anomaly: bool) {
@@ -96,9 +96,10 @@ impl Metrics {
         gauge!(CONSECUTIVE_FAILURES).set(f64::from(consecutive));
     }
 
-    pub fn set_current(&self, live: Digest) {
+    /// The live release (`None`: nothing is live, the series disappears).
+    pub fn set_current(&self, live: Option<Digest>) {
         if let Ok(mut current) = self.current.lock() {
-            *current = Some(live);
+            *current = live;
         }
     }
 

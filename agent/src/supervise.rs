@@ -2,10 +2,12 @@
 //! when a new release goes live. It works as PID 1 of a container: it reaps every zombie
 //! and forwards SIGTERM/SIGINT to the app's process group.
 //!
-//! A restart is: SIGTERM to the app's process group, up to the grace period for it to exit,
-//! SIGKILL, then start again with the working directory in the new release. An app that
-//! exits on its own is restarted with backoff (0.5 s doubling to 10 s, reset after 10 s of
-//! running); a new release restarts it at once.
+//! A restart is: SIGTERM to the app's process group, up to the grace period for the whole
+//! group to exit, SIGKILL, then start again with the working directory in the new release.
+//! An app that exits on its own is restarted with backoff (0.5 s doubling to 10 s, reset
+//! after 10 s of running); a new release restarts it at once. Whenever the app's leader
+//! process ends, crash included, what is left of its group is stopped the same way before
+//! the next start, so no orphan keeps the app's port.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -86,6 +88,39 @@ fn signal_group(pid: i32, sig: i32) {
     }
 }
 
+/// Whether any process is left in the group (zombies not yet reaped included).
+fn group_alive(pgid: i32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks for existence.
+    unsafe { libc::kill(-pgid, 0) == 0 }
+}
+
+/// Stops what is left of a group whose leader has exited: SIGTERM, up to `grace` for it to
+/// go, then SIGKILL. Members are re-parented to us (subreaper) and reaped here.
+async fn drain_group(pgid: i32, grace: Duration) {
+    if !group_alive(pgid) {
+        return;
+    }
+    tracing::info!(
+        pgid,
+        "stopping what the app left running in its process group"
+    );
+    signal_group(pgid, libc::SIGTERM);
+    let deadline = Instant::now() + grace;
+    let mut killed = false;
+    while group_alive(pgid) {
+        reap(None);
+        if !killed && Instant::now() >= deadline {
+            tracing::warn!(
+                pgid,
+                "processes of the app ignored SIGTERM for {grace:?}; sending SIGKILL"
+            );
+            signal_group(pgid, libc::SIGKILL);
+            killed = true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The real directory `current` points at, if it exists.
 fn live_release(workspace: &Path) -> Option<PathBuf> {
     std::fs::canonicalize(workspace.join("current")).ok()
@@ -105,7 +140,11 @@ fn start(command: &[String], release: &Path) -> anyhow::Result<App> {
     let pid = i32::try_from(child.id()).context("pid out of range")?;
     // The child is reaped by `reap` (waitpid(-1)), not through this handle.
     drop(child);
-    tracing::info!(pid, release = %release.display(), "SUPERVISE_START pid={pid} release={}", release.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let name = release
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tracing::info!("SUPERVISE_START pid={pid} release={name}");
     Ok(App {
         pid,
         started: Instant::now(),
@@ -113,8 +152,16 @@ fn start(command: &[String], release: &Path) -> anyhow::Result<App> {
     })
 }
 
-/// Stops the app: SIGTERM to its group, then SIGKILL after `grace`. Returns its exit.
+/// Stops the app: SIGTERM to its group, then SIGKILL after `grace`; returns when the whole
+/// group is gone, with the leader's exit.
 async fn stop(app: &App, grace: Duration) -> Exit {
+    let started = Instant::now();
+    let exit = stop_leader(app, grace).await;
+    drain_group(app.pid, grace.saturating_sub(started.elapsed())).await;
+    exit
+}
+
+async fn stop_leader(app: &App, grace: Duration) -> Exit {
     signal_group(app.pid, libc::SIGTERM);
     let deadline = Instant::now() + grace;
     loop {
@@ -186,6 +233,7 @@ pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<Exit
             _ = int.recv() => return Ok(shutdown(app.as_ref(), grace, "SIGINT").await),
             _ = chld.recv() => {
                 if let Some(exit) = reap(app.as_ref().map(|a| a.pid)) && let Some(a) = app.take() {
+                    drain_group(a.pid, grace).await;
                     let ran = a.started.elapsed();
                     if ran >= HEALTHY_RUN {
                         backoff = CRASH_BACKOFF_MIN;

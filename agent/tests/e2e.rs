@@ -848,6 +848,37 @@ async fn requiring_signatures_without_a_key_is_a_start_up_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn current_info_follows_a_current_link_changed_behind_the_fetchers_back() {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[("AETHER_BACKOFF_MAX_MS", "60000".into())]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let (url_a, a) = rig.publish("a.tgz", &[("f", "a")]);
+    let (url_b, b) = rig.publish("b.tgz", &[("f", "b")]);
+    rig.point_at(&url_a, &a).await;
+    wait_live(addr, &a).await;
+    rig.point_at(&url_b, &b).await;
+    wait_live(addr, &b).await;
+    // A desired release that cannot be fetched keeps the fetcher from re-applying one.
+    let (url_c, c) = rig.publish("c.tgz", &[("f", "c")]);
+    rig.art.fail_always("c.tgz", Some(Fault::Status(500)));
+    rig.point_at(&url_c, &c).await;
+    wait_failures(addr, 1).await;
+    // Someone points `current` at the kept release A.
+    let tmp = rig.workspace.join("current.test-tmp");
+    std::os::unix::fs::symlink(format!(".aether/releases/{}", a.hex()), &tmp).unwrap();
+    std::fs::rename(&tmp, rig.workspace.join("current")).unwrap();
+    wait_live(addr, &a).await;
+    let m = metrics(addr).await;
+    let series = |d: &Digest| format!("digest=\"{d}\"");
+    assert_eq!(
+        metric(&m, "dev_hot_current_info", &series(&a)),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "dev_hot_current_info", &series(&b)), None, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_release_is_reused_without_downloading() {
     let rig = Rig::new().await;
     let fetcher = rig.fetcher(&[("AETHER_KEEP_RELEASES", "3".into())]);

@@ -156,6 +156,28 @@ async fn a_crashing_app_is_restarted_with_growing_backoff() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_crashed_app_left_in_its_group_is_stopped_before_the_restart() {
+    let (_d, ws) = workspace(&["a"]);
+    // The leader forks a child that would keep the app's port, one that ignores SIGTERM
+    // even, then crashes.
+    let sup = supervise(
+        &ws,
+        "1",
+        "(trap '' TERM; exec sleep 1000) & echo child $!; exit 3",
+    );
+    let line = sup.wait_for_lines("child ", 1, LONG).await.unwrap();
+    let orphan = pid_of(&line);
+    assert!(
+        wait_until(LONG, || async move { !alive(orphan) }).await,
+        "the crashed app's child is still running"
+    );
+    // The restart comes after the group is empty: the second start's child is new.
+    let line = sup.wait_for_lines("child ", 2, LONG).await.unwrap();
+    assert_ne!(pid_of(&line), orphan);
+    sup.wait_for_log("sending SIGKILL", LONG).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_copies_the_binary_for_images_without_a_shell() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = Proc::spawn(

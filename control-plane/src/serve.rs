@@ -141,17 +141,18 @@ fn check_app(app: &str) -> Result<(), ApiError> {
     manifest::check_app_name(app).map_err(unprocessable)
 }
 
-/// Settles the public URL: given and valid, or the listener's own address on loopback.
-fn public_url(args: &ServeArgs, local: SocketAddr) -> anyhow::Result<String> {
+/// The operator's public URL, validated; `None` means the listener's own address, which
+/// is only allowed on loopback (pods elsewhere could not reach it).
+fn configured_public_url(args: &ServeArgs) -> anyhow::Result<Option<String>> {
     let Some(raw) = args.public_url.as_deref().filter(|u| !u.is_empty()) else {
         if !args.listen.ip().is_loopback() {
             bail!(
                 "listening on {} needs --public-url (AETHER_PUBLIC_URL): the default \
-                 http://{local} is this machine's address, which pods cannot reach",
+                 http://<listen address> only works on this machine, pods cannot reach it",
                 args.listen
             );
         }
-        return Ok(format!("http://{local}"));
+        return Ok(None);
     };
     let url = reqwest::Url::parse(raw).with_context(|| format!("--public-url {raw:?}"))?;
     if !matches!(url.scheme(), "http" | "https")
@@ -166,7 +167,7 @@ fn public_url(args: &ServeArgs, local: SocketAddr) -> anyhow::Result<String> {
              credentials, query or fragment"
         );
     }
-    Ok(raw.trim_end_matches('/').to_owned())
+    Ok(Some(raw.trim_end_matches('/').to_owned()))
 }
 
 pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
@@ -193,6 +194,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         }
         tracing::warn!(addr = %args.listen, "no AETHER_API_TOKEN: the API is unauthenticated and listens on loopback only");
     }
+    let configured_url = configured_public_url(&args)?;
     let global_key = keys::public_key(args.pubkey.as_deref(), args.pubkey_file.as_deref())?;
     let mut app_keys = BTreeMap::new();
     for entry in &args.app_keys {
@@ -224,7 +226,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let local = listener.local_addr()?;
-    let public_url = public_url(&args, local)?;
+    let public_url = configured_url.unwrap_or_else(|| format!("http://{local}"));
     let allow_http = args.allow_http_artifacts || public_url.starts_with("http://");
     tracing::info!(addr = %local, public_url = %public_url, allow_http, namespace = %args.namespace, "aether serve listening");
     let cache = reconcile::start(client.clone(), &args.namespace, shutdown.clone());

@@ -602,3 +602,229 @@ async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
     let s: Value = serde_json::from_str(&json_text).unwrap_or_else(|e| panic!("{e}: {status}"));
     assert_eq!(s["pods"][0]["live_digest"], s["desired_digest"]);
 }
+
+/// Uploads `bytes` and returns its digest.
+async fn upload(plane: &Plane, bytes: &[u8]) -> aether_common::Digest {
+    let digest = aether_common::Digest::of(bytes);
+    let (code, body) = http(
+        "PUT",
+        &format!("{}/v1/artifacts/{digest}", plane.url),
+        Some(TOKEN),
+        bytes.to_vec(),
+    )
+    .await;
+    assert!(code == 201 || code == 200, "{code} {body}");
+    digest
+}
+
+async fn post(plane: &Plane, path: &str, body: &Value) -> (u16, String) {
+    http(
+        "POST",
+        &format!("{}{path}", plane.url),
+        Some(TOKEN),
+        body.to_string().into_bytes(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_app_names_missing_and_plain_apps_get_the_right_status_and_nothing_applied() {
+    let plane = Plane::start(&[]).await;
+    let digest = upload(&plane, b"release").await;
+    let release = json!({"digest": digest.to_string()});
+    let deploy = json!({"image": "i", "command": ["./run"], "dev_hot": true, "release": release});
+    for bad in ["Web", "-web", "web_1", &"a".repeat(48)] {
+        let (code, body) = post(&plane, &format!("/v1/apps/{bad}/deploy"), &deploy).await;
+        assert_eq!(code, 422, "{bad}: {body}");
+        assert!(body.contains("DNS-1123"), "{body}");
+        assert!(plane.emu.get("deployments", Some("default"), bad).is_none());
+        let (code, _) = post(&plane, &format!("/v1/apps/{bad}/release"), &release).await;
+        assert_eq!(code, 422, "{bad}");
+    }
+    assert_eq!(plane.emu.stats().create + plane.emu.stats().patch, 0);
+    // The API server's own answers, with its message: 404 for an app that does not exist,
+    let (code, body) = post(&plane, "/v1/apps/ghost/release", &release).await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains("ghost"), "{body}");
+    // 409 for a hot release of an app deployed without dev-hot.
+    let plain = json!({"image": "i", "release": release});
+    let (code, body) = post(&plane, "/v1/apps/plain/deploy", &plain).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = post(&plane, "/v1/apps/plain/release", &release).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("not a dev-hot deployment"), "{body}");
+    // A dev-hot deploy without a command would never run a later release.
+    let no_cmd = json!({"image": "i", "dev_hot": true, "release": release});
+    let (code, body) = post(&plane, "/v1/apps/nocmd/deploy", &no_cmd).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        plane
+            .emu
+            .get("deployments", Some("default"), "nocmd")
+            .is_none()
+    );
+    // A digest that is not in the store and has no URL.
+    let unknown = json!({"digest": aether_common::Digest::of(b"nowhere").to_string()});
+    let (code, _) = post(&plane, "/v1/apps/plain/release", &unknown).await;
+    assert_eq!(code, 422);
+    // JSON bodies are capped at 1 MiB; artifact uploads are not.
+    let mut huge = release.clone();
+    huge["build_commit"] = json!("x".repeat(2 << 20));
+    let (code, _) = post(&plane, "/v1/apps/plain/release", &huge).await;
+    assert_eq!(code, 413);
+    upload(&plane, &vec![7u8; 3 << 20]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_operator_allows_plain_http_artifacts_and_any_applicable_key_is_enforced() {
+    let key = SigningKey::from_seed([5; 32]);
+    let plane = Plane::start(&[
+        ("AETHER_PUBLIC_URL", "https://aether.example.test".into()),
+        (
+            "AETHER_APP_KEYS",
+            format!("signed={}", key.public_key().hex()),
+        ),
+    ])
+    .await;
+    let digest = upload(&plane, b"bytes").await;
+    let url = format!("{}/v1/artifacts/{digest}", plane.url);
+    // A client naming an http:// URL does not turn plain http on.
+    let deploy = json!({"image": "i", "command": ["./run"], "dev_hot": true,
+        "release": {"digest": digest.to_string(), "url": url}});
+    let (code, body) = post(&plane, "/v1/apps/web/deploy", &deploy).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("https"), "{body}");
+    assert!(
+        plane
+            .emu
+            .get("deployments", Some("default"), "web")
+            .is_none()
+    );
+    // The store's own https URL is fine, and the fetchers are not told to allow http.
+    let deploy = json!({"image": "i", "command": ["./run"], "dev_hot": true,
+        "release": {"digest": digest.to_string()}});
+    let (code, body) = post(&plane, "/v1/apps/web/deploy", &deploy).await;
+    assert_eq!(code, 200, "{body}");
+    let d = plane
+        .emu
+        .get("deployments", Some("default"), "web")
+        .unwrap();
+    let text = d.to_string();
+    assert!(!text.contains("AETHER_ALLOW_HTTP"), "{text}");
+    assert!(
+        text.contains("https://aether.example.test/v1/artifacts/"),
+        "{text}"
+    );
+    // A per-app key applies without --require-signature: unsigned and badly signed
+    // releases of that app are refused, a good signature passes.
+    let (code, body) = post(&plane, "/v1/apps/signed/deploy", &deploy).await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("signature"), "{body}");
+    let mut signed = deploy.clone();
+    signed["release"]["signature"] = json!(SigningKey::from_seed([6; 32]).sign(&digest).hex());
+    let (code, body) = post(&plane, "/v1/apps/signed/deploy", &signed).await;
+    assert_eq!(code, 422, "{body}");
+    signed["release"]["signature"] = json!(key.sign(&digest).hex());
+    let (code, body) = post(&plane, "/v1/apps/signed/deploy", &signed).await;
+    assert_eq!(code, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_public_listener_without_a_reachable_public_url() {
+    for (public_url, expect) in [
+        (None, "needs --public-url"),
+        (Some("ftp://x"), "must be an http:// or https:// base URL"),
+        (
+            Some("https://u:p@x"),
+            "must be an http:// or https:// base URL",
+        ),
+    ] {
+        let mut env = vec![
+            ("AETHER_LISTEN", "0.0.0.0:0".to_owned()),
+            ("AETHER_API_TOKEN", TOKEN.to_owned()),
+            ("KUBECONFIG", "/nonexistent".to_owned()),
+        ];
+        if let Some(u) = public_url {
+            env.push(("AETHER_PUBLIC_URL", u.to_owned()));
+        }
+        let mut p = Proc::spawn(AETHER, &["serve"], &env).unwrap();
+        let status = p.wait_exit(LONG).await.unwrap();
+        assert!(!status.success());
+        let logs = p.logs().join("\n");
+        assert!(logs.contains(expect), "{public_url:?}: {logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_dev_hot_without_a_command_is_a_usage_error() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    let mut p = plane.cli(&["deploy", "app", src.to_str().unwrap(), "--dev-hot"], &[]);
+    let status = p.wait_exit(LONG).await.unwrap();
+    assert_eq!(status.code(), Some(2));
+    let logs = p.logs().join("\n");
+    assert!(logs.contains("supervisor"), "{logs}");
+    assert_eq!(plane.emu.stats().create + plane.emu.stats().patch, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_on_a_silent_pod_is_gentle_on_the_api_and_a_newer_save_supersedes_it() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("index.html", "one")]);
+    let (ok, out) = plane
+        .run(
+            &[
+                "deploy",
+                "web",
+                src.to_str().unwrap(),
+                "--dev-hot",
+                "--",
+                "./run",
+            ],
+            &[],
+        )
+        .await;
+    assert!(ok, "{out}");
+    // A pod whose fetcher never answers (crash-looping): the wait cannot settle.
+    plane.pod("web-0", "web");
+    let deployed = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    let dev = plane.cli(&["dev", "--hot", "web", src.to_str().unwrap()], &[]);
+    // `dev` releases the tree as it is (the same digest): the wait starts once the pod
+    // carries it and the CLI has asked for status.
+    let annotated = wait_until(LONG, || async {
+        plane
+            .annotation("pods", "web-0", "aether.dev/digest")
+            .as_deref()
+            == Some(deployed.as_str())
+    })
+    .await;
+    assert!(annotated);
+    // The wait has begun once the CLI reads the pod's status.
+    let reading = wait_until(LONG, || async { plane.emu.stats().proxy >= 1 }).await;
+    assert!(reading);
+    // Measure the API requests over a window of the wait (a measurement, not a wait for
+    // an event: load can only make the loop slower).
+    let before = plane.emu.stats().total;
+    let t = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let per_second = (plane.emu.stats().total - before) as f64 / t.elapsed().as_secs_f64();
+    assert!(
+        per_second <= 6.0,
+        "{per_second:.1} API requests per second while waiting for one pod"
+    );
+    // A save during the wait supersedes it at once, not after the 60 s timeout.
+    let first = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    std::fs::write(src.join("index.html"), "two").unwrap();
+    dev.wait_for_log("superseded sha256:", LONG).await.unwrap();
+    let released = wait_until(LONG, || async {
+        plane
+            .annotation("deployments", "web", "aether.dev/digest")
+            .is_some_and(|d| d != first)
+    })
+    .await;
+    assert!(released, "the newer save was released");
+}

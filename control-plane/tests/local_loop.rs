@@ -9,6 +9,94 @@ use aether_testkit::process::{Proc, free_port, http_get, wait_until};
 const AETHER: &str = env!("CARGO_BIN_EXE_aether");
 const LONG: Duration = Duration::from_secs(30);
 
+/// Processes whose environment names `dir` (the loop's fetcher, supervisor and app all
+/// carry `AETHER_WORKSPACE=<work dir>/workspace`), zombies excluded.
+fn processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            });
+            let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            !zombie && environ.windows(needle.len()).any(|w| w == needle)
+        })
+        .collect()
+}
+
+/// Starts the local loop on `src` with `python3 -m http.server` on `port`.
+fn local_loop(src: &Path, work: &Path, port: u16) -> Proc {
+    let fetcher = Path::new(AETHER).with_file_name("aether-fetcher");
+    let port_s = port.to_string();
+    Proc::spawn(
+        AETHER,
+        &[
+            "dev",
+            "--hot",
+            "--local",
+            src.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--grace-sec",
+            "1",
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            &port_s,
+            "--bind",
+            "127.0.0.1",
+        ],
+        &[("AETHER_FETCHER_BIN", fetcher.display().to_string())],
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_or_killing_the_loop_leaves_no_process_behind() {
+    for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGKILL] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("index.html"), "up").unwrap();
+        let work = dir.path().join("work");
+        let port = free_port();
+        let mut dev = local_loop(&src, &work, port);
+        dev.wait_for_lines("app restarted in", 1, LONG)
+            .await
+            .unwrap();
+        assert!(
+            wait_until(LONG, || async { page(port).await.is_some() }).await,
+            "the app serves"
+        );
+        assert!(
+            processes_under(&work).len() >= 3,
+            "fetcher, supervisor and app: {:?}",
+            processes_under(&work)
+        );
+        dev.signal(signal);
+        let exit = dev.wait_exit(LONG).await.expect("the loop exits");
+        if signal != libc::SIGKILL {
+            assert!(exit.success(), "signal {signal}: {exit:?}");
+        }
+        let gone = wait_until(LONG, || async { processes_under(&work).is_empty() }).await;
+        assert!(
+            gone,
+            "signal {signal}: left behind {:?}",
+            processes_under(&work)
+        );
+        assert!(page(port).await.is_none(), "the port is free again");
+    }
+}
+
 async fn page(port: u16) -> Option<String> {
     http_get(&format!("http://127.0.0.1:{port}/index.html"))
         .await
@@ -24,30 +112,8 @@ async fn an_edit_is_served_by_the_restarted_app_and_bad_edits_keep_the_old_app()
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("index.html"), "version one").unwrap();
     let port = free_port();
-    let fetcher = Path::new(AETHER).with_file_name("aether-fetcher");
-    let port_s = port.to_string();
-    let dev = Proc::spawn(
-        AETHER,
-        &[
-            "dev",
-            "--hot",
-            "--local",
-            src.to_str().unwrap(),
-            "--work-dir",
-            dir.path().join("work").to_str().unwrap(),
-            "--grace-sec",
-            "1",
-            "--",
-            "python3",
-            "-m",
-            "http.server",
-            &port_s,
-            "--bind",
-            "127.0.0.1",
-        ],
-        &[("AETHER_FETCHER_BIN", fetcher.display().to_string())],
-    )
-    .unwrap();
+    let work = dir.path().join("work");
+    let mut dev = local_loop(&src, &work, port);
     dev.wait_for_lines("app restarted in", 1, LONG)
         .await
         .unwrap();
@@ -84,7 +150,6 @@ async fn an_edit_is_served_by_the_restarted_app_and_bad_edits_keep_the_old_app()
         .await
         .unwrap();
     assert!(err.contains("extract"), "{err}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         page(port).await.as_deref(),
         Some("version two"),
@@ -102,6 +167,13 @@ async fn an_edit_is_served_by_the_restarted_app_and_bad_edits_keep_the_old_app()
         .unwrap();
     assert!(err.contains("UTF-8"), "{err}");
     assert_eq!(page(port).await.as_deref(), Some("version two"));
+    dev.sigterm();
+    dev.wait_exit(LONG).await.expect("the loop exits");
+    assert!(
+        wait_until(LONG, || async { processes_under(&work).is_empty() }).await,
+        "left behind {:?}",
+        processes_under(&work)
+    );
 }
 
 trait FromBytesCompat {

@@ -170,6 +170,8 @@ pub struct Stats {
     pub patch: u64,
     pub delete: u64,
     pub discovery: u64,
+    /// Requests through the `pods/proxy` subresource.
+    pub proxy: u64,
 }
 
 #[derive(Default)]
@@ -183,6 +185,7 @@ struct Counters {
     patch: AtomicU64,
     delete: AtomicU64,
     discovery: AtomicU64,
+    proxy: AtomicU64,
 }
 
 struct Shared {
@@ -384,6 +387,7 @@ fn stats(shared: &Shared) -> Stats {
         patch: l(&c.patch),
         delete: l(&c.delete),
         discovery: l(&c.discovery),
+        proxy: l(&c.proxy),
     }
 }
 
@@ -769,6 +773,7 @@ async fn resource(
             Ok(json_response(StatusCode::OK, &obj))
         }
         (Method::GET, Some(name), ["proxy", rest @ ..]) if rt.plural == "pods" => {
+            c.proxy.fetch_add(1, Ordering::Relaxed);
             c.get.fetch_add(1, Ordering::Relaxed);
             pod_proxy(shared, ns, name, rest).await
         }
