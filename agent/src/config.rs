@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aether_common::PublicKey;
+use aether_common::contract::signature::load_public_key;
+pub use aether_common::logging::LogFormat;
 use anyhow::{Context, bail};
 use clap::builder::BoolishValueParser;
 
@@ -17,12 +19,6 @@ pub enum FetchMode {
     Poll,
     /// Read the Downward API annotations file (no API access or RBAC needed).
     File,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// The service-account namespace file mounted into every pod.
@@ -158,19 +154,7 @@ impl Settings {
     /// The public key, from `AETHER_PUBKEY` or `AETHER_PUBKEY_FILE`; an error when
     /// signatures are required and no key is configured.
     pub fn public_key(&self) -> anyhow::Result<Option<PublicKey>> {
-        let text = match (&self.pubkey, &self.pubkey_file) {
-            (Some(_), Some(_)) => bail!("set AETHER_PUBKEY or AETHER_PUBKEY_FILE, not both"),
-            (Some(k), None) => Some(k.clone()),
-            (None, Some(path)) => Some(
-                std::fs::read_to_string(path)
-                    .with_context(|| format!("reading AETHER_PUBKEY_FILE {}", path.display()))?,
-            ),
-            (None, None) => None,
-        };
-        let key = text
-            .map(|t| t.trim().parse::<PublicKey>())
-            .transpose()
-            .context("invalid public key")?;
+        let key = load_public_key(self.pubkey.as_deref(), self.pubkey_file.as_deref())?;
         if key.is_none() && self.require_signature {
             bail!("AETHER_REQUIRE_SIGNATURE=1 but no AETHER_PUBKEY or AETHER_PUBKEY_FILE is set");
         }

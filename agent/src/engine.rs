@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aether_common::Digest;
-use aether_common::annotations::DesiredRelease;
+use aether_common::contract::annotations::DesiredRelease;
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::watch;
 use tokio::time::sleep_until;
@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 use crate::failure::{Reason, RefreshError};
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
-use crate::release::{State, Workspace};
 use crate::source::Observed;
 use crate::status::{LastError, Status};
+use crate::workspace::{State, Workspace};
 
 /// First retry delay.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -205,6 +205,9 @@ impl Engine {
             }
             Err(message) => {
                 // A malformed update is refused once; the live release keeps serving.
+                if self.reported_invalid == Some(observed.seen_at) {
+                    tracing::debug!("malformed annotations already reported; waiting for a change");
+                }
                 if self.reported_invalid != Some(observed.seen_at) {
                     self.reported_invalid = Some(observed.seen_at);
                     self.record_failure(
@@ -222,6 +225,7 @@ impl Engine {
         self.status
             .update(|s| s.desired_digest = Some(desired.digest));
         if self.live == Some(desired.digest) {
+            tracing::debug!(digest = %desired.digest, "desired release is live; nothing to fetch");
             self.pending = None;
             if self.failures > 0 {
                 self.failures = 0;
@@ -298,6 +302,7 @@ impl Engine {
                 let latency = seen_at.elapsed();
                 let digest = desired.digest;
                 self.live = Some(digest);
+                self.set_ready(true).await;
                 self.last_swap = Some(Instant::now());
                 self.failures = 0;
                 self.pending = None;
@@ -416,6 +421,8 @@ impl Engine {
         }
     }
 
+    /// The one writer of `.ready`: present exactly while `current` holds the desired
+    /// release.
     async fn set_ready(&self, ready: bool) {
         let ws = self.workspace.clone();
         let result = tokio::task::spawn_blocking(move || ws.set_ready(ready)).await;

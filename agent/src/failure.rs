@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-pub use aether_common::status::Reason;
+pub use aether_common::contract::status::Reason;
 
 /// The end of a refresh that did not make its release live.
 #[derive(Debug, thiserror::Error)]

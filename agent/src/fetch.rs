@@ -2,33 +2,25 @@
 //! cluster CA and an optional extra bundle, and the request that starts a download.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 
 use crate::config::{SA_CA_FILE, Settings};
 use crate::failure::{Reason, RefreshError};
 
-/// Builds the download client. A `FROM scratch` image has no system trust store, so the
-/// roots are assembled here explicitly.
+/// Builds the download client: TLS verified against the public web roots, the cluster CA
+/// (when mounted) and `AETHER_CA_FILE`.
 pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if Path::new(SA_CA_FILE).exists() {
-        add_pem(&mut roots, Path::new(SA_CA_FILE))?;
+    let cluster_ca = Path::new(SA_CA_FILE);
+    let mut bundles: Vec<&Path> = Vec::new();
+    if cluster_ca.exists() {
+        bundles.push(cluster_ca);
     }
     if let Some(path) = &settings.ca_file {
-        add_pem(&mut roots, path)?;
+        bundles.push(path);
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let tls = aether_common::tls::client_config(&bundles)?;
     reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         // Without AETHER_ALLOW_HTTP no plain-http request is made at all, redirects
@@ -61,21 +53,6 @@ fn redirect_policy() -> reqwest::redirect::Policy {
 
 /// As browsers and curl's default.
 const MAX_REDIRECTS: usize = 10;
-
-fn add_pem(roots: &mut rustls::RootCertStore, path: &Path) -> anyhow::Result<()> {
-    let mut added = 0;
-    for cert in CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("reading CA bundle {}", path.display()))?
-    {
-        let cert = cert.with_context(|| format!("parsing CA bundle {}", path.display()))?;
-        roots
-            .add(cert)
-            .with_context(|| format!("adding a certificate from {}", path.display()))?;
-        added += 1;
-    }
-    anyhow::ensure!(added > 0, "no certificate found in {}", path.display());
-    Ok(())
-}
 
 /// Sends the GET and checks status and announced size; the body is read by the caller.
 pub async fn start(

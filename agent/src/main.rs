@@ -2,24 +2,24 @@
 
 mod config;
 mod engine;
-mod extract;
+mod extract_bridge;
 mod failure;
 mod fetch;
 mod http;
 mod metrics;
 mod refresh;
-mod release;
 mod source;
 mod status;
 mod supervise;
 mod verify;
+mod workspace;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aether_common::extract::Limits;
+use aether_common::archive::extract::Limits;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use k8s_openapi::api::core::v1::Pod;
@@ -27,13 +27,13 @@ use kube::Api;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{FetchMode, LogFormat, SA_NAMESPACE_FILE, Settings};
+use crate::config::{FetchMode, SA_NAMESPACE_FILE, Settings};
 use crate::engine::{Engine, EngineConfig};
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
-use crate::release::Workspace;
 use crate::source::Observed;
 use crate::status::Status;
+use crate::workspace::Workspace;
 
 /// Exit code of `--once` when the release could not be applied.
 const EXIT_REFRESH_FAILED: u8 = 1;
@@ -67,7 +67,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.settings.log_format);
+    aether_common::logging::init(cli.settings.log_format);
     if let Some(Command::Install { dir }) = &cli.command {
         return match install(dir) {
             Ok(path) => {
@@ -82,15 +82,9 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Supervise(args)) = cli.command {
         let workspace = cli.settings.workspace.clone();
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                tracing::error!("cannot start the runtime: {e}");
-                return ExitCode::from(EXIT_SETUP);
-            }
+        // One thread: the supervisor waits on signals and its child, nothing more.
+        let Some(runtime) = runtime(&mut tokio::runtime::Builder::new_current_thread()) else {
+            return ExitCode::from(EXIT_SETUP);
         };
         return match runtime.block_on(supervise::run(workspace, args)) {
             Ok(code) => code,
@@ -106,16 +100,10 @@ fn main() -> ExitCode {
     {
         tracing::debug!("a rustls crypto provider was already installed");
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!("cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_SETUP);
-        }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2);
+    let Some(runtime) = runtime(&mut builder) else {
+        return ExitCode::from(EXIT_SETUP);
     };
     let code = runtime.block_on(run(cli.settings));
     // Dropping a runtime waits for every blocking thread; one stuck in a system call (a
@@ -124,24 +112,13 @@ fn main() -> ExitCode {
     code
 }
 
-fn init_logging(format: LogFormat) {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::prelude::*;
-    // `Targets` parses the usual RUST_LOG syntax (`info`, `aether_fetcher=debug,kube=warn`)
-    // without pulling in a regex engine, which keeps the static binary small.
-    let filter = std::env::var("RUST_LOG")
+/// Builds a runtime with every driver enabled; logs why when it cannot.
+fn runtime(builder: &mut tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| tracing::error!("cannot start the runtime: {e}"))
         .ok()
-        .and_then(|v| v.parse::<Targets>().ok())
-        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry.with(fmt).init(),
-        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
-    }
 }
 
 async fn run(settings: Settings) -> ExitCode {
@@ -181,7 +158,6 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         workspace: workspace.clone(),
         http: fetch::client(&settings)?,
         key,
-        allow_http: settings.allow_http,
         max_artifact_bytes: settings.max_artifact_bytes,
         limits: Limits {
             max_bytes: settings.max_extract_bytes,
@@ -287,27 +263,15 @@ fn cleanup(workspace: &Workspace) {
 }
 
 async fn pod_api(settings: &Settings) -> anyhow::Result<Api<Pod>> {
-    let config = match &settings.kubeconfig {
-        Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .context("loading kubeconfig")?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no in-cluster configuration and no KUBECONFIG")?,
-    };
+    let conn = aether_common::kube::client::connect(settings.kubeconfig.as_deref()).await?;
     let namespace = match settings.pod_namespace.as_deref().filter(|n| !n.is_empty()) {
         Some(ns) => ns.to_owned(),
         None => match std::fs::read_to_string(SA_NAMESPACE_FILE) {
             Ok(ns) => ns.trim().to_owned(),
-            Err(_) => config.default_namespace.clone(),
+            Err(_) => conn.default_namespace,
         },
     };
-    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
-    Ok(Api::namespaced(client, &namespace))
+    Ok(Api::namespaced(conn.client, &namespace))
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

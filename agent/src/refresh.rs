@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use aether_common::annotations::DesiredRelease;
-use aether_common::extract::Limits;
+use aether_common::archive::extract::Limits;
+use aether_common::contract::annotations::DesiredRelease;
 use aether_common::{Digest, PublicKey, Sha256Writer};
 use tokio_util::sync::CancellationToken;
 
 use crate::failure::{Reason, RefreshError};
-use crate::release::{Staging, Workspace};
-use crate::{extract, fetch, verify};
+use crate::workspace::{Staging, Workspace};
+use crate::{extract_bridge, fetch, verify};
 
 /// What a successful refresh did.
 #[derive(Debug, Clone, Copy)]
@@ -27,7 +27,6 @@ pub struct Refresher {
     pub workspace: Arc<Workspace>,
     pub http: reqwest::Client,
     pub key: Option<PublicKey>,
-    pub allow_http: bool,
     pub max_artifact_bytes: u64,
     pub limits: Limits,
     pub keep_releases: usize,
@@ -42,7 +41,11 @@ impl Refresher {
         cancel: &CancellationToken,
     ) -> Result<Applied, RefreshError> {
         verify::signature(self.key.as_ref(), desired)?;
-        let url = self.parse_url(&desired.url)?;
+        // The scheme was checked with the annotations (`desired_release`), and the client
+        // itself is https-only unless AETHER_ALLOW_HTTP=1; this is the full parse.
+        let url = reqwest::Url::parse(&desired.url).map_err(|e| {
+            RefreshError::new(Reason::InvalidAnnotation, format!("artifact URL: {e}"))
+        })?;
         let digest = desired.digest;
         let applied = if self.workspace.has_release(&digest) {
             Applied {
@@ -60,7 +63,6 @@ impl Refresher {
         let keep = self.keep_releases;
         blocking(move || {
             ws.activate(&digest)?;
-            ws.set_ready(true)?;
             if let Err(e) = ws.prune(keep, &digest) {
                 // The new release is live; a failed clean-up must not undo that.
                 tracing::warn!(error = %e, "could not remove old releases");
@@ -69,20 +71,6 @@ impl Refresher {
         })
         .await?;
         Ok(applied)
-    }
-
-    fn parse_url(&self, raw: &str) -> Result<reqwest::Url, RefreshError> {
-        let url = reqwest::Url::parse(raw).map_err(|e| {
-            RefreshError::new(Reason::InvalidAnnotation, format!("artifact URL: {e}"))
-        })?;
-        match url.scheme() {
-            "https" => Ok(url),
-            "http" if self.allow_http => Ok(url),
-            _ => Err(RefreshError::new(
-                Reason::InvalidAnnotation,
-                "artifact URL must be https:// (http:// needs AETHER_ALLOW_HTTP=1)",
-            )),
-        }
     }
 
     /// Streams the artifact into a verified release directory; returns the bytes read.
@@ -104,7 +92,7 @@ impl Refresher {
         let staging = self.workspace.stage(digest).map_err(|e| {
             RefreshError::new(Reason::Io, format!("creating staging directory: {e}"))
         })?;
-        let (feed, extractor) = extract::spawn(staging, self.limits, cancel.clone());
+        let (feed, extractor) = extract_bridge::spawn(staging, self.limits, cancel.clone());
         let mut feed = Some(feed);
         let mut hasher = Sha256Writer::new();
         let mut total = 0u64;
@@ -160,7 +148,7 @@ impl Refresher {
         }
         if let Err(e) = extracted {
             discard(staging).await;
-            let err = extract::classify(e);
+            let err = extract_bridge::classify(e);
             return Err(match err {
                 // Disk full or permissions: the node may recover, so it is retried.
                 RefreshError::Failed {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aether_common::annotations::{self, DesiredRelease};
+use aether_common::contract::annotations::{self, DesiredRelease};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
@@ -30,6 +30,7 @@ pub fn publish(tx: &Publisher, annotations: &BTreeMap<String, String>, allow_htt
     let desired = annotations::desired_release(annotations, allow_http).map_err(|e| e.to_string());
     tx.send_if_modified(|current| {
         if current.as_ref().is_some_and(|c| c.desired == desired) {
+            tracing::debug!("annotations read; desired release unchanged");
             return false;
         }
         tracing::debug!(?desired, "desired state changed");

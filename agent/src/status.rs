@@ -1,9 +1,9 @@
 //! The fetcher's view of itself, served as JSON on `/status` and used by `/readyz`. The
-//! document itself is `aether_common::status::StatusReport`, shared with its readers.
+//! document itself is `aether_common::contract::status::StatusReport`, shared with its readers.
 
 use std::sync::RwLock;
 
-pub use aether_common::status::{LastError, StatusReport};
+pub use aether_common::contract::status::{LastError, StatusReport};
 
 /// Shared, updated by the engine, read by the HTTP handlers.
 #[derive(Debug, Default)]

@@ -1,7 +1,7 @@
 //! Trust checks: the signature policy, applied before the first byte is requested, and the
 //! digest comparison, applied after the last byte and before anything becomes visible.
 
-use aether_common::annotations::{DesiredRelease, SIGNATURE};
+use aether_common::contract::annotations::{DesiredRelease, SIGNATURE};
 use aether_common::{Digest, PublicKey};
 
 use crate::failure::{Reason, RefreshError};

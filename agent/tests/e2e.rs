@@ -12,6 +12,10 @@ use aether_testkit::process::{metric, wait_until};
 use rig::*;
 use serde_json::json;
 
+/// Logging that shows the fetcher's decisions (nothing to fetch, unchanged annotations),
+/// the events tests wait for when they check that something did not happen.
+const DECISIONS: &str = "info,aether_fetcher::engine=debug,aether_fetcher::source=debug";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_mode_applies_a_patched_release_and_reports_it_everywhere() {
     let rig = Rig::new().await;
@@ -199,17 +203,26 @@ async fn an_unchanged_digest_is_never_downloaded_again_even_after_a_restart() {
     let rig = Rig::new().await;
     let (url, digest) = rig.publish("same.tgz", &[("f", "x")]);
     rig.point_at(&url, &digest).await;
-    let mut fetcher = rig.fetcher(&[]);
+    let mut fetcher = rig.fetcher(&[("RUST_LOG", DECISIONS.into())]);
     let addr = fetcher.http_addr().await.unwrap();
     wait_live(addr, &digest).await;
-    // Unrelated annotation changes and resyncs do not refetch.
+    // An unrelated annotation change is seen and changes nothing.
     rig.annotate(json!({"unrelated": "1"})).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fetcher
+        .wait_for_log("desired release unchanged", LONG)
+        .await
+        .unwrap();
+    // A resync after it decides there is nothing to fetch.
+    let decided = fetcher.lines_with("nothing to fetch").len();
+    fetcher
+        .wait_for_lines("nothing to fetch", decided + 1, LONG)
+        .await
+        .unwrap();
     assert_eq!(rig.art.requests("same.tgz"), 1);
 
     fetcher.sigterm();
     assert!(fetcher.wait_exit(Duration::from_secs(5)).await.is_some());
-    let fetcher = rig.fetcher(&[]);
+    let fetcher = rig.fetcher(&[("RUST_LOG", DECISIONS.into())]);
     fetcher
         .wait_for_log(
             &format!("REFRESH_STATE failures=0 last_digest={}", digest.hex()),
@@ -221,7 +234,15 @@ async fn an_unchanged_digest_is_never_downloaded_again_even_after_a_restart() {
     wait_live(addr, &digest).await;
     let ready = wait_until(LONG, || async { rig.workspace.join(".ready").exists() }).await;
     assert!(ready);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The restarted fetcher decided, from the disk alone, that there is nothing to fetch.
+    fetcher
+        .wait_for_log(&format!("digest={digest}"), LONG)
+        .await
+        .unwrap();
+    fetcher
+        .wait_for_log("nothing to fetch", LONG)
+        .await
+        .unwrap();
     assert_eq!(
         rig.art.requests("same.tgz"),
         1,
@@ -233,7 +254,10 @@ async fn an_unchanged_digest_is_never_downloaded_again_even_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapid_patches_end_on_the_newest_and_never_go_back() {
     let rig = Rig::new().await;
-    let fetcher = rig.fetcher(&[("AETHER_MIN_REFRESH_INTERVAL_MS", "300".into())]);
+    let fetcher = rig.fetcher(&[
+        ("AETHER_MIN_REFRESH_INTERVAL_MS", "300".into()),
+        ("RUST_LOG", DECISIONS.into()),
+    ]);
     let addr = fetcher.http_addr().await.unwrap();
     let mut last = None;
     for i in 0..8 {
@@ -248,11 +272,15 @@ async fn rapid_patches_end_on_the_newest_and_never_go_back() {
         );
         rig.point_at(&url, &digest).await;
         last = Some(digest);
-        tokio::time::sleep(Duration::from_millis(40)).await;
     }
     let last = last.unwrap();
     wait_live(addr, &last).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Decisions made after the newest went live keep it: nothing older comes back.
+    let decided = fetcher.lines_with("nothing to fetch").len();
+    fetcher
+        .wait_for_lines("nothing to fetch", decided + 1, LONG)
+        .await
+        .unwrap();
     assert_eq!(status(addr).await["current_digest"], last.to_string());
     assert_eq!(rig.read_current("version").as_deref(), Some("7"));
     let oks = fetcher.lines_with("REFRESH_OK");
@@ -648,7 +676,7 @@ async fn setuid_sticky_and_shared_write_bits_are_stripped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_annotation_is_refused_and_nothing_is_touched() {
     let rig = Rig::new().await;
-    let fetcher = rig.fetcher(&[]);
+    let fetcher = rig.fetcher(&[("RUST_LOG", DECISIONS.into())]);
     let addr = fetcher.http_addr().await.unwrap();
     let (url, digest) = rig.publish("ok.tgz", &[("f", "ok")]);
     rig.point_at(&url, &digest).await;
@@ -661,7 +689,11 @@ async fn a_malformed_annotation_is_refused_and_nothing_is_touched() {
         .wait_for_log("REFRESH_FAIL app=app-0 reason=invalid_annotation", LONG)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The next resync looks at it again and waits for a change instead of retrying.
+    fetcher
+        .wait_for_log("malformed annotations already reported", LONG)
+        .await
+        .unwrap();
     assert_eq!(
         status(addr).await["consecutive_failures"],
         1,

@@ -99,11 +99,27 @@ async fn orphaned_grandchildren_are_reaped() {
     let sup = supervise(
         &ws,
         "1",
-        "for i in 1 2 3 4 5; do sh -c 'sleep 0.2 &'; done; echo spawned; exec sleep 1000",
+        "for i in 1 2 3 4 5; do sh -c 'sleep 0.2 & echo orphan $!'; done; echo spawned; exec sleep 1000",
     );
     sup.wait_for_log("spawned", LONG).await.unwrap();
     let me = sup.pid().unwrap() as i32;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let orphans: Vec<i32> = sup
+        .lines_with("orphan ")
+        .iter()
+        .map(|l| pid_of(l))
+        .collect();
+    assert_eq!(orphans.len(), 5);
+    // Reaped means gone from /proc altogether (a zombie still has its entry).
+    let reaped = wait_until(LONG, || {
+        let orphans = orphans.clone();
+        async move {
+            orphans
+                .iter()
+                .all(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        }
+    })
+    .await;
+    assert!(reaped, "orphans not reaped: {orphans:?}");
     let zombies: Vec<String> = std::fs::read_dir("/proc")
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("stat")).ok())

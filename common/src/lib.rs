@@ -1,16 +1,29 @@
-//! Names, types and archive handling shared by `aether-fetcher` and `aether`.
+//! The library `aether-fetcher` and `aether` share, in three parts with one job each:
 //!
-//! Everything a user relies on by name (annotation keys, the digest and signature formats,
-//! the workspace layout of a release) is defined once here so that the sidecar and the
-//! control plane cannot drift apart.
+//! - [`contract`]: the names and formats users rely on (annotation keys, the digest and
+//!   signature formats and key loading, the fetcher's `/status` document and failure
+//!   reasons). Defined once so the sidecar and the control plane cannot drift apart.
+//! - [`archive`] (feature `archive`): packing a tree into a release and extracting an
+//!   untrusted one safely.
+//! - [`kube`]: the Kubernetes side, the objects the control plane applies (feature
+//!   `manifest`) and the client set-up both binaries use (feature `kube`).
+//!
+//! Beside them, the process plumbing both binaries need alike: [`logging`] (feature
+//! `logging`) and [`tls`] (feature `tls`). The fetcher enables only what it uses.
 
-pub mod annotations;
-pub mod digest;
-pub mod extract;
-pub mod manifest;
-pub mod pack;
-pub mod signature;
-pub mod status;
+pub mod contract;
 
-pub use digest::{Digest, DigestError, Sha256Writer};
-pub use signature::{PublicKey, Signature, SignatureError, SigningKey};
+#[cfg(feature = "archive")]
+pub mod archive;
+
+#[cfg(any(feature = "manifest", feature = "kube"))]
+pub mod kube;
+
+#[cfg(feature = "logging")]
+pub mod logging;
+
+#[cfg(feature = "tls")]
+pub mod tls;
+
+pub use contract::digest::{Digest, DigestError, Sha256Writer};
+pub use contract::signature::{PublicKey, Signature, SignatureError, SigningKey};

@@ -59,7 +59,7 @@ pub fn desired_annotations(
     url: &str,
     release: &ReleaseRequest,
 ) -> BTreeMap<String, String> {
-    use aether_common::annotations::{ARTIFACT_URL, BUILD_COMMIT, DIGEST, SIGNATURE};
+    use aether_common::contract::annotations::{ARTIFACT_URL, BUILD_COMMIT, DIGEST, SIGNATURE};
     let mut out = BTreeMap::new();
     out.insert(DIGEST.to_owned(), digest.to_owned());
     out.insert(ARTIFACT_URL.to_owned(), url.to_owned());

@@ -37,7 +37,7 @@ impl Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .tls_backend_preconfigured(tls_config()?)
+            .tls_backend_preconfigured(aether_common::tls::client_config(&[])?)
             .build()?;
         Ok(Self {
             http,
@@ -158,21 +158,4 @@ impl JsonBody for reqwest::RequestBuilder {
             .header("content-type", "application/json")
             .body(serde_json::to_vec(body)?))
     }
-}
-
-fn tls_config() -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots_certs());
-    Ok(
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    )
-}
-
-fn webpki_roots_certs() -> impl Iterator<Item = rustls::pki_types::TrustAnchor<'static>> {
-    webpki_roots::TLS_SERVER_ROOTS.iter().cloned()
 }

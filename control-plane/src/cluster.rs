@@ -4,9 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use aether_common::annotations::{ARTIFACT_URL, BUILD_COMMIT, DEV_HOT, DIGEST, SIGNATURE};
-use aether_common::manifest::{self, AppSpec, FETCHER_PORT};
-use aether_common::status::StatusReport;
+use aether_common::contract::annotations::{
+    ARTIFACT_URL, BUILD_COMMIT, DEV_HOT, DIGEST, SIGNATURE,
+};
+use aether_common::contract::status::StatusReport;
+use aether_common::kube::manifest::{self, AppSpec, FETCHER_PORT};
 use anyhow::Context;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;

@@ -53,22 +53,6 @@ pub fn signing_key(
     }
 }
 
-/// A public key given inline or in a file.
-pub fn public_key(inline: Option<&str>, file: Option<&Path>) -> anyhow::Result<Option<PublicKey>> {
-    match (inline.filter(|k| !k.trim().is_empty()), file) {
-        (Some(_), Some(_)) => bail!("give AETHER_PUBKEY or AETHER_PUBKEY_FILE, not both"),
-        (Some(k), None) => Ok(Some(k.trim().parse().context("invalid AETHER_PUBKEY")?)),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Ok(Some(
-                text.trim().parse().context("invalid public key file")?,
-            ))
-        }
-        (None, None) => Ok(None),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use aether_common::Digest;
-use aether_common::status::{LastError, StatusReport};
+use aether_common::contract::status::{LastError, StatusReport};
 
 /// One observation: each pod by name, with its fetcher's status when it could be read.
 pub type Observation = Vec<(String, Option<StatusReport>)>;
@@ -124,7 +124,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aether_common::status::Reason;
+    use aether_common::contract::status::Reason;
 
     fn report(current: Option<Digest>, refused: Option<Digest>) -> StatusReport {
         StatusReport {

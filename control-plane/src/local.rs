@@ -14,8 +14,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use aether_common::Digest;
-use aether_common::annotations::{ARTIFACT_URL, DIGEST};
-use aether_common::status::StatusReport;
+use aether_common::contract::annotations::{ARTIFACT_URL, DIGEST};
+use aether_common::contract::status::StatusReport;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};

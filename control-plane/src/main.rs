@@ -146,7 +146,7 @@ fn main() -> ExitCode {
         let _ = e.print();
         return ExitCode::from(EXIT_USAGE);
     }
-    init_logging();
+    aether_common::logging::init(aether_common::logging::LogFormat::Text);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -186,19 +186,6 @@ fn check_usage(cli: &Cli) -> Result<(), clap::Error> {
         ));
     }
     Ok(())
-}
-
-fn init_logging() {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::prelude::*;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<Targets>().ok())
-        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    tracing_subscriber::registry().with(filter).with(fmt).init();
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

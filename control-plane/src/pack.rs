@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use aether_common::Digest;
-use aether_common::pack::ArchiveBuilder;
+use aether_common::archive::pack::ArchiveBuilder;
 use anyhow::Context;
 use flate2::Compression;
 
@@ -93,8 +93,12 @@ mod tests {
         let two = pack(d).unwrap();
         assert_eq!(one.digest, two.digest);
         let out = tempfile::tempdir().unwrap();
-        aether_common::extract::unpack_tar_gz(&one.bytes[..], out.path(), &Default::default())
-            .unwrap();
+        aether_common::archive::extract::unpack_tar_gz(
+            &one.bytes[..],
+            out.path(),
+            &Default::default(),
+        )
+        .unwrap();
         let mut names: Vec<_> = std::fs::read_dir(out.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -4,19 +4,21 @@
 //!
 //! It is a kube-runtime `Controller` over the managed Deployments, triggered by their pods
 //! too: a failed pod patch is requeued with backoff, and reconciles of one app never run
-//! concurrently. The reflector caches it keeps (Deployments and pods) also answer
-//! `aether status` without listing the API server on every read.
+//! concurrently. A reconcile reads the app's pods and Deployment from the API server, not
+//! from a cache: a cache fed by another watch can lag the event that triggered the
+//! reconcile and hide the very pod it is about. The caches (Deployments and pods) answer
+//! `aether status` reads instead, where a few milliseconds of lag do no harm.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aether_common::manifest::{APP_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
+use aether_common::kube::manifest::{self, APP_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,9 @@ use crate::cluster;
 /// First delay before a failed reconcile is retried; it doubles up to `RETRY_MAX`.
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Triggers of one app arriving within this window make one reconcile (a release patches
+/// every pod, and each patch comes back as a pod event).
+const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// The reflector caches of the managed objects, shared with the API handlers.
 #[derive(Clone)]
@@ -46,14 +51,13 @@ impl Cache {
 struct Ctx {
     pods: Api<Pod>,
     deployments: Api<Deployment>,
-    pod_cache: Store<Pod>,
     /// Consecutive failures per app, for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 #[derive(Debug, thiserror::Error)]
 enum ReconcileError {
-    #[error("reading deployment {0}: {1}")]
+    #[error("reading {0}: {1}")]
     Read(String, #[source] kube::Error),
     #[error("{failed} of {total} pod patches failed, first: {first}")]
     Patch {
@@ -80,19 +84,18 @@ pub fn start(client: kube::Client, ns: &str, shutdown: CancellationToken) -> Cac
             }
         });
     let namespace = ns.to_owned();
-    let controller = Controller::new(deployments.clone(), cfg.clone()).watches(
-        pods.clone(),
-        cfg,
-        move |pod: Pod| app_of(&pod).map(|app| ObjectRef::new(&app).within(&namespace)),
-    );
+    let controller = Controller::new(deployments.clone(), cfg.clone())
+        .with_config(ControllerConfig::default().debounce(DEBOUNCE))
+        .watches(pods.clone(), cfg, move |pod: Pod| {
+            app_of(&pod).map(|app| ObjectRef::new(&app).within(&namespace))
+        });
     let cache = Cache {
         deployments: controller.store(),
-        pods: pod_cache.clone(),
+        pods: pod_cache,
     };
     let ctx = Arc::new(Ctx {
         pods,
         deployments,
-        pod_cache,
         failures: Mutex::new(HashMap::new()),
     });
     let stop = shutdown.clone();
@@ -116,25 +119,26 @@ fn app_of(pod: &Pod) -> Option<String> {
 
 /// Brings every pod of one app to its Deployment's desired annotations.
 ///
-/// Never copies a stale desired state: the pods are read from the cache first, the
-/// Deployment is then read fresh from the API server, and each patch carries the pod's
-/// resourceVersion from that first read. `aether serve`'s release route patches the
+/// Never copies a stale desired state: the pods are listed first, the Deployment is read
+/// after them, and each patch carries the pod's resourceVersion from that list. `aether serve`'s release route patches the
 /// Deployment before its pods, so a pod patched by a newer release after our read makes
 /// our patch fail with 409 (and be retried), and one patched before it means the fresh
 /// read already sees that release.
 async fn reconcile(deploy: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, ReconcileError> {
     let app = deploy.metadata.name.clone().unwrap_or_default();
-    let pods: Vec<Arc<Pod>> = ctx
-        .pod_cache
-        .state()
+    let pods: Vec<Pod> = ctx
+        .pods
+        .list(&ListParams::default().labels(&manifest::selector(&app)))
+        .await
+        .map_err(|e| ReconcileError::Read(format!("the pods of {app}"), e))?
+        .items
         .into_iter()
-        .filter(|p| app_of(p).as_deref() == Some(app.as_str()))
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
     let fresh = match ctx.deployments.get_opt(&app).await {
         Ok(Some(d)) => d,
         Ok(None) => return Ok(Action::await_change()),
-        Err(e) => return Err(ReconcileError::Read(app, e)),
+        Err(e) => return Err(ReconcileError::Read(format!("deployment {app}"), e)),
     };
     if !cluster::is_dev_hot(&fresh) {
         return Ok(Action::await_change());

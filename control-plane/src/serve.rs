@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use aether_common::annotations;
-use aether_common::manifest::{self, AppSpec};
+use aether_common::contract::annotations;
+use aether_common::contract::signature::load_public_key;
+use aether_common::kube::manifest::{self, AppSpec};
 use aether_common::{Digest, PublicKey};
 use anyhow::{Context, bail};
 use axum::Router;
@@ -27,7 +28,7 @@ use crate::api::{
     DeployRequest, ErrorBody, ReleaseRequest, ReleaseResponse, UploadResponse, desired_annotations,
 };
 use crate::store::{Store, StoreError};
-use crate::{cluster, keys, reconcile};
+use crate::{cluster, reconcile};
 
 /// Largest JSON request body.
 const JSON_BODY_LIMIT: usize = 1 << 20;
@@ -170,20 +171,6 @@ fn configured_public_url(args: &ServeArgs) -> anyhow::Result<Option<String>> {
     Ok(Some(raw.trim_end_matches('/').to_owned()))
 }
 
-pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no in-cluster configuration and no KUBECONFIG")?,
-    };
-    Ok(kube::Client::try_from(config)?)
-}
-
 pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     if args.api_token.as_deref().is_none_or(str::is_empty) {
         if !args.listen.ip().is_loopback() {
@@ -195,7 +182,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
         tracing::warn!(addr = %args.listen, "no AETHER_API_TOKEN: the API is unauthenticated and listens on loopback only");
     }
     let configured_url = configured_public_url(&args)?;
-    let global_key = keys::public_key(args.pubkey.as_deref(), args.pubkey_file.as_deref())?;
+    let global_key = load_public_key(args.pubkey.as_deref(), args.pubkey_file.as_deref())?;
     let mut app_keys = BTreeMap::new();
     for entry in &args.app_keys {
         let (app, key) = entry
@@ -215,7 +202,9 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     }
     let store = Store::open(&args.data_dir, args.max_artifact_bytes)
         .with_context(|| format!("opening the artifact store {}", args.data_dir.display()))?;
-    let client = kube_client(args.kubeconfig.as_deref()).await?;
+    let client = aether_common::kube::client::connect(args.kubeconfig.as_deref())
+        .await?
+        .client;
     let metrics = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Prefix("aether_".into()),

@@ -77,6 +77,24 @@ impl Plane {
         (status.success(), p.logs().join("\n"))
     }
 
+    /// `aether deploy APP SRC --dev-hot -- ./run` through the CLI, which must succeed.
+    async fn deploy_dev_hot(&self, app: &str, src: &Path) {
+        let (ok, out) = self
+            .run(
+                &[
+                    "deploy",
+                    app,
+                    src.to_str().unwrap(),
+                    "--dev-hot",
+                    "--",
+                    "./run",
+                ],
+                &[],
+            )
+            .await;
+        assert!(ok, "{out}");
+    }
+
     fn source(&self, files: &[(&str, &str)]) -> PathBuf {
         let src = self.dir.path().join("src");
         std::fs::create_dir_all(&src).unwrap();
@@ -241,22 +259,7 @@ async fn deploy_without_dev_hot_runs_the_fetcher_once_as_an_init_container() {
 async fn a_hot_patch_annotates_pods_and_deployment_and_never_touches_the_template() {
     let plane = Plane::start(&[]).await;
     let src = plane.source(&[("f", "1")]);
-    assert!(
-        plane
-            .run(
-                &[
-                    "deploy",
-                    "app",
-                    src.to_str().unwrap(),
-                    "--dev-hot",
-                    "--",
-                    "./run"
-                ],
-                &[]
-            )
-            .await
-            .0
-    );
+    plane.deploy_dev_hot("app", &src).await;
     plane.pod("app-a", "app");
     plane.pod("app-b", "app");
     plane.pod("other-0", "other");
@@ -265,17 +268,23 @@ async fn a_hot_patch_annotates_pods_and_deployment_and_never_touches_the_templat
         .get("deployments", Some("default"), "app")
         .unwrap();
     // Upload a new artifact and release it.
-    let bytes =
-        aether_common::pack::pack_dir(&src, Vec::new(), flate2::Compression::fast(), &|_| false)
-            .unwrap();
+    let bytes = aether_common::archive::pack::pack_dir(
+        &src,
+        Vec::new(),
+        flate2::Compression::fast(),
+        &|_| false,
+    )
+    .unwrap();
     let _ = bytes;
     std::fs::write(src.join("f"), "2").unwrap();
     let packed = {
-        let b =
-            aether_common::pack::pack_dir(&src, Vec::new(), flate2::Compression::fast(), &|_| {
-                false
-            })
-            .unwrap();
+        let b = aether_common::archive::pack::pack_dir(
+            &src,
+            Vec::new(),
+            flate2::Compression::fast(),
+            &|_| false,
+        )
+        .unwrap();
         (aether_common::Digest::of(&b), b)
     };
     let (code, body) = http(
@@ -335,22 +344,7 @@ async fn a_hot_patch_annotates_pods_and_deployment_and_never_touches_the_templat
 async fn new_pods_and_kubectl_annotate_deployment_get_the_desired_annotations() {
     let plane = Plane::start(&[]).await;
     let src = plane.source(&[("f", "1")]);
-    assert!(
-        plane
-            .run(
-                &[
-                    "deploy",
-                    "app",
-                    src.to_str().unwrap(),
-                    "--dev-hot",
-                    "--",
-                    "./run"
-                ],
-                &[]
-            )
-            .await
-            .0
-    );
+    plane.deploy_dev_hot("app", &src).await;
     let desired = plane
         .annotation("deployments", "app", "aether.dev/digest")
         .unwrap();
@@ -401,6 +395,29 @@ async fn new_pods_and_kubectl_annotate_deployment_get_the_desired_annotations() 
     })
     .await;
     assert!(ok, "kubectl annotate deployment propagates to pods");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_pod_patch_is_retried_with_backoff_until_it_lands() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    plane.deploy_dev_hot("app", &src).await;
+    let desired = plane
+        .annotation("deployments", "app", "aether.dev/digest")
+        .unwrap();
+    // The API server refuses the next three pod patches; nothing else will change, so
+    // only the reconciler's own retries can annotate the pod.
+    plane.emu.fail_patches("pods", 3);
+    plane.pod("app-0", "app");
+    let annotated = wait_until(LONG, || async {
+        plane
+            .annotation("pods", "app-0", "aether.dev/digest")
+            .as_deref()
+            == Some(desired.as_str())
+    })
+    .await;
+    assert!(annotated, "the pod was never annotated");
+    assert!(plane.emu.stats().patch >= 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,20 +549,7 @@ async fn with_required_signatures_unsigned_and_badly_signed_releases_are_refused
 async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
     let plane = Plane::start(&[]).await;
     let src = plane.source(&[("index.html", "version one")]);
-    let (ok, out) = plane
-        .run(
-            &[
-                "deploy",
-                "web",
-                src.to_str().unwrap(),
-                "--dev-hot",
-                "--",
-                "./run",
-            ],
-            &[],
-        )
-        .await;
-    assert!(ok, "{out}");
+    plane.deploy_dev_hot("web", &src).await;
     // The "pod": an emulated Pod object plus a real fetcher process watching it.
     let port = free_port();
     plane.pod("web-0", "web");
@@ -579,8 +583,8 @@ async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
     );
 
     let dev = plane.cli(&["dev", "--hot", "web", src.to_str().unwrap()], &[]);
+    // The watch is set up before the first release, so an edit after its line is seen.
     dev.wait_for_lines("live sha256:", 1, LONG).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     std::fs::write(src.join("index.html"), "version two").unwrap();
     let line = dev.wait_for_lines("live sha256:", 2, LONG).await.unwrap();
     assert_eq!(read("index.html").as_deref(), Some("version two"));
@@ -771,20 +775,7 @@ async fn deploy_dev_hot_without_a_command_is_a_usage_error() {
 async fn a_wait_on_a_silent_pod_is_gentle_on_the_api_and_a_newer_save_supersedes_it() {
     let plane = Plane::start(&[]).await;
     let src = plane.source(&[("index.html", "one")]);
-    let (ok, out) = plane
-        .run(
-            &[
-                "deploy",
-                "web",
-                src.to_str().unwrap(),
-                "--dev-hot",
-                "--",
-                "./run",
-            ],
-            &[],
-        )
-        .await;
-    assert!(ok, "{out}");
+    plane.deploy_dev_hot("web", &src).await;
     // A pod whose fetcher never answers (crash-looping): the wait cannot settle.
     plane.pod("web-0", "web");
     let deployed = plane

@@ -219,7 +219,7 @@ pub fn incompressible_release(seed: usize, size: usize) -> Vec<u8> {
         x ^= x << 17;
         data.extend_from_slice(&x.to_le_bytes());
     }
-    let mut b = aether_common::pack::ArchiveBuilder::in_memory();
+    let mut b = aether_common::archive::pack::ArchiveBuilder::in_memory();
     let _ = b.file("payload.bin", &data, 0o644);
     let _ = b.file("version.txt", seed.to_string().as_bytes(), 0o644);
     b.finish().unwrap_or_default()

@@ -196,6 +196,8 @@ struct Shared {
     hold_watches: watch::Sender<bool>,
     /// Watch requests parked by `hold_watches` right now.
     held: AtomicU64,
+    /// Patches of a resource type (by plural) still to be answered with 500.
+    failing_patches: Mutex<BTreeMap<String, u64>>,
     counters: Counters,
     bookmark_every: Duration,
 }
@@ -253,6 +255,7 @@ impl Emulator {
             drop_watches: watch::channel(0).0,
             hold_watches: watch::channel(false).0,
             held: AtomicU64::new(0),
+            failing_patches: Mutex::new(BTreeMap::new()),
             counters: Counters::default(),
             bookmark_every: options.bookmark_every,
         });
@@ -301,6 +304,14 @@ impl Emulator {
     /// against the history at release time).
     pub fn release_watches(&self) {
         self.shared.hold_watches.send_replace(false);
+    }
+
+    /// Answers the next `count` patches of `plural` with 500 Internal Server Error, as an
+    /// overloaded or restarting API server would.
+    pub fn fail_patches(&self, plural: &str, count: u64) {
+        if let Ok(mut f) = self.shared.failing_patches.lock() {
+            f.insert(plural.to_owned(), count);
+        }
     }
 
     /// Watch requests parked right now.
@@ -798,6 +809,13 @@ async fn resource(
         }
         (Method::PATCH, Some(name), [] | ["status"]) => {
             c.patch.fetch_add(1, Ordering::Relaxed);
+            if take_failure(shared, rt.plural) {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "injected by the test (fail_patches)",
+                ));
+            }
             let content_type = headers
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
@@ -1484,6 +1502,20 @@ fn table(rt: &ResourceType, items: &[Value], rv: u64) -> Value {
         "metadata": {"resourceVersion": rv.to_string()},
         "columnDefinitions": columns, "rows": rows,
     })
+}
+
+/// Whether this request is one of the failures `fail_patches` asked for.
+fn take_failure(shared: &Shared, plural: &str) -> bool {
+    let Ok(mut failing) = shared.failing_patches.lock() else {
+        return false;
+    };
+    match failing.get_mut(plural) {
+        Some(n) if *n > 0 => {
+            *n -= 1;
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Parks a watch request while the test holds watches.

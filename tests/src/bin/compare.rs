@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aether_common::Digest;
-use aether_common::pack::ArchiveBuilder;
+use aether_common::archive::pack::ArchiveBuilder;
 use aether_testkit::artifacts::ArtifactServer;
 use aether_testkit::emulator::Emulator;
 use aether_testkit::process::Proc;

@@ -2,6 +2,7 @@
 //! (without the `sha256:` prefix), so it can be made by any Ed25519 tool from the hex alone.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use ed25519_dalek::Signer;
@@ -32,6 +33,54 @@ pub struct Signature(ed25519_dalek::Signature);
 /// An Ed25519 signing key, built from a 32-byte seed written as 64 hex digits. Its `Debug`
 /// form never shows the seed.
 pub struct SigningKey(ed25519_dalek::SigningKey);
+
+/// The environment names of the public key, inline and as a file (a Secret mount).
+pub const PUBKEY_ENV: &str = "AETHER_PUBKEY";
+pub const PUBKEY_FILE_ENV: &str = "AETHER_PUBKEY_FILE";
+
+/// Why the configured public key could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("set {PUBKEY_ENV} or {PUBKEY_FILE_ENV}, not both")]
+    Both,
+    #[error("reading {PUBKEY_FILE_ENV} {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid public key in {from}: {source}")]
+    Invalid {
+        from: String,
+        #[source]
+        source: SignatureError,
+    },
+}
+
+/// The public key given inline (`AETHER_PUBKEY`) or in a file (`AETHER_PUBKEY_FILE`), if
+/// either is set (blank counts as unset); both at once is an error.
+pub fn load_public_key(
+    inline: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<PublicKey>, KeyError> {
+    let inline = inline.filter(|k| !k.trim().is_empty());
+    let (text, from) = match (inline, file) {
+        (Some(_), Some(_)) => return Err(KeyError::Both),
+        (Some(k), None) => (k.to_owned(), PUBKEY_ENV.to_owned()),
+        (None, Some(path)) => (
+            std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?,
+            path.display().to_string(),
+        ),
+        (None, None) => return Ok(None),
+    };
+    text.trim()
+        .parse()
+        .map(Some)
+        .map_err(|source| KeyError::Invalid { from, source })
+}
 
 fn decode_fixed<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.trim();

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::annotations;
+use crate::contract::annotations;
 
 /// Port of the fetcher's HTTP listener inside the pod.
 pub const FETCHER_PORT: u16 = 9180;

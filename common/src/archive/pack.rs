@@ -182,7 +182,8 @@ mod tests {
         })
         .unwrap();
         let out = tempfile::tempdir().unwrap();
-        crate::extract::unpack_tar_gz(&bytes[..], out.path(), &Default::default()).unwrap();
+        crate::archive::extract::unpack_tar_gz(&bytes[..], out.path(), &Default::default())
+            .unwrap();
         assert_eq!(
             fs::read_to_string(out.path().join("sub/b.txt")).unwrap(),
             "bee"

@@ -4,14 +4,14 @@
 
 use std::io::{self, Read};
 
-use aether_common::extract::{self, ExtractError, Limits, Stats};
+use aether_common::archive::extract::{self, ExtractError, Limits, Stats};
 use bytes::{Buf, Bytes};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::failure::{Reason, RefreshError};
-use crate::release::Staging;
+use crate::workspace::Staging;
 
 /// Chunks in flight between the download and the extractor. hyper grows its read buffer
 /// up to ~400 KiB on fast links, so this bounds the buffered bytes to a few MiB: enough

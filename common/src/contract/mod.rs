@@ -1,0 +1,6 @@
+//! The contract: names and formats users, manifests, dashboards and scripts rely on.
+
+pub mod annotations;
+pub mod digest;
+pub mod signature;
+pub mod status;

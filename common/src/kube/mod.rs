@@ -1,0 +1,6 @@
+//! The Kubernetes side: the objects the control plane applies, and the API client set-up.
+
+#[cfg(feature = "kube")]
+pub mod client;
+#[cfg(feature = "manifest")]
+pub mod manifest;
