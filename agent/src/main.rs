@@ -39,9 +39,12 @@ use crate::workspace::Workspace;
 const EXIT_REFRESH_FAILED: u8 = 1;
 /// Exit code for bad settings or an unusable environment.
 const EXIT_SETUP: u8 = 2;
-/// Budget for a clean stop after SIGTERM (the pod's grace period is longer).
-const SHUTDOWN_BUDGET: Duration = Duration::from_millis(800);
-/// What is left of the one-second stop for blocking threads after `SHUTDOWN_BUDGET`.
+/// A SIGTERM'd fetcher exits within a second (the pod's grace period is longer): this long
+/// for the tasks to stop,
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(700);
+/// this long for removing staging (the next start removes what is left),
+const CLEANUP_BUDGET: Duration = Duration::from_millis(100);
+/// and this long for blocking threads, one of which may be stuck on a hung volume.
 const BLOCKING_SHUTDOWN_BUDGET: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Parser)]
@@ -256,9 +259,26 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     Ok(ExitCode::SUCCESS)
 }
 
-fn cleanup(workspace: &Workspace) {
-    if let Err(e) = workspace.clean_staging() {
-        tracing::warn!(error = %e, "could not remove staging on exit");
+/// Removes the staging this run left, waiting at most `CLEANUP_BUDGET`: removing a large
+/// tree from a slow or hung volume must not hold up a stop.
+fn cleanup(workspace: &Arc<Workspace>) {
+    let ws = workspace.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("cleanup".into())
+        .spawn(move || {
+            let _ = tx.send(ws.clean_staging());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start removing staging on exit");
+        return;
+    }
+    match rx.recv_timeout(CLEANUP_BUDGET) {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not remove staging on exit"),
+        Err(_) => tracing::warn!(
+            "removing staging takes longer than {CLEANUP_BUDGET:?}; the next start finishes it"
+        ),
     }
 }
 

@@ -135,9 +135,14 @@ impl Refresher {
             // a system call must not hold up a deadline or a shutdown.
             return Err(RefreshError::Cancelled);
         }
-        let (staging, extracted) = extractor
-            .await
-            .map_err(|e| RefreshError::new(Reason::Io, format!("extractor task: {e}")))?;
+        // The body is in; the extractor may still be busy (large files, the final checks of
+        // the links). The deadline and a newer release must still be able to end the wait.
+        let joined = tokio::select! {
+            j = extractor => j,
+            () = cancel.cancelled() => return Err(RefreshError::Cancelled),
+        };
+        let (staging, extracted) =
+            joined.map_err(|e| RefreshError::new(Reason::Io, format!("extractor task: {e}")))?;
         if let Some(err) = stream_error {
             discard(staging).await;
             return Err(err);

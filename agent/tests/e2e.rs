@@ -537,7 +537,7 @@ async fn oversized_extension_headers_are_refused_for_good_within_the_memory_limi
         // 300 MB of header that gzips to well under 1 MB.
         let bytes = hostile::huge_extension_header(kind, 300 << 20);
         assert!(bytes.len() < 1 << 20, "{kind:?}: {} bytes", bytes.len());
-        let (bad_url, bad) = rig.publish_bytes(name, bytes);
+        let (bad_url, bad) = rig.publish_bytes(name, bytes.clone());
         rig.point_at(&bad_url, &bad).await;
         let refused = wait_until(LONG, || async {
             status(addr)
@@ -562,10 +562,7 @@ async fn oversized_extension_headers_are_refused_for_good_within_the_memory_limi
         // refused again. The first URL was fetched exactly once (no re-download loop):
         // its refusal was final, while the 500 ms backoff would have retried it by now
         // had it been retryable.
-        let (again_url, _) = rig.publish_bytes(
-            &format!("again-{name}"),
-            hostile::huge_extension_header(kind, 300 << 20),
-        );
+        let (again_url, _) = rig.publish_bytes(&format!("again-{name}"), bytes);
         rig.point_at(&again_url, &bad).await;
         refusals += 2;
         fetcher
@@ -581,7 +578,9 @@ async fn oversized_extension_headers_are_refused_for_good_within_the_memory_limi
 async fn a_refresh_past_its_deadline_fails_as_timeout_and_is_retried() {
     let rig = Rig::new().await;
     let fetcher = rig.fetcher(&[
-        ("AETHER_REFRESH_TIMEOUT_MS", "300".into()),
+        // Far more than a small release needs even on a loaded machine; far less than the
+        // stall below.
+        ("AETHER_REFRESH_TIMEOUT_MS", "5000".into()),
         // Only the overall deadline can end the stalled download.
         ("AETHER_READ_TIMEOUT_MS", "600000".into()),
         ("AETHER_BACKOFF_MAX_MS", "500".into()),
@@ -605,15 +604,66 @@ async fn a_refresh_past_its_deadline_fails_as_timeout_and_is_retried() {
         .await
         .unwrap();
     assert_eq!(rig.read_current("f").as_deref(), Some("base"));
+    let s = status(addr).await;
+    assert_eq!(s["last_error"]["digest"], digest2.to_string(), "{s}");
+    assert_eq!(s["last_error"]["will_retry"], true, "{s}");
     // The stall was the first request only: the retry completes.
     wait_live(addr, &digest2).await;
     assert_eq!(rig.read_current("f").as_deref(), Some("new"));
     assert_eq!(rig.staging_entries(), 0);
     let m = metrics(addr).await;
-    assert_eq!(
-        metric(&m, "dev_hot_refresh_failure_total", "reason=\"timeout\""),
-        Some(1.0)
-    );
+    let timeouts = metric(&m, "dev_hot_refresh_failure_total", "reason=\"timeout\"");
+    assert!(timeouts >= Some(1.0), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archives_built_to_exhaust_memory_or_time_are_refused_within_the_pod_limit() {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[("AETHER_BACKOFF_MAX_MS", "500".into())]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let (url, digest) = rig.publish("base.tgz", &[("f", "base")]);
+    rig.point_at(&url, &digest).await;
+    wait_live(addr, &digest).await;
+    let cases = [
+        // ~90 MB of directory names kept for the end, from a small archive.
+        ("deep.tgz", hostile::deep_directories(40, 3000), "too_large"),
+        // ~2 million lookups to check where the links lead.
+        (
+            "links.tgz",
+            hostile::link_lookup_flood(5000, 2000),
+            "extract",
+        ),
+        // 256 MiB that a directory entry declares and a reader would skip unseen.
+        (
+            "dirdata.tgz",
+            hostile::directory_with_data(256 << 20),
+            "extract",
+        ),
+    ];
+    for (name, bytes, reason) in cases {
+        assert!(bytes.len() < 4 << 20, "{name}: {} bytes", bytes.len());
+        let (bad_url, bad) = rig.publish_bytes(name, bytes);
+        rig.point_at(&bad_url, &bad).await;
+        let refused = wait_until(LONG, || async {
+            status(addr)
+                .await
+                .get("last_error")
+                .and_then(|e| e.get("digest"))
+                .is_some_and(|d| d == bad.to_string().as_str())
+        })
+        .await;
+        let s = status(addr).await;
+        assert!(refused, "{name}: never refused: {s}");
+        assert_eq!(s["last_error"]["reason"], reason, "{name}: {s}");
+        assert_eq!(s["last_error"]["will_retry"], false, "{name}: {s}");
+        assert_eq!(rig.read_current("f").as_deref(), Some("base"), "{name}");
+        assert_eq!(rig.staging_entries(), 0, "{name}");
+        let peak = fetcher.peak_rss_bytes().expect("fetcher is running");
+        assert!(
+            peak < POD_MEMORY_LIMIT,
+            "{name}: peak RSS {peak} bytes, limit {POD_MEMORY_LIMIT}"
+        );
+    }
 }
 
 fn url_of(rig: &Rig, name: &str) -> String {

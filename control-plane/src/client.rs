@@ -114,9 +114,33 @@ impl Client {
     }
 
     pub async fn status(&self, app: &str, namespace: Option<&str>) -> anyhow::Result<AppStatus> {
+        self.status_of(app, namespace, None).await
+    }
+
+    /// The app's status, its fetchers read only for the pods named in `only` (all when
+    /// `None`).
+    pub async fn status_of(
+        &self,
+        app: &str,
+        namespace: Option<&str>,
+        only: Option<&[String]>,
+    ) -> anyhow::Result<AppStatus> {
+        // Only the query string is built here (percent-encoded by the URL parser); the base
+        // URL may carry a path prefix of its own.
+        let mut encoder = reqwest::Url::parse("http://query.invalid/")?;
+        {
+            let mut query = encoder.query_pairs_mut();
+            if let Some(ns) = namespace {
+                query.append_pair("namespace", ns);
+            }
+            if let Some(pods) = only {
+                query.append_pair("pods", &pods.join(","));
+            }
+        }
         let mut path = format!("/v1/apps/{app}/status");
-        if let Some(ns) = namespace {
-            path.push_str(&format!("?namespace={ns}"));
+        if let Some(q) = encoder.query().filter(|q| !q.is_empty()) {
+            path.push('?');
+            path.push_str(q);
         }
         self.send(self.req(reqwest::Method::GET, &path), "status")
             .await

@@ -192,14 +192,16 @@ pub struct AppStatus {
     pub pods: Vec<PodStatus>,
 }
 
-/// Desired digest and, per pod, the annotated and the live digest. The Deployment and its
-/// pods come from the reconcile loop's caches once they are complete (one pod-proxy request
-/// per pod is then the whole cost of a read), from the API server before that.
+/// Desired digest and, per pod (or only the pods named in `only`), the annotated and the
+/// live digest. The Deployment and its pods come from the reconcile loop's caches once
+/// they are complete (one pod-proxy request per pod is then the whole cost of a read),
+/// from the API server before that.
 pub async fn status(
     client: &kube::Client,
     cache: Option<&Cache>,
     ns: &str,
     app: &str,
+    only: Option<&[String]>,
 ) -> anyhow::Result<AppStatus> {
     let cached = cache.filter(|c| c.ready()).and_then(|c| {
         let deploy = c.deployments.get(&ObjectRef::new(app).within(ns))?;
@@ -236,6 +238,9 @@ pub async fn status(
     let desired = owned(deploy.metadata.annotations.as_ref())
         .get(DIGEST)
         .cloned();
+    let pods = pods.into_iter().filter(|p| {
+        only.is_none_or(|names| p.metadata.name.as_ref().is_some_and(|n| names.contains(n)))
+    });
     let mut statuses = futures::stream::iter(pods)
         .map(|pod| {
             let client = client.clone();

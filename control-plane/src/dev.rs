@@ -136,10 +136,10 @@ impl DevLoop {
             build_commit: None,
         };
         self.client.release(&self.app, &release).await?;
-        let observe = || async {
+        let observe = |only: Option<Vec<String>>| async move {
             let status = self
                 .client
-                .status(&self.app, self.namespace.as_deref())
+                .status_of(&self.app, self.namespace.as_deref(), only.as_deref())
                 .await?;
             Ok(status
                 .pods
@@ -172,6 +172,14 @@ impl DevLoop {
             }
             live::Outcome::TimedOut(p) => {
                 report_refusals(&digest, &p);
+                for (pod, e) in &p.retrying {
+                    println!(
+                        "pod {pod}: still retrying {}: {} ({})",
+                        short(&digest),
+                        e.reason,
+                        e.message
+                    );
+                }
                 println!(
                     "{} live on {}/{} pods after {} s; not reporting it yet: {}",
                     short(&digest),

@@ -238,7 +238,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         }
     }
     println!("stopping the app and the fetcher");
-    stop(children).await;
+    stop(children, Duration::from_secs(args.grace_sec)).await;
     if args.work.is_none() {
         let _ = std::fs::remove_dir_all(&work);
     }
@@ -288,15 +288,19 @@ struct Interrupts<'a> {
     stopping: &'a CancellationToken,
 }
 
-async fn stop((mut fetcher, mut supervisor): (Child, Child)) {
-    for child in [&mut supervisor, &mut fetcher] {
+/// Stops the supervisor (which stops the app within `grace`, then SIGKILLs its group) and
+/// the fetcher. Each gets SIGTERM and the time its own stop needs; only past that is it
+/// killed (by `kill_on_drop`).
+async fn stop((mut fetcher, mut supervisor): (Child, Child), grace: Duration) {
+    const MARGIN: Duration = Duration::from_secs(5);
+    for (child, budget) in [(&mut supervisor, grace + MARGIN), (&mut fetcher, MARGIN)] {
         if let Some(pid) = child.id() {
             // SAFETY: kill(2) on our own child; no memory is touched.
             unsafe {
                 libc::kill(pid as i32, libc::SIGTERM);
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        let _ = tokio::time::timeout(budget, child.wait()).await;
     }
 }
 
@@ -344,7 +348,7 @@ async fn refresh_once(
         println!("back on {} (still live, no restart)", short(&digest));
         return Ok(None);
     }
-    let observe = || async {
+    let observe = |_| async {
         let status = fetcher_status(target.http, target.status_url).await;
         Ok(vec![("local".to_owned(), status)])
     };
@@ -384,12 +388,11 @@ async fn refresh_once(
         );
     }
     let t_live = Instant::now();
-    let started = wait_line(
-        app_lines,
-        &format!("release={}", digest.hex()),
-        LIVE_TIMEOUT,
-    )
-    .await;
+    let restarted = format!("release={}", digest.hex());
+    let started = tokio::select! {
+        line = wait_line(app_lines, &restarted, LIVE_TIMEOUT) => line,
+        () = stopping.cancelled() => return Ok(Some(Next::Stop)),
+    };
     let t_app = Instant::now();
     if started.is_none() {
         bail!("{} is live but the app did not restart", short(&digest));

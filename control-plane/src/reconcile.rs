@@ -144,32 +144,35 @@ async fn reconcile(deploy: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Rec
         return Ok(Action::await_change());
     }
     let desired = cluster::owned(fresh.metadata.annotations.as_ref());
-    let mut patch = cluster::desired_patch(&desired);
-    let mut total = 0;
-    let mut errors = Vec::new();
-    for pod in pods {
-        if cluster::owned(pod.metadata.annotations.as_ref()) == desired {
-            continue;
-        }
-        total += 1;
-        let name = pod.metadata.name.clone().unwrap_or_default();
-        if let Some(rv) = &pod.metadata.resource_version {
-            patch["metadata"]["resourceVersion"] = serde_json::json!(rv);
-        }
-        match ctx
-            .pods
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(pod = %name, "copied the desired release annotations onto the pod");
+    let patch = cluster::desired_patch(&desired);
+    let stale: Vec<Pod> = pods
+        .into_iter()
+        .filter(|p| cluster::owned(p.metadata.annotations.as_ref()) != desired)
+        .collect();
+    let total = stale.len();
+    let errors: Vec<kube::Error> = futures::stream::iter(stale)
+        .map(|pod| {
+            let api = ctx.pods.clone();
+            let mut patch = patch.clone();
+            async move {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                if let Some(rv) = &pod.metadata.resource_version {
+                    patch["metadata"]["resourceVersion"] = serde_json::json!(rv);
+                }
+                let result = api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                match &result {
+                    Ok(_) => tracing::info!(pod = %name, "copied the desired release annotations onto the pod"),
+                    Err(e) => tracing::warn!(pod = %name, error = %e, "could not annotate pod; retrying with backoff"),
+                }
+                result.err()
             }
-            Err(e) => {
-                tracing::warn!(pod = %name, error = %e, "could not annotate pod; retrying with backoff");
-                errors.push(e);
-            }
-        }
-    }
+        })
+        .buffer_unordered(32)
+        .filter_map(|e| async move { e })
+        .collect()
+        .await;
     let failed = errors.len();
     match errors.into_iter().next() {
         Some(first) => Err(ReconcileError::Patch {

@@ -14,7 +14,8 @@ use aether_common::{Digest, PublicKey};
 use anyhow::{Context, bail};
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
@@ -136,10 +137,21 @@ fn cluster_error(e: anyhow::Error) -> ApiError {
     ApiError(code, msg)
 }
 
-/// App names become object names (`<app>-aether-fetcher` too), so they must be DNS-1123
-/// labels short enough for that suffix.
-fn check_app(app: &str) -> Result<(), ApiError> {
-    manifest::check_app_name(app).map_err(unprocessable)
+/// The `{app}` of a route, validated before the handler runs: app names become object
+/// names (`<app>-aether-fetcher` too), so they must be DNS-1123 labels short enough for
+/// that suffix. Anything else is a 422 and nothing is applied.
+struct AppName(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for AppName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(app) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| bad_request(e.body_text()))?;
+        manifest::check_app_name(&app).map_err(unprocessable)?;
+        Ok(Self(app))
+    }
 }
 
 /// The operator's public URL, validated; `None` means the listener's own address, which
@@ -156,6 +168,22 @@ fn configured_public_url(args: &ServeArgs) -> anyhow::Result<Option<String>> {
         return Ok(None);
     };
     let url = reqwest::Url::parse(raw).with_context(|| format!("--public-url {raw:?}"))?;
+    let host = url
+        .host_str()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback_host = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if loopback_host && !args.listen.ip().is_loopback() {
+        bail!(
+            "--public-url {raw:?} names this machine's loopback address while listening on {}: \
+             pods cannot reach it; give the Service's or the node's address",
+            args.listen
+        );
+    }
     if !matches!(url.scheme(), "http" | "https")
         || url.host_str().is_none_or(str::is_empty)
         || url.query().is_some()
@@ -475,10 +503,9 @@ fn check_release(
 
 async fn deploy(
     State(s): State<Shared>,
-    Path(app): Path<String>,
+    AppName(app): AppName,
     Json(req): Json<DeployRequest>,
 ) -> Result<Response, ApiError> {
-    check_app(&app)?;
     if req.dev_hot && req.command.is_empty() {
         return Err(unprocessable(
             "a dev-hot deployment needs the app's command: it runs under the supervisor, \
@@ -537,11 +564,10 @@ async fn deploy(
 
 async fn release(
     State(s): State<Shared>,
-    Path(app): Path<String>,
+    AppName(app): AppName,
     Json(req): Json<ReleaseRequest>,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
-    check_app(&app)?;
     let ns = namespace(&s, req.namespace.as_deref())?;
     let (digest, url) = check_release(&s, &app, &req)?;
     let desired = desired_annotations(&digest.to_string(), &url, &req);
@@ -565,16 +591,24 @@ async fn release(
 #[derive(serde::Deserialize)]
 struct StatusQuery {
     namespace: Option<String>,
+    /// Comma-separated pod names: only these are read (for waits that re-read the pods
+    /// still pending). Default: every pod of the app.
+    pods: Option<String>,
 }
 
 async fn status(
     State(s): State<Shared>,
-    Path(app): Path<String>,
+    AppName(app): AppName,
     Query(q): Query<StatusQuery>,
 ) -> Result<Response, ApiError> {
-    check_app(&app)?;
     let ns = namespace(&s, q.namespace.as_deref())?;
-    let status = cluster::status(&s.client, Some(&s.cache), &ns, &app)
+    let only: Option<Vec<String>> = q.pods.as_deref().map(|p| {
+        p.split(',')
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect()
+    });
+    let status = cluster::status(&s.client, Some(&s.cache), &ns, &app, only.as_deref())
         .await
         .map_err(cluster_error)?;
     Ok(Json(status).into_response())

@@ -314,6 +314,14 @@ impl Emulator {
         }
     }
 
+    /// Injected patch failures of `plural` not used yet.
+    pub fn patch_failures_left(&self, plural: &str) -> u64 {
+        self.shared
+            .failing_patches
+            .lock()
+            .map_or(0, |f| f.get(plural).copied().unwrap_or(0))
+    }
+
     /// Watch requests parked right now.
     pub fn held_watches(&self) -> u64 {
         self.shared.held.load(Ordering::SeqCst)

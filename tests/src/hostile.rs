@@ -193,24 +193,40 @@ impl RawTar {
         self.push(h, &[]);
     }
 
-    /// A regular file whose real path comes from a PAX `path` record (any bytes).
-    pub fn pax_path(&mut self, path: &[u8], data: &[u8]) {
-        let mut record = Vec::new();
-        let body_len = b" path=".len() + path.len() + 1;
-        let mut total = body_len + 1;
-        while total != body_len + total.to_string().len() {
-            total = body_len + total.to_string().len();
+    /// One PAX extension header holding `records` (`key=value` each, any bytes).
+    fn pax_records(&mut self, records: &[(&str, &[u8])]) {
+        let mut data = Vec::new();
+        for (key, value) in records {
+            // A record is `<len> key=value\n`, where `len` counts the whole record, itself
+            // included.
+            let body_len = 1 + key.len() + 1 + value.len() + 1;
+            let mut total = body_len + 1;
+            while total != body_len + total.to_string().len() {
+                total = body_len + total.to_string().len();
+            }
+            write!(data, "{total} {key}=").ok();
+            data.extend_from_slice(value);
+            data.push(b'\n');
         }
-        write!(record, "{total} path=").ok();
-        record.extend_from_slice(path);
-        record.push(b'\n');
         let h = Self::header(
             tar::EntryType::XHeader,
             b"PaxHeader",
-            record.len() as u64,
+            data.len() as u64,
             0o644,
         );
-        self.push(h, &record);
+        self.push(h, &data);
+    }
+
+    /// A symlink whose name and target come from PAX records (any length).
+    pub fn pax_symlink(&mut self, name: &str, target: &str) {
+        self.pax_records(&[("path", name.as_bytes()), ("linkpath", target.as_bytes())]);
+        let h = Self::header(tar::EntryType::Symlink, b"placeholder", 0, 0o777);
+        self.push(h, &[]);
+    }
+
+    /// A regular file whose real path comes from a PAX `path` record (any bytes).
+    pub fn pax_path(&mut self, path: &[u8], data: &[u8]) {
+        self.pax_records(&[("path", path)]);
         let h = Self::header(
             tar::EntryType::Regular,
             b"placeholder",
@@ -296,6 +312,51 @@ pub fn huge_extension_header(kind: Extension, size: u64) -> Vec<u8> {
     t.file("after.txt", b"after the header", 0o644);
     t.out.extend(std::iter::repeat_n(0u8, 1024));
     gz.write_all(&t.out).ok();
+    gz.finish().unwrap_or_default()
+}
+
+/// `count` files, each at the end of a chain of nested directories about `path_bytes`
+/// long (`x<i>/d/d/…/f`): every directory on the way is a name an extractor keeps until the
+/// end, so the names add up to about `count × path_bytes² / 4` bytes from a small archive.
+pub fn deep_directories(count: usize, path_bytes: usize) -> Vec<u8> {
+    let mut t = RawTar::default();
+    let depth = path_bytes / 2;
+    for i in 0..count {
+        let path = format!("x{i}/{}f", "d/".repeat(depth));
+        t.file(&path, b"", 0o644);
+    }
+    t.finish()
+}
+
+/// A directory `a` and `count` symlinks whose targets walk `a/..` back and forth for about
+/// `target_bytes` bytes: each harmless, but checking where they lead costs
+/// `count × target_bytes / 2` lookups.
+pub fn link_lookup_flood(count: usize, target_bytes: usize) -> Vec<u8> {
+    let mut t = RawTar::default();
+    t.dir("a");
+    let target = format!("{}a", "a/../".repeat(target_bytes / 5));
+    for i in 0..count {
+        t.pax_symlink(&format!("l{i}"), &target);
+    }
+    t.finish()
+}
+
+/// A directory entry that declares `size` bytes of data (zeros) after its header: a reader
+/// that skips the data of non-file entries reads them unseen and uncounted.
+pub fn directory_with_data(size: u64) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::best());
+    let mut h = RawTar::header(tar::EntryType::Directory, b"dir/", size, 0o755);
+    h.set_cksum();
+    gz.write_all(h.as_bytes()).ok();
+    let block = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        gz.write_all(&block[..n]).ok();
+        left -= n as u64;
+    }
+    gz.write_all(&vec![0u8; ((512 - size % 512) % 512) as usize + 1024])
+        .ok();
     gz.finish().unwrap_or_default()
 }
 

@@ -14,7 +14,14 @@
 //!   not by tar-rs, so each is capped at [`MAX_EXTENSION_BYTES`] before it is buffered: an
 //!   archive cannot make the extractor allocate more than that for one header;
 //! - link resolution follows at most [`MAX_LINK_FOLLOWS`] links per symlink checked, as the
-//!   kernel does, so no arrangement of links makes the check exponential;
+//!   kernel does, and at most [`MAX_LINK_LOOKUPS`] path components in the whole archive, so
+//!   no arrangement of links makes the check exponential or merely endless;
+//! - the names kept in memory until the end (directories made, directory modes, symlinks)
+//!   are capped at [`MAX_NAME_MEMORY`] bytes, and entries that are not regular files must
+//!   carry no data (tar would skip it unread and uncounted);
+//! - file system errors that a retry cannot change (a name too long for `PATH_MAX` once
+//!   below the staging directory, too many hard links to one file) are refusals, not I/O
+//!   failures;
 //! - a caller-supplied cancel check runs before every entry and every chunk written, so a
 //!   deadline or shutdown stops a long extraction promptly.
 //!
@@ -41,6 +48,15 @@ pub const MAX_LINK_FOLLOWS: u32 = 40;
 /// Largest GNU long name, long link or PAX extension header accepted. Real ones are a few
 /// hundred bytes; tar-rs would buffer any size, which lets a small gzip exhaust memory.
 pub const MAX_EXTENSION_BYTES: u64 = 64 * 1024;
+/// Path components looked up, in the whole archive, while checking where symlinks lead. A
+/// `node_modules` tree with thousands of links needs a few tens of thousands.
+pub const MAX_LINK_LOOKUPS: u64 = 1_000_000;
+/// Memory for the names kept until the end of an extraction (directories made, directory
+/// modes, symlinks and their targets), bookkeeping included. A tree of 100,000 entries
+/// with ordinary names needs a few MiB; a fetcher runs within a 64 MiB pod limit.
+pub const MAX_NAME_MEMORY: usize = 16 << 20;
+/// What one retained name costs besides its bytes (the `PathBuf`, the set or vector slot).
+const NAME_OVERHEAD: usize = 64;
 /// Data allowed after the end-of-archive marker (tar pads records to 10 KiB).
 const MAX_TRAILING_BYTES: u64 = 1 << 20;
 const COPY_BUFFER: usize = 256 * 1024;
@@ -155,9 +171,9 @@ fn unpack_tar_cancellable<R: Read>(
         cancelled,
         stats: Stats::default(),
         dirs_made: HashSet::new(),
-        files: HashSet::new(),
         dir_modes: Vec::new(),
         symlinks: Vec::new(),
+        name_memory: 0,
         buf: vec![0u8; COPY_BUFFER],
     };
     // Raw mode: tar-rs hands over extension headers as entries instead of buffering them
@@ -319,14 +335,38 @@ struct Unpacker<'a> {
     stats: Stats,
     /// Directories known to exist (created by us), relative to the root.
     dirs_made: HashSet<PathBuf>,
-    /// Regular files written, relative to the root: the only valid hard link targets.
-    files: HashSet<PathBuf>,
     dir_modes: Vec<(PathBuf, u32)>,
     symlinks: Vec<(PathBuf, PathBuf)>,
+    /// Bytes held by the three above, checked against `MAX_NAME_MEMORY`.
+    name_memory: usize,
     buf: Vec<u8>,
 }
 
 impl Unpacker<'_> {
+    /// Accounts for names about to be kept until the end of the extraction.
+    fn retain(&mut self, names: &[&Path]) -> Result<(), ExtractError> {
+        let bytes: usize = names
+            .iter()
+            .map(|n| n.as_os_str().len() + NAME_OVERHEAD)
+            .sum();
+        self.name_memory += bytes;
+        if self.name_memory > MAX_NAME_MEMORY {
+            return Err(ExtractError::TooLarge(format!(
+                "the names of the directories and links in this archive need more than {} MiB",
+                MAX_NAME_MEMORY >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_cancel(&self) -> Result<(), ExtractError> {
+        if (self.cancelled)() {
+            Err(ExtractError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
     fn entry<R: Read>(
         &mut self,
         entry: &mut tar::Entry<'_, R>,
@@ -341,6 +381,15 @@ impl Unpacker<'_> {
             )));
         }
         let raw_path = names.path;
+        let size = entry.header().entry_size().map_err(ExtractError::Corrupt)?;
+        let is_file = matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous);
+        if !is_file && size != 0 {
+            // tar-rs would skip that data unread: bytes no cap counts and no check sees.
+            return Err(refused(
+                &raw_path,
+                format!("a non-file entry carrying {size} bytes"),
+            ));
+        }
         let Some(rel) = self.sanitize(&raw_path)? else {
             // The archive's own root (`./`): nothing to create.
             return Ok(());
@@ -362,8 +411,9 @@ impl Unpacker<'_> {
                     .link
                     .ok_or_else(|| refused(&raw_path, "symlink without a target"))?;
                 self.check_link_target(&raw_path, &target)?;
-                self.symlinks
-                    .push((rel, PathBuf::from(OsStr::from_bytes(&target))));
+                let target = PathBuf::from(OsStr::from_bytes(&target));
+                self.retain(&[&rel, &target])?;
+                self.symlinks.push((rel, target));
                 Ok(())
             }
             tar::EntryType::Char | tar::EntryType::Block => {
@@ -450,6 +500,7 @@ impl Unpacker<'_> {
                 }
                 Err(source) => return Err(io_err(&full, source)),
             }
+            self.retain(&[&prefix])?;
             self.dirs_made.insert(prefix.clone());
         }
         Ok(())
@@ -513,7 +564,6 @@ impl Unpacker<'_> {
         }
         file.set_permissions(fs::Permissions::from_mode(file_mode(mode)))
             .map_err(|source| io_err(&full, source))?;
-        self.files.insert(rel.to_path_buf());
         Ok(())
     }
 
@@ -528,8 +578,10 @@ impl Unpacker<'_> {
                 }
                 Err(source) => return Err(io_err(&full, source)),
             }
+            self.retain(&[rel])?;
             self.dirs_made.insert(rel.to_path_buf());
         }
+        self.retain(&[rel])?;
         self.dir_modes.push((rel.to_path_buf(), dir_mode(mode)));
         Ok(())
     }
@@ -540,7 +592,11 @@ impl Unpacker<'_> {
             .sanitize(target)
             .map_err(|_| refused(raw, "hard link target leaves the release"))?
             .ok_or_else(|| refused(raw, "hard link to the release root"))?;
-        if !self.files.contains(&target_rel) {
+        // No symlink exists yet and every directory on the way was made by us, so a regular
+        // file found there was written by an earlier entry of this archive.
+        let is_earlier_file =
+            fs::symlink_metadata(self.root.join(&target_rel)).is_ok_and(|m| m.is_file());
+        if !is_earlier_file {
             return Err(refused(
                 raw,
                 "hard link target is not a regular file earlier in the archive",
@@ -555,13 +611,13 @@ impl Unpacker<'_> {
             }
             Err(source) => return Err(io_err(&full, source)),
         }
-        self.files.insert(rel.to_path_buf());
         Ok(())
     }
 
     fn finish(mut self) -> Result<Stats, ExtractError> {
         let symlinks = std::mem::take(&mut self.symlinks);
         for (rel, target) in &symlinks {
+            self.check_cancel()?;
             let raw = rel.as_os_str().as_bytes();
             self.make_parents(rel, raw)?;
             let full = self.root.join(rel);
@@ -575,19 +631,27 @@ impl Unpacker<'_> {
         }
         // Checked once all links exist, because a later link can change where an earlier
         // one leads.
+        let mut walk = Walk {
+            root: self.root,
+            follows: 0,
+            lookups: 0,
+            cancelled: self.cancelled,
+        };
         for (rel, target) in &symlinks {
             let start: Vec<OsString> = rel
                 .parent()
                 .map(|p| p.iter().map(OsStr::to_owned).collect())
                 .unwrap_or_default();
-            let mut follows = 0;
-            resolve_inside(self.root, start, target, &mut follows).map_err(|why| {
-                refused(
+            walk.follows = 0;
+            walk.resolve(start, target).map_err(|e| match e {
+                LinkError::Cancelled => ExtractError::Cancelled,
+                LinkError::Refused(why) => refused(
                     rel.as_os_str().as_bytes(),
                     format!("symlink to {}: {why}", target.display()),
-                )
+                ),
             })?;
         }
+        self.check_cancel()?;
         for (rel, mode) in &self.dir_modes {
             let full = self.root.join(rel);
             fs::set_permissions(&full, fs::Permissions::from_mode(*mode))
@@ -597,45 +661,74 @@ impl Unpacker<'_> {
     }
 }
 
-/// Follows `target` from the directory `start` (components below the root), through any
-/// symlinks on disk, and fails if the walk ever climbs above the root. `follows` counts
-/// every link followed in the whole resolution, nested or not.
-fn resolve_inside(
-    root: &Path,
-    start: Vec<OsString>,
-    target: &Path,
-    follows: &mut u32,
-) -> Result<Vec<OsString>, String> {
-    let mut stack = start;
-    for component in target.components() {
-        match component {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                if stack.pop().is_none() {
-                    return Err("leads outside the release".into());
-                }
-            }
-            Component::Normal(part) => {
-                stack.push(part.to_owned());
-                let on_disk: PathBuf = root.join(stack.iter().collect::<PathBuf>());
-                if let Ok(meta) = fs::symlink_metadata(&on_disk)
-                    && meta.file_type().is_symlink()
-                {
-                    *follows += 1;
-                    if *follows > MAX_LINK_FOLLOWS {
-                        return Err("too many levels of symbolic links".into());
+/// Why a symlink check stopped.
+enum LinkError {
+    Refused(String),
+    Cancelled,
+}
+
+/// The state of checking where the archive's symlinks lead.
+struct Walk<'a> {
+    root: &'a Path,
+    /// Links followed for the symlink being checked.
+    follows: u32,
+    /// Components looked up on disk for the whole archive.
+    lookups: u64,
+    cancelled: CancelCheck<'a>,
+}
+
+impl Walk<'_> {
+    /// Follows `target` from the directory `start` (components below the root), through
+    /// any symlinks on disk, and fails if the walk ever climbs above the root.
+    fn resolve(&mut self, start: Vec<OsString>, target: &Path) -> Result<Vec<OsString>, LinkError> {
+        let mut stack = start;
+        // The on-disk path of `stack`, kept in step with it (rebuilding it for every
+        // component would make long targets quadratic).
+        let mut on_disk: PathBuf = self.root.join(stack.iter().collect::<PathBuf>());
+        for component in target.components() {
+            match component {
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    if stack.pop().is_none() {
+                        return Err(LinkError::Refused("leads outside the release".into()));
                     }
-                    let next = fs::read_link(&on_disk).map_err(|e| e.to_string())?;
-                    stack.pop();
-                    stack = resolve_inside(root, stack, &next, follows)?;
+                    on_disk.pop();
                 }
-            }
-            Component::RootDir | Component::Prefix(_) => {
-                return Err("absolute link target".into());
+                Component::Normal(part) => {
+                    self.lookups += 1;
+                    if self.lookups > MAX_LINK_LOOKUPS {
+                        return Err(LinkError::Refused(format!(
+                            "checking the archive's links needs more than {MAX_LINK_LOOKUPS} lookups"
+                        )));
+                    }
+                    if self.lookups.is_multiple_of(1024) && (self.cancelled)() {
+                        return Err(LinkError::Cancelled);
+                    }
+                    stack.push(part.to_owned());
+                    on_disk.push(part);
+                    if let Ok(meta) = fs::symlink_metadata(&on_disk)
+                        && meta.file_type().is_symlink()
+                    {
+                        self.follows += 1;
+                        if self.follows > MAX_LINK_FOLLOWS {
+                            return Err(LinkError::Refused(
+                                "too many levels of symbolic links".into(),
+                            ));
+                        }
+                        let next = fs::read_link(&on_disk)
+                            .map_err(|e| LinkError::Refused(e.to_string()))?;
+                        stack.pop();
+                        stack = self.resolve(stack, &next)?;
+                        on_disk = self.root.join(stack.iter().collect::<PathBuf>());
+                    }
+                }
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(LinkError::Refused("absolute link target".into()));
+                }
             }
         }
+        Ok(stack)
     }
-    Ok(stack)
 }
 
 /// Keeps the owner's bits and group/other read+execute; drops setuid, setgid, sticky and
@@ -649,16 +742,34 @@ fn dir_mode(mode: u32) -> u32 {
     (mode & 0o755) | 0o700
 }
 
+/// A failed file system call. Errors no retry can change — a name too long once below the
+/// staging directory, too many hard links to one file — are the archive's fault: refusals,
+/// so the same bytes are not fetched again.
 fn io_err(path: &Path, source: io::Error) -> ExtractError {
-    ExtractError::Io {
-        path: path.to_path_buf(),
-        source,
+    match source.kind() {
+        io::ErrorKind::InvalidFilename | io::ErrorKind::TooManyLinks => ExtractError::Refused {
+            path: path.display().to_string(),
+            why: source.to_string(),
+        },
+        _ => ExtractError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn walk(root: &Path) -> Walk<'_> {
+        Walk {
+            root,
+            follows: 0,
+            lookups: 0,
+            cancelled: &|| false,
+        }
+    }
 
     #[test]
     fn modes_drop_special_and_shared_write_bits() {
@@ -676,8 +787,8 @@ mod tests {
         fs::create_dir(&root).unwrap();
         std::os::unix::fs::symlink(".", root.join("d")).unwrap();
         // `d/..` looks harmless written down, but `d` is `.`, so it means the root's parent.
-        assert!(resolve_inside(&root, vec![], Path::new("d/.."), &mut 0).is_err());
-        assert!(resolve_inside(&root, vec![], Path::new("d/x"), &mut 0).is_ok());
+        assert!(walk(&root).resolve(vec![], Path::new("d/..")).is_err());
+        assert!(walk(&root).resolve(vec![], Path::new("d/x")).is_ok());
     }
 
     #[test]
@@ -685,7 +796,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink("b", dir.path().join("a")).unwrap();
         std::os::unix::fs::symlink("a", dir.path().join("b")).unwrap();
-        assert!(resolve_inside(dir.path(), vec![], Path::new("a"), &mut 0).is_err());
+        assert!(walk(dir.path()).resolve(vec![], Path::new("a")).is_err());
     }
 
     #[test]
@@ -698,9 +809,9 @@ mod tests {
             std::os::unix::fs::symlink(format!("{prev}/{prev}"), dir.path().join(format!("l{k}")))
                 .unwrap();
         }
-        let mut follows = 0;
-        let got = resolve_inside(dir.path(), vec![], Path::new("l47"), &mut follows);
-        assert!(got.is_err(), "{got:?}");
-        assert!(follows <= MAX_LINK_FOLLOWS + 1, "{follows}");
+        let mut w = walk(dir.path());
+        assert!(w.resolve(vec![], Path::new("l47")).is_err());
+        assert!(w.follows <= MAX_LINK_FOLLOWS + 1, "{}", w.follows);
+        assert!(w.lookups < 1000, "{}", w.lookups);
     }
 }

@@ -87,11 +87,13 @@ pub struct StatusReport {
 }
 
 impl StatusReport {
-    /// The refusal of `digest`, if the latest failure was for it.
+    /// The refusal of `digest`: the latest failure was for it and the fetcher will not
+    /// retry it by itself. A failure it retries (a download error, a timeout) is not a
+    /// verdict yet.
     pub fn refusal_of(&self, digest: &Digest) -> Option<&LastError> {
         self.last_error
             .as_ref()
-            .filter(|e| e.digest.as_ref() == Some(digest))
+            .filter(|e| e.digest.as_ref() == Some(digest) && !e.will_retry)
     }
 }
 
@@ -124,6 +126,11 @@ mod tests {
         };
         assert!(s.refusal_of(&a).is_some());
         assert!(s.refusal_of(&b).is_none());
+        let mut retried = s.clone();
+        if let Some(e) = retried.last_error.as_mut() {
+            e.will_retry = true;
+        }
+        assert!(retried.refusal_of(&a).is_none(), "still being retried");
         let text = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<StatusReport>(&text).unwrap(), s);
     }
