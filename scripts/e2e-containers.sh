@@ -106,6 +106,13 @@ assert init["aether-fetcher"]["restartPolicy"] == "Always"
 for c in list(init.values()) + [app]:
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and sc["runAsNonRoot"] and sc["capabilities"]["drop"] == ["ALL"]
+# Least privilege inside the pod: no token but the fetcher's; the app only reads releases.
+assert pod["automountServiceAccountToken"] is False
+token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+mounts = lambda c: {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+assert token_dir in mounts(init["aether-fetcher"])
+assert token_dir not in mounts(app) and token_dir not in mounts(init["aether-install"])
+assert all(m.get("readOnly") for m in mounts(app).values()), mounts(app)
 PY
 mapfile -t install_args < "$work/install.args"
 mapfile -t app_cmd < "$work/app.cmd"
@@ -118,7 +125,7 @@ docker run -d --name "$run-fetcher" "${restricted[@]}" --env-file "$work/fetcher
 fetcher=http://$(hostport "$run-fetcher" 9180)
 until_ok 30 curl -sf "$fetcher/readyz" || fail "the fetcher never became ready"
 docker run -d --name "$run-app" "${restricted[@]}" --env-file "$work/app.env" -e PORT=8080 \
-  -v "$work/ws:/workspace" -v "$work/bin:/aether/bin:ro" -w "$(cat "$work/app.workdir")" \
+  -v "$work/ws:/workspace:ro" -v "$work/bin:/aether/bin:ro" -w "$(cat "$work/app.workdir")" \
   -p 127.0.0.1::8080 --entrypoint "${app_cmd[0]}" "aether-example-app:$TAG" "${app_cmd[@]:1}" >/dev/null
 app=http://$(hostport "$run-app" 8080)
 until_ok 30 sh -c "curl -sf $app/ | grep -q 'version 1'" || fail "the app does not serve release 1"
