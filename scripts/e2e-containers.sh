@@ -119,8 +119,10 @@ mapfile -t app_cmd < "$work/app.cmd"
 docker run --rm "${restricted[@]}" -v "$work/bin:/aether/bin" "aether-fetcher:$TAG" "${install_args[@]}" >/dev/null
 # The pod's containers reach the API server through the kubeconfig (the emulator speaks
 # plain HTTP, so there is no in-cluster service-account TLS to use).
+# Debug logging of the engine only adds its decisions ("nothing to fetch"), which step 3
+# waits for instead of waiting for time.
 docker run -d --name "$run-fetcher" "${restricted[@]}" --env-file "$work/fetcher.env" \
-  -e KUBECONFIG=/kube/config -v "$work/kube:/kube:ro" -v "$work/ws:/workspace" \
+  -e RUST_LOG=info,aether_fetcher::engine=debug -e KUBECONFIG=/kube/config -v "$work/kube:/kube:ro" -v "$work/ws:/workspace" \
   -p 127.0.0.1::9180 "aether-fetcher:$TAG" >/dev/null
 fetcher=http://$(hostport "$run-fetcher" 9180)
 until_ok 30 curl -sf "$fetcher/readyz" || fail "the fetcher never became ready"
@@ -152,10 +154,15 @@ echo "hot patch served by the restarted app in ${ms} ms (SLO ${SLO_MS} ms)"
 echo "==> 3. docker restart of the fetcher does not re-download"
 downloads() { curl -sf "$AETHER_API_URL/metrics" | sed -n 's/^aether_downloads_total \([0-9]*\).*/\1/p'; }
 before=$(downloads)
+decisions() { docker logs "$run-fetcher" 2>&1 | grep -c "nothing to fetch" || true; }
+decided=$(decisions)
 docker restart -t 5 "$run-fetcher" >/dev/null
 fetcher=http://$(hostport "$run-fetcher" 9180)   # a restart may publish another host port
 until_ok 30 curl -sf "$fetcher/readyz" || fail "the fetcher did not come back"
-sleep 1
+# The restarted fetcher has looked at the desired release and decided there is nothing to
+# fetch: any download would have started before that decision.
+until_ok 30 sh -c "[ \$(docker logs $run-fetcher 2>&1 | grep -c 'nothing to fetch') -gt $decided ]" \
+  || fail "the restarted fetcher never decided"
 after=$(downloads)
 [ "$before" = "$after" ] || fail "restart downloaded again ($before → $after)"
 docker logs "$run-fetcher" 2>&1 | grep -q "REFRESH_STATE failures=0 last_digest=[0-9a-f]\{64\}" || fail "no REFRESH_STATE marker"

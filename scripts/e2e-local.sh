@@ -27,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_file() { for _ in $(seq 200); do [ -s "$1" ] && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; return 1; }
+wait_file() { for _ in $(seq 1200); do [ -s "$1" ] && return 0; sleep 0.05; done; echo "timeout waiting for $1" >&2; return 1; }
 fail() { echo "FAIL: $*" >&2; exit 1; }
 
 echo "==> Kubernetes API emulator"
@@ -48,7 +48,7 @@ serve_port=$(free_port)
 export AETHER_API_URL=http://127.0.0.1:$serve_port AETHER_API_TOKEN=e2e-token
 AETHER_LISTEN=127.0.0.1:$serve_port AETHER_DATA_DIR=$work/data AETHER_PUBKEY=$pubkey \
   aether serve 2> "$work/serve.log" & pids+=($!)
-for _ in $(seq 200); do curl -sf "$AETHER_API_URL/healthz" >/dev/null && break; sleep 0.05; done
+for _ in $(seq 1200); do curl -sf "$AETHER_API_URL/healthz" >/dev/null && break; sleep 0.05; done
 
 echo "==> deploy demo (dev-hot) from examples/hello"
 mkdir -p "$work/src"
@@ -80,7 +80,7 @@ done
 
 serves() { curl -sf "http://127.0.0.1:$1/index.html" 2>/dev/null | grep -q "$2"; }
 for pod in demo-0 demo-1; do
-  ok=; for _ in $(seq 300); do serves "${app_port[$pod]}" "Hello, version 1" && ok=1 && break; sleep 0.05; done
+  ok=; for _ in $(seq 1200); do serves "${app_port[$pod]}" "Hello, version 1" && ok=1 && break; sleep 0.05; done
   [ -n "$ok" ] || fail "$pod never served the first release"
 done
 echo "both pods serve release 1"
@@ -99,7 +99,7 @@ read -r url digest < <(release "version 2")
 ms=$(SIGNATURE=$(aether sign "$digest") scripts/dev-hot-e2e.sh demo "$url" "$digest") || fail "dev-hot-e2e.sh exited $?"
 echo "patch-to-live on 2 pods: ${ms} ms"
 for pod in demo-0 demo-1; do
-  ok=; for _ in $(seq 200); do serves "${app_port[$pod]}" "version 2" && ok=1 && break; sleep 0.05; done
+  ok=; for _ in $(seq 1200); do serves "${app_port[$pod]}" "version 2" && ok=1 && break; sleep 0.05; done
   [ -n "$ok" ] || fail "$pod app does not serve version 2 after the restart"
 done
 echo "both apps restarted and serve version 2"
@@ -109,7 +109,7 @@ read -r url digest < <(release "version 3")
 FETCHER_LOGS="$work/fetcher-demo-*.log" AETHER_BIN=aether \
   scripts/dev-hot-signature-e2e.sh demo "$url" "$digest" || fail "dev-hot-signature-e2e.sh"
 for pod in demo-0 demo-1; do
-  ok=; for _ in $(seq 200); do serves "${app_port[$pod]}" "version 3" && ok=1 && break; sleep 0.05; done
+  ok=; for _ in $(seq 1200); do serves "${app_port[$pod]}" "version 3" && ok=1 && break; sleep 0.05; done
   [ -n "$ok" ] || fail "$pod app does not serve version 3"
 done
 echo "==> e2e-local OK"
