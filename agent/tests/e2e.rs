@@ -846,6 +846,35 @@ async fn sigterm_mid_download_exits_within_a_second_and_cleans_staging() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_extractor_checks_links_exits_within_a_second() {
+    let rig = Rig::new().await;
+    let mut fetcher = rig.fetcher(&[]);
+    fetcher.http_addr().await.unwrap();
+    // A million lookups' worth of links: the blocking thread is busy for a while in its
+    // last phase, after the whole body has arrived.
+    let (url, bad) = rig.publish_bytes("links.tgz", hostile::link_lookup_flood(5000, 2000));
+    rig.point_at(&url, &bad).await;
+    let staging = rig.workspace.join(".aether/staging");
+    let checking = wait_until(LONG, || async {
+        std::fs::read_dir(&staging).is_ok_and(|mut d| {
+            d.any(|e| e.is_ok_and(|e| e.path().join("l4999").symlink_metadata().is_ok()))
+        })
+    })
+    .await;
+    assert!(checking, "the links were never created");
+    let t = std::time::Instant::now();
+    fetcher.sigterm();
+    let exit = fetcher
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("exited");
+    let took = t.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert_eq!(rig.current_target(), None, "nothing went live");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_watch_and_410_gone_are_recovered() {
     let rig = Rig::new().await;
     let fetcher = rig.fetcher(&[("AETHER_FETCH_INTERVAL_SEC", "300".into())]);

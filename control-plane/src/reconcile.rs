@@ -150,6 +150,9 @@ async fn reconcile(deploy: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Rec
         .filter(|p| cluster::owned(p.metadata.annotations.as_ref()) != desired)
         .collect();
     let total = stale.len();
+    if total == 0 {
+        tracing::debug!(app = %app, "every pod carries the desired release");
+    }
     let errors: Vec<kube::Error> = futures::stream::iter(stale)
         .map(|pod| {
             let api = ctx.pods.clone();

@@ -27,7 +27,7 @@ struct Plane {
     emu: Emulator,
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
-    _server: Proc,
+    server: Proc,
     url: String,
 }
 
@@ -57,7 +57,7 @@ impl Plane {
             emu,
             dir,
             kubeconfig,
-            _server: server,
+            server,
             url: format!("http://127.0.0.1:{port}"),
         }
     }
@@ -421,6 +421,95 @@ async fn a_failed_pod_patch_is_retried_with_backoff_until_it_lands() {
         plane.emu.patch_failures_left("pods"),
         0,
         "the annotation came after the injected failures"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_never_puts_an_older_release_back_on_a_pod() {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::runtime::{WatchStreamExt, watcher};
+    let plane = Plane::start(&[("RUST_LOG", "info,aether::reconcile=debug".into())]).await;
+    let src = plane.source(&[("f", "1")]);
+    plane.deploy_dev_hot("app", &src).await;
+    let first = plane
+        .annotation("deployments", "app", "aether.dev/digest")
+        .unwrap();
+    // Every value the pod's digest takes, in order, from a watch opened before it exists.
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&plane.kubeconfig).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let pods: kube::Api<Pod> =
+        kube::Api::namespaced(kube::Client::try_from(config).unwrap(), "default");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let recorder = {
+        let seen = seen.clone();
+        let cfg = watcher::Config::default().fields("metadata.name=app-0");
+        tokio::spawn(async move {
+            let mut events = watcher(pods, cfg).applied_objects().boxed();
+            while let Some(Ok(pod)) = events.next().await {
+                let digest = pod
+                    .metadata
+                    .annotations
+                    .and_then(|a| a.get("aether.dev/digest").cloned());
+                if let Some(d) = digest {
+                    let mut seen = seen.lock().unwrap();
+                    if seen.last() != Some(&d) {
+                        seen.push(d);
+                    }
+                }
+            }
+        })
+    };
+    // The reconciler's patch of the new pod is parked after it read the pods and the
+    // Deployment: it carries `first`.
+    plane.emu.hold_patches("pods");
+    plane.pod("app-0", "app");
+    let parked = wait_until(LONG, || async { plane.emu.held_patches() >= 1 }).await;
+    assert!(parked, "the reconciler never patched the new pod");
+    // A newer release lands meanwhile, in the release route's order: Deployment, then pods.
+    let newer = format!("sha256:{}", "cd".repeat(32));
+    let annotate = json!({"metadata": {"annotations": {"aether.dev/digest": newer}}});
+    plane
+        .emu
+        .merge_patch("deployments", Some("default"), "app", &annotate)
+        .unwrap();
+    plane
+        .emu
+        .merge_patch("pods", Some("default"), "app-0", &annotate)
+        .unwrap();
+    let conflicts = plane.emu.conflicts();
+    let decided = plane
+        .server
+        .lines_with("every pod carries the desired release")
+        .len();
+    plane.emu.release_patches();
+    // The parked patch names the pod's resourceVersion from before the release: refused.
+    let refused = wait_until(LONG, || async { plane.emu.conflicts() > conflicts }).await;
+    assert!(refused, "the stale patch was applied");
+    // Reconciles after it read everything again and find nothing to change.
+    plane
+        .server
+        .wait_for_lines("every pod carries the desired release", decided + 1, LONG)
+        .await
+        .unwrap();
+    assert_eq!(
+        plane
+            .annotation("pods", "app-0", "aether.dev/digest")
+            .as_deref(),
+        Some(newer.as_str())
+    );
+    let seen = seen.lock().unwrap().clone();
+    recorder.abort();
+    assert!(
+        !seen
+            .iter()
+            .skip_while(|d| **d != newer)
+            .any(|d| *d == first),
+        "the older release came back: {seen:?}"
     );
 }
 

@@ -198,6 +198,12 @@ struct Shared {
     held: AtomicU64,
     /// Patches of a resource type (by plural) still to be answered with 500.
     failing_patches: Mutex<BTreeMap<String, u64>>,
+    /// The resource type (plural) whose patches wait before they are applied, if any.
+    hold_patches: watch::Sender<Option<String>>,
+    /// Patch requests parked by `hold_patches` right now.
+    held_patches: AtomicU64,
+    /// Requests answered 409 Conflict (stale resourceVersion).
+    conflicts: AtomicU64,
     counters: Counters,
     bookmark_every: Duration,
 }
@@ -256,6 +262,9 @@ impl Emulator {
             hold_watches: watch::channel(false).0,
             held: AtomicU64::new(0),
             failing_patches: Mutex::new(BTreeMap::new()),
+            hold_patches: watch::channel(None).0,
+            held_patches: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
             counters: Counters::default(),
             bookmark_every: options.bookmark_every,
         });
@@ -312,6 +321,29 @@ impl Emulator {
         if let Ok(mut f) = self.shared.failing_patches.lock() {
             f.insert(plural.to_owned(), count);
         }
+    }
+
+    /// Parks every patch of `plural` before it is applied, until [`Emulator::release_patches`]
+    /// (objects changed meanwhile through [`Emulator::merge_patch`] are seen at release
+    /// time, as by a slow client).
+    pub fn hold_patches(&self, plural: &str) {
+        self.shared
+            .hold_patches
+            .send_replace(Some(plural.to_owned()));
+    }
+
+    pub fn release_patches(&self) {
+        self.shared.hold_patches.send_replace(None);
+    }
+
+    /// Patch requests parked right now.
+    pub fn held_patches(&self) -> u64 {
+        self.shared.held_patches.load(Ordering::SeqCst)
+    }
+
+    /// Requests refused with 409 Conflict so far (a stale `resourceVersion`).
+    pub fn conflicts(&self) -> u64 {
+        self.shared.conflicts.load(Ordering::SeqCst)
     }
 
     /// Injected patch failures of `plural` not used yet.
@@ -817,6 +849,7 @@ async fn resource(
         }
         (Method::PATCH, Some(name), [] | ["status"]) => {
             c.patch.fetch_add(1, Ordering::Relaxed);
+            wait_while_patches_held(shared, rt.plural).await;
             if take_failure(shared, rt.plural) {
                 return Err(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -833,7 +866,12 @@ async fn resource(
                 .unwrap_or("")
                 .trim()
                 .to_owned();
-            let patched = patch(shared, idx, namespace, name, &content_type, query, body)?;
+            let patched = patch(shared, idx, namespace, name, &content_type, query, body)
+                .inspect_err(|e| {
+                    if e.code == StatusCode::CONFLICT {
+                        shared.conflicts.fetch_add(1, Ordering::SeqCst);
+                    }
+                })?;
             Ok(json_response(StatusCode::OK, &patched))
         }
         (Method::DELETE, Some(name), []) => {
@@ -1524,6 +1562,17 @@ fn take_failure(shared: &Shared, plural: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// Parks a patch of `plural` while the test holds that type's patches.
+async fn wait_while_patches_held(shared: &Shared, plural: &str) {
+    let mut hold = shared.hold_patches.subscribe();
+    if hold.borrow_and_update().as_deref() != Some(plural) {
+        return;
+    }
+    shared.held_patches.fetch_add(1, Ordering::SeqCst);
+    let _ = hold.wait_for(|held| held.as_deref() != Some(plural)).await;
+    shared.held_patches.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// Parks a watch request while the test holds watches.
