@@ -229,12 +229,12 @@ impl Engine {
             self.pending = None;
             if self.failures > 0 {
                 self.failures = 0;
+                self.save_state().await;
                 self.metrics.set_consecutive(0);
                 self.status.update(|s| {
                     s.consecutive_failures = 0;
                     s.last_error = None;
                 });
-                self.save_state().await;
             }
             self.set_ready(true).await;
             return Plan::Idle;
@@ -302,11 +302,15 @@ impl Engine {
                 let latency = seen_at.elapsed();
                 let digest = desired.digest;
                 self.live = Some(digest);
-                self.set_ready(true).await;
                 self.last_swap = Some(Instant::now());
                 self.failures = 0;
                 self.pending = None;
                 self.backoff = backoff(self.cfg.backoff_max);
+                // The workspace first (`state.json`, `.ready`), the reports after: whoever
+                // sees the new release in `/status`, the metrics or the log finds the
+                // workspace already saying so.
+                self.save_state().await;
+                self.set_ready(true).await;
                 self.metrics.success(latency, digest);
                 let ms = latency.as_millis() as u64;
                 tracing::debug!(
@@ -328,7 +332,6 @@ impl Engine {
                     s.last_error = None;
                     s.last_refresh_ms = Some(ms);
                 });
-                self.save_state().await;
             }
             Err(RefreshError::Cancelled) => {
                 tracing::debug!(digest = %desired.digest, "refresh superseded");
@@ -368,6 +371,8 @@ impl Engine {
         will_retry: bool,
     ) {
         self.failures += 1;
+        // As on success: the workspace first, then metrics, log and `/status`.
+        self.save_state().await;
         let anomaly = self.failures == self.cfg.anomaly_threshold;
         self.metrics.failure(reason, self.failures, anomaly);
         tracing::warn!(reason = %reason, "refresh failed: {message}");
@@ -393,7 +398,6 @@ impl Engine {
                 will_retry,
             });
         });
-        self.save_state().await;
     }
 
     /// Retry delays start in [0.5 s, 1 s), double, and stay within the cap.
