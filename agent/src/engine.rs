@@ -227,6 +227,7 @@ impl Engine {
         if self.live == Some(desired.digest) {
             tracing::debug!(digest = %desired.digest, "desired release is live; nothing to fetch");
             self.pending = None;
+            self.set_ready(true).await;
             if self.failures > 0 {
                 self.failures = 0;
                 self.save_state().await;
@@ -236,7 +237,6 @@ impl Engine {
                     s.last_error = None;
                 });
             }
-            self.set_ready(true).await;
             return Plan::Idle;
         }
         self.set_ready(false).await;
