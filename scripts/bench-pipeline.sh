@@ -22,7 +22,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 command -v musl-gcc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq musl-tools >/dev/null; }
-rustup target list --installed 2>/dev/null | grep -q "$TARGET" || rustup target add "$TARGET"
+rustup target list --installed 2>/dev/null | grep "$TARGET" >/dev/null || rustup target add "$TARGET"
 
 echo "building release binaries..." >&2
 cargo build --release --locked --target "$TARGET" -p aether-fetcher >&2

@@ -47,7 +47,7 @@ for pod in $pods; do
   deadline=$(( $(date +%s) + 30 ))
   while [ "$(date +%s)" -le "$deadline" ]; do
     s=$(status_of "$pod")
-    if [ "$(printf '%s' "$s" | field desired_digest)" = "$digest" ] && printf '%s' "$s" | grep -q '"reason":"signature"'; then ok=1; break; fi
+    if [ "$(printf '%s' "$s" | field desired_digest)" = "$digest" ] && printf '%s' "$s" | grep '"reason":"signature"' >/dev/null; then ok=1; break; fi
     sleep 0.02
   done
   [ -n "$ok" ] || { echo "pod $pod did not refuse the bad signature: $s" >&2; exit 20; }

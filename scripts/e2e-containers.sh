@@ -165,7 +165,9 @@ until_ok 30 sh -c "[ \$(docker logs $run-fetcher 2>&1 | grep -c 'nothing to fetc
   || fail "the restarted fetcher never decided"
 after=$(downloads)
 [ "$before" = "$after" ] || fail "restart downloaded again ($before → $after)"
-docker logs "$run-fetcher" 2>&1 | grep -q "REFRESH_STATE failures=0 last_digest=[0-9a-f]\{64\}" || fail "no REFRESH_STATE marker"
+# `grep` reads all its input (`-q` would stop at the first match, and under pipefail the
+# writer's SIGPIPE would then fail the pipeline though the line is there).
+docker logs "$run-fetcher" 2>&1 | grep "REFRESH_STATE failures=0 last_digest=[0-9a-f]\{64\}" >/dev/null || fail "no REFRESH_STATE marker"
 echo "no download after restart ($after downloads in all)"
 
 echo "==> 4. a hostile artifact is refused"
@@ -176,7 +178,7 @@ curl -sf -X PUT -H "Authorization: Bearer $token" --data-binary @"$work/evil.tgz
 curl -sf -X POST -H "Authorization: Bearer $token" -H 'content-type: application/json' \
   -d "{\"digest\":\"$evil\"}" "$AETHER_API_URL/v1/apps/demo/release" >/dev/null
 until_ok 30 sh -c "curl -sf $fetcher/status | grep -q '\"reason\":\"extract\"'" || fail "the hostile artifact was not refused"
-curl -sf "$app/" | grep -q "version 2" || fail "the app stopped serving release 2"
+curl -sf "$app/" | grep "version 2" >/dev/null || fail "the app stopped serving release 2"
 echo "refused (reason=extract); the app still serves release 2"
 
 echo "==> 5. docker stop of the pod"

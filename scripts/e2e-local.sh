@@ -78,7 +78,7 @@ YAML
     python3 -m http.server "$aport" --bind 127.0.0.1 > "$work/app-$pod.log" 2>&1 & pids+=($!)
 done
 
-serves() { curl -sf "http://127.0.0.1:$1/index.html" 2>/dev/null | grep -q "$2"; }
+serves() { curl -sf "http://127.0.0.1:$1/index.html" 2>/dev/null | grep "$2" >/dev/null; }
 for pod in demo-0 demo-1; do
   ok=; for _ in $(seq 1200); do serves "${app_port[$pod]}" "Hello, version 1" && ok=1 && break; sleep 0.05; done
   [ -n "$ok" ] || fail "$pod never served the first release"

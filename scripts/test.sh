@@ -26,7 +26,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}..." >&2
   apt_install "${missing[@]}"
 fi
-if ! rustup target list --installed | grep -qx "$TARGET"; then
+# `grep` without -q reads all its input: under pipefail an early exit could fail the writer.
+if ! rustup target list --installed | grep -x "$TARGET" >/dev/null; then
   rustup target add "$TARGET"
 fi
 
@@ -36,7 +37,7 @@ cargo test --workspace --locked
 cargo build --release --locked --target "$TARGET" -p aether-fetcher
 bin=target/$TARGET/release/aether-fetcher
 size=$(stat -c %s "$bin")
-if readelf -l "$bin" | grep -q "INTERP"; then
+if readelf -l "$bin" | grep "INTERP" >/dev/null; then
   echo "FAIL: $bin asks for a dynamic loader (not static)" >&2
   exit 1
 fi
