@@ -520,6 +520,38 @@ async fn every_hostile_archive_is_refused_with_the_live_release_intact() {
 /// The pod limit the fetcher must live within, whatever the archive.
 const POD_MEMORY_LIMIT: u64 = 64 << 20;
 
+/// Waits until `/status` reports a failure of `bad`, then checks it is final (`reason`, not
+/// retried), the live release `f=base` and staging are untouched, and the fetcher stayed
+/// within the pod's memory limit.
+async fn assert_refused_for_good(
+    rig: &Rig,
+    fetcher: &aether_testkit::process::Proc,
+    addr: std::net::SocketAddr,
+    bad: &Digest,
+    reason: &str,
+    case: &str,
+) {
+    let refused = wait_until(LONG, || async {
+        status(addr)
+            .await
+            .get("last_error")
+            .and_then(|e| e.get("digest"))
+            .is_some_and(|d| d == bad.to_string().as_str())
+    })
+    .await;
+    let s = status(addr).await;
+    assert!(refused, "{case}: never refused: {s}");
+    assert_eq!(s["last_error"]["reason"], reason, "{case}: {s}");
+    assert_eq!(s["last_error"]["will_retry"], false, "{case}: {s}");
+    assert_eq!(rig.read_current("f").as_deref(), Some("base"), "{case}");
+    assert_eq!(rig.staging_entries(), 0, "{case}");
+    let peak = fetcher.peak_rss_bytes().expect("fetcher is running");
+    assert!(
+        peak < POD_MEMORY_LIMIT,
+        "{case}: peak RSS {peak} bytes, limit {POD_MEMORY_LIMIT}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_extension_headers_are_refused_for_good_within_the_memory_limit() {
     let rig = Rig::new().await;
@@ -539,25 +571,7 @@ async fn oversized_extension_headers_are_refused_for_good_within_the_memory_limi
         assert!(bytes.len() < 1 << 20, "{kind:?}: {} bytes", bytes.len());
         let (bad_url, bad) = rig.publish_bytes(name, bytes.clone());
         rig.point_at(&bad_url, &bad).await;
-        let refused = wait_until(LONG, || async {
-            status(addr)
-                .await
-                .get("last_error")
-                .and_then(|e| e.get("digest"))
-                .is_some_and(|d| d == bad.to_string().as_str())
-        })
-        .await;
-        let s = status(addr).await;
-        assert!(refused, "{kind:?}: never refused: {s}");
-        assert_eq!(s["last_error"]["reason"], "extract", "{kind:?}: {s}");
-        assert_eq!(s["last_error"]["will_retry"], false, "{kind:?}: {s}");
-        assert_eq!(rig.read_current("f").as_deref(), Some("base"), "{kind:?}");
-        assert_eq!(rig.staging_entries(), 0, "{kind:?}");
-        let peak = fetcher.peak_rss_bytes().expect("fetcher is running");
-        assert!(
-            peak < POD_MEMORY_LIMIT,
-            "{kind:?}: peak RSS {peak} bytes, limit {POD_MEMORY_LIMIT}"
-        );
+        assert_refused_for_good(&rig, &fetcher, addr, &bad, "extract", name).await;
         // The same digest from another URL is a change of annotations: tried once more,
         // refused again. The first URL was fetched exactly once (no re-download loop):
         // its refusal was final, while the 500 ms backoff would have retried it by now
@@ -644,25 +658,7 @@ async fn archives_built_to_exhaust_memory_or_time_are_refused_within_the_pod_lim
         assert!(bytes.len() < 4 << 20, "{name}: {} bytes", bytes.len());
         let (bad_url, bad) = rig.publish_bytes(name, bytes);
         rig.point_at(&bad_url, &bad).await;
-        let refused = wait_until(LONG, || async {
-            status(addr)
-                .await
-                .get("last_error")
-                .and_then(|e| e.get("digest"))
-                .is_some_and(|d| d == bad.to_string().as_str())
-        })
-        .await;
-        let s = status(addr).await;
-        assert!(refused, "{name}: never refused: {s}");
-        assert_eq!(s["last_error"]["reason"], reason, "{name}: {s}");
-        assert_eq!(s["last_error"]["will_retry"], false, "{name}: {s}");
-        assert_eq!(rig.read_current("f").as_deref(), Some("base"), "{name}");
-        assert_eq!(rig.staging_entries(), 0, "{name}");
-        let peak = fetcher.peak_rss_bytes().expect("fetcher is running");
-        assert!(
-            peak < POD_MEMORY_LIMIT,
-            "{name}: peak RSS {peak} bytes, limit {POD_MEMORY_LIMIT}"
-        );
+        assert_refused_for_good(&rig, &fetcher, addr, &bad, reason, name).await;
     }
 }
 

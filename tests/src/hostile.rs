@@ -247,24 +247,30 @@ impl RawTar {
 
 /// A gzip bomb: one file of `size` zero bytes (compresses about 1000:1).
 pub fn zero_bomb(size: u64) -> Vec<u8> {
+    entry_of_zeros(tar::EntryType::Regular, b"zero.bin", 0o644, size)
+}
+
+/// One entry whose header declares `size` bytes of zeros after it, streamed into the gzip
+/// so the builder itself stays small, then the end of the archive.
+fn entry_of_zeros(kind: tar::EntryType, name: &[u8], mode: u32, size: u64) -> Vec<u8> {
     let mut gz = GzEncoder::new(Vec::new(), Compression::best());
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_size(size);
-    h.set_mode(0o644);
-    h.as_old_mut().name[..8].copy_from_slice(b"zero.bin");
+    let mut h = RawTar::header(kind, name, size, mode);
     h.set_cksum();
     gz.write_all(h.as_bytes()).ok();
-    let block = vec![0u8; 1 << 20];
-    let mut left = size;
+    write_repeated(&mut gz, 0, size);
+    write_repeated(&mut gz, 0, (512 - size % 512) % 512 + 1024);
+    gz.finish().unwrap_or_default()
+}
+
+/// Writes `len` copies of `byte`, a MiB at a time.
+fn write_repeated(out: &mut impl Write, byte: u8, len: u64) {
+    let block = vec![byte; 1 << 20];
+    let mut left = len;
     while left > 0 {
         let n = left.min(block.len() as u64) as usize;
-        gz.write_all(&block[..n]).ok();
+        out.write_all(&block[..n]).ok();
         left -= n as u64;
     }
-    let pad = ((512 - size % 512) % 512) as usize + 1024;
-    gz.write_all(&vec![0u8; pad]).ok();
-    gz.finish().unwrap_or_default()
 }
 
 /// Which extension header [`huge_extension_header`] inflates.
@@ -296,13 +302,11 @@ pub fn huge_extension_header(kind: Extension, size: u64) -> Vec<u8> {
     h.set_cksum();
     gz.write_all(h.as_bytes()).ok();
     gz.write_all(&prefix).ok();
-    let block = vec![b'a'; 1 << 20];
-    let mut left = size - prefix.len() as u64 - u64::from(kind == Extension::Pax);
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        gz.write_all(&block[..n]).ok();
-        left -= n as u64;
-    }
+    write_repeated(
+        &mut gz,
+        b'a',
+        size - prefix.len() as u64 - u64::from(kind == Extension::Pax),
+    );
     if kind == Extension::Pax {
         gz.write_all(b"\n").ok();
     }
@@ -344,20 +348,7 @@ pub fn link_lookup_flood(count: usize, target_bytes: usize) -> Vec<u8> {
 /// A directory entry that declares `size` bytes of data (zeros) after its header: a reader
 /// that skips the data of non-file entries reads them unseen and uncounted.
 pub fn directory_with_data(size: u64) -> Vec<u8> {
-    let mut gz = GzEncoder::new(Vec::new(), Compression::best());
-    let mut h = RawTar::header(tar::EntryType::Directory, b"dir/", size, 0o755);
-    h.set_cksum();
-    gz.write_all(h.as_bytes()).ok();
-    let block = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(block.len() as u64) as usize;
-        gz.write_all(&block[..n]).ok();
-        left -= n as u64;
-    }
-    gz.write_all(&vec![0u8; ((512 - size % 512) % 512) as usize + 1024])
-        .ok();
-    gz.finish().unwrap_or_default()
+    entry_of_zeros(tar::EntryType::Directory, b"dir/", 0o755, size)
 }
 
 /// An archive with `n` tiny files.
