@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The test command (README): installs what the tests need on a fresh Debian machine, then
 # runs every test of the workspace and checks the static release binary.
-#   - apt: kubectl (the real client the emulator is tested with), musl-tools (ring's C
-#     code for the static musl build), python3 (the example app), curl (scripts);
+#   - apt: kubectl (the real client the emulator is tested with), prometheus (the real
+#     server and promtool for the metrics and alert rules), musl-tools (ring's C code for
+#     the static musl build), python3 (the example app), curl (scripts);
+#   - PyPI: kubernetes-validate (pinned; the official Kubernetes schemas, offline);
 #   - rustup: the x86_64-unknown-linux-musl target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ apt_install() {
 
 missing=()
 [ -x /usr/bin/kubectl ] || missing+=(kubectl)
+command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 command -v python3 >/dev/null || missing+=(python3)
 command -v curl >/dev/null || missing+=(curl)
 command -v musl-gcc >/dev/null || missing+=(musl-tools)
@@ -26,12 +29,22 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}..." >&2
   apt_install "${missing[@]}"
 fi
+KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+  echo "installing $KUBERNETES_VALIDATE..." >&2
+  python3 -m pip install --quiet "$KUBERNETES_VALIDATE" 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages "$KUBERNETES_VALIDATE"
+fi
 # `grep` without -q reads all its input: under pipefail an early exit could fail the writer.
 if ! rustup target list --installed | grep -x "$TARGET" >/dev/null; then
   rustup target add "$TARGET"
 fi
 
 cargo test --workspace --locked
+
+# What we ship for a cluster: deploy/ is current, every manifest is valid Kubernetes
+# (strict, 1.31 and newest), and the alert rules pass promtool and their unit tests.
+scripts/check-deploy.sh
 
 # The shipped artifact: a static, stripped binary under the size budget.
 cargo build --release --locked --target "$TARGET" -p aether-fetcher

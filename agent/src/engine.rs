@@ -201,6 +201,7 @@ impl Engine {
             Ok(Some(d)) => d,
             Ok(None) => {
                 self.status.update(|s| s.desired_digest = None);
+                self.metrics.set_desired(None);
                 return Plan::Idle;
             }
             Err(message) => {
@@ -224,6 +225,7 @@ impl Engine {
         };
         self.status
             .update(|s| s.desired_digest = Some(desired.digest));
+        self.metrics.set_desired(Some(desired.digest));
         if self.live == Some(desired.digest) {
             tracing::debug!(digest = %desired.digest, "desired release is live; nothing to fetch");
             self.pending = None;

@@ -12,24 +12,25 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::failure::Reason;
 
-pub const REFRESH_TOTAL: &str = "dev_hot_refresh_total";
-pub const REFRESH_FAILURE_TOTAL: &str = "dev_hot_refresh_failure_total";
-pub const REFRESH_LATENCY: &str = "dev_hot_refresh_latency_seconds";
-pub const CONSECUTIVE_FAILURES: &str = "dev_hot_refresh_consecutive_failures";
-pub const SIGNATURE_FAIL_TOTAL: &str = "dev_hot_signature_fail_total";
-pub const ANOMALY_EVENTS_TOTAL: &str = "dev_hot_anomaly_events_total";
-pub const CURRENT_INFO: &str = "dev_hot_current_info";
+pub use aether_common::contract::metrics::*;
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// The recorder and the one series the exporter cannot hold: `dev_hot_current_info`
-/// carries the live digest as a label, and the old series must disappear when a new digest
-/// goes live, which the `metrics` facade has no way to express. It is rendered here.
+/// The recorder and the series the exporter cannot hold: `dev_hot_current_info` and
+/// `dev_hot_desired_info` carry a digest as a label, and the old series must disappear
+/// when the digest changes, which the `metrics` facade has no way to express. They are
+/// rendered here, with `dev_hot_in_sync` derived from the two.
 pub struct Metrics {
     handle: PrometheusHandle,
-    current: Mutex<Option<Digest>>,
+    digests: Mutex<Digests>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Digests {
+    current: Option<Digest>,
+    desired: Option<Digest>,
 }
 
 impl Metrics {
@@ -69,7 +70,7 @@ impl Metrics {
         gauge!(CONSECUTIVE_FAILURES).set(0.0);
         Ok(Self {
             handle,
-            current: Mutex::new(None),
+            digests: Mutex::new(Digests::default()),
         })
     }
 
@@ -98,20 +99,38 @@ impl Metrics {
 
     /// The live release (`None`: nothing is live, the series disappears).
     pub fn set_current(&self, live: Option<Digest>) {
-        if let Ok(mut current) = self.current.lock() {
-            *current = live;
+        if let Ok(mut d) = self.digests.lock() {
+            d.current = live;
+        }
+    }
+
+    /// The release the pod's annotations ask for (`None`: none).
+    pub fn set_desired(&self, desired: Option<Digest>) {
+        if let Ok(mut d) = self.digests.lock() {
+            d.desired = desired;
         }
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = self.handle.render();
-        let current = self.current.lock().ok().and_then(|c| *c);
-        if let Some(digest) = current {
+        let d = self.digests.lock().map(|d| *d).unwrap_or_default();
+        if let Some(digest) = d.current {
             out.push_str(&format!(
                 "# HELP {CURRENT_INFO} The live release\n# TYPE {CURRENT_INFO} gauge\n{CURRENT_INFO}{{digest=\"{digest}\"}} 1\n"
             ));
         }
+        if let Some(digest) = d.desired {
+            out.push_str(&format!(
+                "# HELP {DESIRED_INFO} The release the pod's annotations ask for\n# TYPE {DESIRED_INFO} gauge\n{DESIRED_INFO}{{digest=\"{digest}\"}} 1\n"
+            ));
+        }
+        // Nothing desired is nothing to be out of sync with.
+        let in_sync = d.desired.is_none() || d.desired == d.current;
+        out.push_str(&format!(
+            "# HELP {IN_SYNC} 1 when the live release is the desired one, else 0\n# TYPE {IN_SYNC} gauge\n{IN_SYNC} {}\n",
+            u8::from(in_sync)
+        ));
         out
     }
 }

@@ -79,6 +79,11 @@ async fn watch_mode_applies_a_patched_release_and_reports_it_everywhere() {
         Some(1.0)
     );
     assert_eq!(
+        metric(&m, "dev_hot_desired_info", &format!("digest=\"{digest}\"")),
+        Some(1.0)
+    );
+    assert_eq!(metric(&m, "dev_hot_in_sync", ""), Some(1.0));
+    assert_eq!(
         metric(&m, "dev_hot_refresh_failure_total", "reason=\"checksum\""),
         Some(0.0),
         "every reason is exported from the start"
@@ -970,6 +975,13 @@ async fn current_info_follows_a_current_link_changed_behind_the_fetchers_back() 
     rig.art.fail_always("c.tgz", Some(Fault::Status(500)));
     rig.point_at(&url_c, &c).await;
     wait_failures(addr, 1).await;
+    let m = metrics(addr).await;
+    assert_eq!(
+        metric(&m, "dev_hot_desired_info", &format!("digest=\"{c}\"")),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "dev_hot_in_sync", ""), Some(0.0), "{m}");
     // Someone points `current` at the kept release A.
     let tmp = rig.workspace.join("current.test-tmp");
     std::os::unix::fs::symlink(format!(".aether/releases/{}", a.hex()), &tmp).unwrap();

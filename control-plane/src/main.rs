@@ -4,9 +4,11 @@ mod api;
 mod client;
 mod cluster;
 mod dev;
+mod install;
 mod keys;
 mod live;
 mod local;
+mod metrics;
 mod pack;
 mod reconcile;
 mod serve;
@@ -106,6 +108,9 @@ enum Command {
         #[arg(long, short = 'o', value_enum, default_value = "text")]
         output: Output,
     },
+    /// Print the installation of the control plane as YAML, for `| kubectl apply
+    /// --server-side -f -` (or, with --monitoring, the Prometheus Operator objects).
+    Install(install::InstallArgs),
     /// Create an Ed25519 key pair: DIR/aether.key (seed, 0600) and DIR/aether.pub.
     Keygen {
         #[arg(long, default_value = ".")]
@@ -330,6 +335,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Install(args) => {
+            print!("{}", install::render(&args)?);
             Ok(())
         }
         Command::Keygen { out } => {

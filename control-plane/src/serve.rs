@@ -21,13 +21,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post, put};
 use metrics::{counter, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{
     DeployRequest, ErrorBody, ReleaseRequest, ReleaseResponse, UploadResponse, desired_annotations,
 };
+use crate::metrics as m;
 use crate::store::{Store, StoreError};
 use crate::{cluster, reconcile};
 
@@ -46,6 +47,10 @@ pub struct ServeArgs {
     /// Bearer token required on every API call except artifact downloads and probes.
     #[arg(long, env = "AETHER_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+    /// File holding the bearer token (a mounted Secret), instead of AETHER_API_TOKEN.
+    /// Read at start; restart after rotating it.
+    #[arg(long, env = "AETHER_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// The namespace this control plane manages.
     #[arg(long, env = "AETHER_NAMESPACE", default_value = "default")]
     pub namespace: String,
@@ -199,7 +204,27 @@ fn configured_public_url(args: &ServeArgs) -> anyhow::Result<Option<String>> {
     Ok(Some(raw.trim_end_matches('/').to_owned()))
 }
 
-pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// The token from `--api-token-file`, if given: trailing newlines are dropped (`echo` and
+/// editors add one), an empty file is an error rather than an open API.
+fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
+    let raw = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the API token file {}", path.display()))?;
+    let token = raw.trim_end_matches(['\n', '\r']);
+    if token.trim().is_empty() {
+        bail!("the API token file {} is empty", path.display());
+    }
+    Ok(token.to_owned())
+}
+
+pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(path) = &args.api_token_file {
+        if args.api_token.as_deref().is_some_and(|t| !t.is_empty()) {
+            bail!(
+                "give the API token either in AETHER_API_TOKEN or in AETHER_API_TOKEN_FILE, not both"
+            );
+        }
+        args.api_token = Some(read_token_file(path)?);
+    }
     if args.api_token.as_deref().is_none_or(str::is_empty) {
         if !args.listen.ip().is_loopback() {
             bail!(
@@ -233,12 +258,7 @@ pub async fn run(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result
     let client = aether_common::kube::client::connect(args.kubeconfig.as_deref())
         .await?
         .client;
-    let metrics = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Prefix("aether_".into()),
-            &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
-        )?
-        .install_recorder()?;
+    let metrics = m::install()?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -323,7 +343,7 @@ async fn auth(
             .unwrap_or("");
         let ok: bool = presented.as_bytes().ct_eq(token.as_bytes()).into();
         if !ok {
-            counter!("aether_api_unauthorized_total").increment(1);
+            counter!(m::UNAUTHORIZED_TOTAL).increment(1);
             return ApiError(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token".into(),
@@ -375,7 +395,7 @@ async fn upload(
             StoreError::TooLarge(_) => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
             StoreError::Io(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
         })?;
-    counter!("aether_uploads_total", "stored" => stored.to_string()).increment(1);
+    counter!(m::UPLOADS_TOTAL, "stored" => stored.to_string()).increment(1);
     let code = if stored {
         StatusCode::CREATED
     } else {
@@ -428,7 +448,7 @@ async fn serve_artifact(
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .len();
-    counter!("aether_downloads_total").increment(1);
+    counter!(m::DOWNLOADS_TOTAL).increment(1);
     Ok((
         [
             (header::CONTENT_LENGTH, len.to_string()),
@@ -482,11 +502,11 @@ fn check_release(
     let key = s.app_keys.get(app).or(s.global_key.as_ref());
     match (key, &desired.signature) {
         (Some(key), Some(sig)) => key.verify(&digest, sig).map_err(|e| {
-            counter!("aether_signature_refused_total").increment(1);
+            counter!(m::SIGNATURE_REFUSED_TOTAL).increment(1);
             unprocessable(format!("signature refused: {e}"))
         })?,
         (Some(_), None) => {
-            counter!("aether_signature_refused_total").increment(1);
+            counter!(m::SIGNATURE_REFUSED_TOTAL).increment(1);
             return Err(unprocessable(format!(
                 "a signature is required: a public key applies to app {app}"
             )));
@@ -545,7 +565,7 @@ async fn deploy(
     cluster::apply_app(&s.client, &spec)
         .await
         .map_err(cluster_error)?;
-    counter!("aether_deploys_total").increment(1);
+    counter!(m::DEPLOYS_TOTAL).increment(1);
     let pods = if req.dev_hot {
         let desired = desired_annotations(&digest.to_string(), &url, &req.release);
         cluster::patch_pods(&s.client, &ns, &app, &cluster::desired_patch(&desired))
@@ -574,11 +594,11 @@ async fn release(
     let pods = cluster::release(&s.client, &ns, &app, &desired)
         .await
         .map_err(|e| {
-            counter!("aether_patch_failures_total").increment(1);
+            counter!(m::PATCH_FAILURES_TOTAL).increment(1);
             cluster_error(e)
         })?;
-    counter!("aether_patches_total").increment(1);
-    histogram!("aether_patch_seconds").record(started.elapsed().as_secs_f64());
+    counter!(m::PATCHES_TOTAL).increment(1);
+    histogram!(m::PATCH_SECONDS).record(started.elapsed().as_secs_f64());
     tracing::info!(app = %app, digest = %digest, pods, ms = started.elapsed().as_millis() as u64, "release patched");
     Ok(Json(ReleaseResponse {
         digest: digest.to_string(),
@@ -612,4 +632,22 @@ async fn status(
         .await
         .map_err(cluster_error)?;
     Ok(Json(status).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_loses_its_trailing_newline_and_an_empty_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        assert_eq!(read_token_file(&file).unwrap(), "s3cret");
+        std::fs::write(&file, "\n").unwrap();
+        let err = read_token_file(&file).unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
+        let missing = read_token_file(&dir.path().join("nope")).unwrap_err();
+        assert!(format!("{missing:#}").contains("reading the API token file"));
+    }
 }

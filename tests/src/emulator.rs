@@ -19,7 +19,7 @@
 //! over HTTP: `POST /_emulator/drop-watches`, `POST /_emulator/compact`,
 //! `GET /_emulator/stats`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -131,9 +131,50 @@ pub static TYPES: &[ResourceType] = &[
         true,
         &[]
     ),
+    rt!(
+        "",
+        "v1",
+        "persistentvolumeclaims",
+        "persistentvolumeclaim",
+        "PersistentVolumeClaim",
+        true,
+        &["pvc"]
+    ),
+    // Prometheus Operator's custom resources, as if its CRDs were installed.
+    rt!(
+        "monitoring.coreos.com",
+        "v1",
+        "podmonitors",
+        "podmonitor",
+        "PodMonitor",
+        true,
+        &["pmon"]
+    ),
+    rt!(
+        "monitoring.coreos.com",
+        "v1",
+        "prometheusrules",
+        "prometheusrule",
+        "PrometheusRule",
+        true,
+        &["promrule"]
+    ),
 ];
 
-const GROUPS: &[(&str, &str)] = &[("apps", "v1"), ("rbac.authorization.k8s.io", "v1")];
+const GROUPS: &[(&str, &str)] = &[
+    ("apps", "v1"),
+    ("rbac.authorization.k8s.io", "v1"),
+    ("monitoring.coreos.com", "v1"),
+];
+
+/// One kind of request as RBAC authorizes it: API group, resource (with its subresource,
+/// `pods/proxy`) and verb.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Access {
+    pub group: String,
+    pub resource: String,
+    pub verb: String,
+}
 
 /// Events kept for resuming watches; older resource versions get 410 Gone.
 const HISTORY: usize = 10_000;
@@ -205,6 +246,8 @@ struct Shared {
     /// Requests answered 409 Conflict (stale resourceVersion).
     conflicts: AtomicU64,
     counters: Counters,
+    /// Every kind of resource request served, as RBAC would authorize it.
+    accesses: Mutex<BTreeSet<Access>>,
     bookmark_every: Duration,
 }
 
@@ -266,6 +309,7 @@ impl Emulator {
             held_patches: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
             counters: Counters::default(),
+            accesses: Mutex::new(BTreeSet::new()),
             bookmark_every: options.bookmark_every,
         });
         for ns in ["default", "kube-system", "kube-public"] {
@@ -363,6 +407,18 @@ impl Emulator {
     /// 410 Gone and must re-list.
     pub fn compact(&self) {
         compact(&self.shared);
+    }
+
+    /// Every kind of resource request served so far (group, resource, verb), the way RBAC
+    /// authorizes it: a server-side apply that creates its object counts as `patch` and
+    /// `create`.
+    pub fn accesses(&self) -> Vec<Access> {
+        lock_accesses(&self.shared).iter().cloned().collect()
+    }
+
+    /// Forgets the accesses recorded so far (to look at one client's requests only).
+    pub fn reset_accesses(&self) {
+        lock_accesses(&self.shared).clear();
     }
 
     pub fn stats(&self) -> Stats {
@@ -778,6 +834,23 @@ async fn resource(
         return Err(ApiError::not_found("resource type", plural));
     }
     let ns = namespace.unwrap_or("");
+    let resource_name = match sub.first() {
+        Some(sub) => format!("{}/{sub}", rt.plural),
+        None => rt.plural.to_owned(),
+    };
+    let verb = match (&method, name) {
+        (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            "watch"
+        }
+        (&Method::GET, None) => "list",
+        (&Method::GET, Some(_)) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "unknown",
+    };
+    record_access(shared, rt.group, &resource_name, verb);
     let wants_table = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -936,6 +1009,21 @@ async fn pod_proxy(
         StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let body = response.bytes().await.unwrap_or_default();
     Ok((status, [(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+fn lock_accesses(shared: &Shared) -> MutexGuard<'_, BTreeSet<Access>> {
+    shared
+        .accesses
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn record_access(shared: &Shared, group: &str, resource: &str, verb: &str) {
+    lock_accesses(shared).insert(Access {
+        group: group.to_owned(),
+        resource: resource.to_owned(),
+        verb: verb.to_owned(),
+    });
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
@@ -1192,6 +1280,9 @@ fn patch(
                 .lock()
                 .objects
                 .contains_key(&(idx, ns.to_owned(), name.to_owned()));
+            if !exists {
+                record_access(shared, TYPES[idx].group, TYPES[idx].plural, "create");
+            }
             if exists {
                 update(shared, idx, ns, name, |obj| {
                     strategic_merge(obj, &applied);

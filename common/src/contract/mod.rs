@@ -2,5 +2,6 @@
 
 pub mod annotations;
 pub mod digest;
+pub mod metrics;
 pub mod signature;
 pub mod status;

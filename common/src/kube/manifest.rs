@@ -8,6 +8,8 @@ use crate::contract::annotations;
 
 /// Port of the fetcher's HTTP listener inside the pod.
 pub const FETCHER_PORT: u16 = 9180;
+/// Name of that port on the fetcher container (what PodMonitors select).
+pub const FETCHER_PORT_NAME: &str = "aether-http";
 /// The shared volume mount.
 pub const WORKSPACE: &str = "/workspace";
 /// Label carrying the app name, also the pod selector.
@@ -94,7 +96,7 @@ fn token_volume() -> Value {
 }
 
 /// The restricted Pod Security Standard, per container.
-fn restricted() -> Value {
+pub(crate) fn restricted() -> Value {
     json!({
         "allowPrivilegeEscalation": false,
         "readOnlyRootFilesystem": true,
@@ -176,7 +178,7 @@ pub fn deployment(spec: &AppSpec) -> Value {
     let mut service_account = Value::Null;
     if spec.dev_hot {
         fetcher["restartPolicy"] = json!("Always");
-        fetcher["ports"] = json!([{"name": "aether-http", "containerPort": FETCHER_PORT}]);
+        fetcher["ports"] = json!([{"name": FETCHER_PORT_NAME, "containerPort": FETCHER_PORT}]);
         fetcher["startupProbe"] = json!({
             "httpGet": {"path": "/readyz", "port": FETCHER_PORT},
             "periodSeconds": 1, "failureThreshold": 600,

@@ -3,4 +3,10 @@
 #[cfg(feature = "kube")]
 pub mod client;
 #[cfg(feature = "manifest")]
+pub mod install;
+#[cfg(feature = "manifest")]
 pub mod manifest;
+#[cfg(feature = "manifest")]
+pub mod monitoring;
+#[cfg(feature = "manifest")]
+pub mod yaml;

@@ -1,0 +1,15 @@
+//! Names of the fetcher's Prometheus metrics (the contract's table), shared by the
+//! fetcher that exports them and the alert rules and dashboard that read them.
+
+pub const REFRESH_TOTAL: &str = "dev_hot_refresh_total";
+pub const REFRESH_FAILURE_TOTAL: &str = "dev_hot_refresh_failure_total";
+pub const REFRESH_LATENCY: &str = "dev_hot_refresh_latency_seconds";
+pub const CONSECUTIVE_FAILURES: &str = "dev_hot_refresh_consecutive_failures";
+pub const SIGNATURE_FAIL_TOTAL: &str = "dev_hot_signature_fail_total";
+pub const ANOMALY_EVENTS_TOTAL: &str = "dev_hot_anomaly_events_total";
+/// Gauge 1 labelled with the live digest (one series).
+pub const CURRENT_INFO: &str = "dev_hot_current_info";
+/// Gauge 1 labelled with the desired digest the fetcher last read (one series).
+pub const DESIRED_INFO: &str = "dev_hot_desired_info";
+/// Gauge: 1 when the live release is the desired one (or nothing is desired), else 0.
+pub const IN_SYNC: &str = "dev_hot_in_sync";
