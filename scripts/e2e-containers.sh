@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The shipped images, run the way a pod runs them (no registry: every image is FROM scratch
 # with host-built static binaries). On a private Docker network: the API emulator, `aether
-# serve`, and a "pod" made of the fetcher container and the app container sharing one
+# serve` run from the Deployment `aether install` prints, and a "pod" made of the fetcher container and the app container sharing one
 # volume. Both pod containers run restricted (--read-only, non-root --user, --cap-drop ALL,
 # no-new-privileges), with env, args, command and working directory taken from the
 # Deployment that the control plane applied (the manifest builder's own output), and
@@ -71,13 +71,61 @@ kubectl config set-cluster e2e --server="$api_host" >/dev/null
 kubectl config set-context e2e --cluster=e2e --namespace=default >/dev/null
 kubectl config use-context e2e >/dev/null
 
+# The control plane exactly as `aether install` deploys it: args, env, the store volume and
+# the token Secret's file at their mount paths, reachable under its Service's DNS name
+# (a network alias), which is also the default public URL the fetchers download from.
 token=e2e-$RANDOM$RANDOM
-docker run -d --name "$run-cp" "${restricted[@]}" -v "$work/kube:/kube:ro" -v "$work/store:/data" \
-  -e KUBECONFIG=/kube/config -e AETHER_LISTEN=0.0.0.0:3000 -e AETHER_API_TOKEN="$token" \
-  -e AETHER_DATA_DIR=/data -e AETHER_PUBLIC_URL="http://$run-cp:3000" -e AETHER_FETCH_IMAGE="aether-fetcher:$TAG" \
-  -p 127.0.0.1::3000 "aether:$TAG" serve >/dev/null
-export AETHER_API_URL=http://$(hostport "$run-cp" 3000) AETHER_API_TOKEN=$token
-until_ok 20 curl -sf "$AETHER_API_URL/healthz" || fail "aether serve did not start"
+"$AETHER" install -n default --store emptydir --image "aether:$TAG" --fetch-image "aether-fetcher:$TAG" > "$work/install.yaml"
+kubectl create --dry-run=client -o json -f "$work/install.yaml" > "$work/install.json"
+python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+text, items, at = open(f"{work}/install.json").read(), [], 0
+decoder = json.JSONDecoder()
+while text[at:].strip():  # kubectl prints one JSON object per document
+    obj, end = decoder.raw_decode(text[at:].lstrip())
+    at += len(text[at:]) - len(text[at:].lstrip()) + end
+    items.append(obj)
+deploy = next(o for o in items if o["kind"] == "Deployment")
+service = next(o for o in items if o["kind"] == "Service")
+pod = deploy["spec"]["template"]["spec"]
+c = pod["containers"][0]
+assert "AETHER_API_TOKEN" not in {e["name"] for e in c["env"]}
+with open(f"{work}/cp.env", "w") as f:
+    for e in c["env"]:
+        value = e.get("value") or {"metadata.namespace": "default"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        f.write(f"{e['name']}={value}\n")
+volumes = {v["name"]: v for v in pod["volumes"]}
+mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+assert "emptyDir" in volumes["store"] and "secret" in volumes["api-token"]
+open(f"{work}/cp.mounts", "w").write(f"{mounts['store']}\n{mounts['api-token']}\n")
+open(f"{work}/cp.args", "w").write("\n".join(c["args"]) + "\n")
+port = c["ports"][0]["containerPort"]
+svc_port = service["spec"]["ports"][0]["port"]
+open(f"{work}/cp.ports", "w").write(f"{port}\n{svc_port}\n")
+sc = c["securityContext"]
+assert sc["readOnlyRootFilesystem"] and sc["runAsNonRoot"] and sc["capabilities"]["drop"] == ["ALL"]
+PY
+mapfile -t cp_mounts < "$work/cp.mounts"
+mapfile -t cp_args < "$work/cp.args"
+mapfile -t cp_ports < "$work/cp.ports"
+mkdir -p "$work/api-token"; printf '%s' "$token" > "$work/api-token/token"
+chown -R 65532:65532 "$work/api-token"; chmod 0440 "$work/api-token/token"
+public_url=$(sed -n 's/^AETHER_PUBLIC_URL=//p' "$work/cp.env")
+svc_host=$(echo "$public_url" | sed -E 's#^https?://([^:/]+).*#\1#')
+# A Service translates its port (80) to the pod's (3000); Docker has no Services, so the
+# container listens on the Service's port itself (Docker lets non-root bind low ports
+# inside a container's network namespace). Everything else is the Deployment's.
+docker run -d --name "$run-cp" "${restricted[@]}" --network-alias "$svc_host" \
+  --env-file "$work/cp.env" -e AETHER_LISTEN="0.0.0.0:${cp_ports[1]}" \
+  -e KUBECONFIG=/kube/config -v "$work/kube:/kube:ro" \
+  -v "$work/store:${cp_mounts[0]}" -v "$work/api-token:${cp_mounts[1]}:ro" \
+  -p "127.0.0.1::${cp_ports[1]}" "aether:$TAG" "${cp_args[@]}" >/dev/null
+export AETHER_API_URL=http://$(hostport "$run-cp" "${cp_ports[1]}") AETHER_API_TOKEN=$token
+until_ok 20 curl -sf "$AETHER_API_URL/readyz" || fail "aether serve did not become ready"
+code=$(curl -s -o /dev/null -w '%{http_code}' "$AETHER_API_URL/v1/apps/demo/status")
+[ "$code" = 401 ] || fail "the API answered $code without the token from the mounted Secret"
+echo "the installed control plane is ready at $public_url (token from its Secret file)"
 
 echo "==> 1. deploy, then run the pod from the applied Deployment"
 mkdir -p "$work/src"; cp -r examples/hello/. "$work/src/"
