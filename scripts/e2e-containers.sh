@@ -92,8 +92,12 @@ pod = deploy["spec"]["template"]["spec"]
 c = pod["containers"][0]
 assert "AETHER_API_TOKEN" not in {e["name"] for e in c["env"]}
 with open(f"{work}/cp.env", "w") as f:
+    defined = {}
     for e in c["env"]:
         value = e.get("value") or {"metadata.namespace": "default"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        for name, v in defined.items():  # the kubelet expands $(VAR) of earlier variables
+            value = value.replace(f"$({name})", v)
+        defined[e["name"]] = value
         f.write(f"{e['name']}={value}\n")
 volumes = {v["name"]: v for v in pod["volumes"]}
 mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}

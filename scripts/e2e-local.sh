@@ -186,7 +186,8 @@ for e in exprs:
     with urllib.request.urlopen(url) as resp:
         body = json.load(resp)
     assert body["status"] == "success", (e, body)
-print(f"the {len(exprs)} dashboard queries are valid PromQL")
+    assert body["data"]["result"], f"no data for the dashboard query {e}"
+print(f"the {len(exprs)} dashboard queries are valid PromQL and return data")
 PY
 
 echo "==> promtool check metrics on the real /metrics"

@@ -29,11 +29,15 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}..." >&2
   apt_install "${missing[@]}"
 fi
-KUBERNETES_VALIDATE=kubernetes-validate==1.37.0
-if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
-  echo "installing $KUBERNETES_VALIDATE..." >&2
-  python3 -m pip install --quiet "$KUBERNETES_VALIDATE" 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages "$KUBERNETES_VALIDATE"
+# The pinned version exactly: an older one would not know the schemas we validate against.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if [ "$(python3 -c 'import importlib.metadata as m; print(m.version("kubernetes-validate"))' 2>/dev/null)" \
+     != "$KUBERNETES_VALIDATE_VERSION" ]; then
+  python3 -m pip --version >/dev/null 2>&1 || apt_install python3-pip
+  echo "installing kubernetes-validate==$KUBERNETES_VALIDATE_VERSION (and PyYAML)..." >&2
+  # Debian's own python3 refuses pip installs outside a venv (PEP 668) unless told.
+  python3 -m pip install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" PyYAML 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" PyYAML
 fi
 # `grep` without -q reads all its input: under pipefail an early exit could fail the writer.
 if ! rustup target list --installed | grep -x "$TARGET" >/dev/null; then

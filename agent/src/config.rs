@@ -59,7 +59,7 @@ pub struct Settings {
     pub min_refresh_interval_ms: u64,
 
     /// Consecutive failures that count as one anomaly event.
-    #[arg(long, env = "AETHER_ANOMALY_FAIL_THRESHOLD", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "AETHER_ANOMALY_FAIL_THRESHOLD", default_value_t = aether_common::contract::metrics::DEFAULT_ANOMALY_FAIL_THRESHOLD, value_parser = clap::value_parser!(u32).range(1..))]
     pub anomaly_fail_threshold: u32,
 
     /// Cap of the jittered exponential retry delay, which starts at 500 ms.

@@ -28,6 +28,28 @@ const FIELD_MANAGER: &str = "aether";
 /// Server-side applies the app's Deployment and, with dev-hot, the fetcher's RBAC.
 pub async fn apply_app(client: &kube::Client, spec: &AppSpec) -> anyhow::Result<()> {
     let ns = &spec.namespace;
+    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
+    // A forced apply would take over any Deployment of that name, the control plane's own
+    // (`aether`, in the namespace it manages) included: only ours are ours to change.
+    if let Some(existing) = deployments
+        .get_opt(&spec.app)
+        .await
+        .with_context(|| format!("reading deployment {ns}/{}", spec.app))?
+    {
+        let managed = existing
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(manifest::MANAGED_BY_LABEL))
+            .is_some_and(|v| v == manifest::MANAGED_BY);
+        if !managed {
+            return Err(NotManaged {
+                namespace: ns.clone(),
+                app: spec.app.clone(),
+            }
+            .into());
+        }
+    }
     let params = PatchParams::apply(FIELD_MANAGER).force();
     for obj in manifest::fetcher_rbac(spec) {
         let name = obj["metadata"]["name"]
@@ -59,6 +81,17 @@ pub async fn apply_app(client: &kube::Client, spec: &AppSpec) -> anyhow::Result<
         .await
         .with_context(|| format!("applying deployment {ns}/{}", spec.app))?;
     Ok(())
+}
+
+/// A deploy would overwrite a Deployment that aether did not create.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "deployment {namespace}/{app} exists and is not managed by aether (no label \
+     app.kubernetes.io/managed-by=aether): choose another app name"
+)]
+pub struct NotManaged {
+    pub namespace: String,
+    pub app: String,
 }
 
 /// A hot release was asked for an app deployed without dev-hot.
@@ -159,8 +192,11 @@ pub async fn patch_pods(
             let patch = patch.clone();
             let ns = ns.to_owned();
             async move {
-                pods.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
+                let result = pods
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                crate::metrics::pod_patched(&result);
+                result
                     .map(|_| ())
                     .with_context(|| format!("annotating pod {ns}/{name}"))
             }

@@ -39,6 +39,10 @@ pub struct InstallArgs {
     /// The aether-fetcher image the control plane puts in app pods.
     #[arg(long, default_value = "aether-fetcher:dev")]
     pub fetch_image: String,
+    /// Install into a namespace that exists: the Namespace object (with its restricted Pod
+    /// Security labels) is not printed, so its policy and lifetime stay its owner's.
+    #[arg(long)]
+    pub existing_namespace: bool,
     /// Print the Prometheus Operator objects instead: PodMonitors for the fetchers and
     /// the control plane, and the PrometheusRule with the alerts.
     #[arg(long, conflicts_with = "prometheus_rules")]
@@ -56,11 +60,16 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<String> {
         bail!("--namespace: {}", e.replace("app name", "namespace"));
     }
     if let Some(url) = &args.public_url {
-        let parsed =
-            reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("--public-url {url:?}: {e}"))?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
-            bail!("--public-url {url:?} must be an http:// or https:// URL with a host");
-        }
+        check_public_url(url)?;
+    }
+    if !is_quantity(&args.store_size) {
+        bail!(
+            "--store-size {:?} is not a storage quantity (for example 10Gi or 500Mi)",
+            args.store_size
+        );
+    }
+    if let Err(e) = manifest::check_app_name(&args.token_secret) {
+        bail!("--token-secret: {}", e.replace("app name", "Secret name"));
     }
     if args.prometheus_rules {
         return Ok(yaml::document(&monitoring::rules_file()));
@@ -80,6 +89,80 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<String> {
         },
         image: args.image.clone(),
         fetch_image: args.fetch_image.clone(),
+        create_namespace: !args.existing_namespace,
     };
     Ok(yaml::documents(&install::objects(&spec)))
+}
+
+/// A positive whole number with an optional binary or decimal suffix: the storage
+/// quantities a claim is sized in.
+fn is_quantity(s: &str) -> bool {
+    let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+    let suffix = &s[digits..];
+    digits > 0
+        && s[..digits].bytes().any(|b| b != b'0')
+        && [
+            "", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "k", "M", "G", "T", "P", "E",
+        ]
+        .contains(&suffix)
+}
+
+/// The same rules `aether serve` applies to `--public-url` at start, checked here so a bad
+/// URL is an error now rather than a crash-looping pod: http(s), a host that pods can
+/// reach (not loopback), no credentials, query or fragment.
+fn check_public_url(raw: &str) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(raw).map_err(|e| anyhow::anyhow!("--public-url {raw:?}: {e}"))?;
+    let host = url.host_str().unwrap_or("");
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !matches!(url.scheme(), "http" | "https")
+        || host.is_empty()
+        || loopback
+        || !url.username().is_empty()
+        || url.password().is_some()
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        bail!(
+            "--public-url {raw:?} must be an http:// or https:// base URL with a host pods can \
+             reach (not loopback) and no credentials, query or fragment"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_urls_pods_cannot_use_are_refused() {
+        assert!(check_public_url("https://aether.example.com").is_ok());
+        assert!(check_public_url("http://aether.team-a.svc:80").is_ok());
+        for bad in [
+            "ftp://x",
+            "http://127.0.0.1:3000",
+            "http://localhost",
+            "http://[::1]/",
+            "https://u:p@x",
+            "https://x/?a=1",
+            "https://x/#f",
+            "not a url",
+        ] {
+            assert!(check_public_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn store_sizes_are_storage_quantities() {
+        for ok in ["10Gi", "500Mi", "1T", "2048"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "Gi", "0Gi", "10GB", "-1Gi", "1.5Gi", "10 Gi"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
 }

@@ -14,10 +14,21 @@ pub const PATCHES_TOTAL: &str = "aether_patches_total";
 pub const PATCH_FAILURES_TOTAL: &str = "aether_patch_failures_total";
 /// Release route: request in → Deployment and every pod patched.
 pub const PATCH_SECONDS: &str = "aether_patch_seconds";
-/// Pod patches made by the reconcile loop (the fan-out of releases to pods), by result.
+/// Pods annotated with a desired release (the fan-out of releases to pods), by result.
 pub const POD_PATCHES_TOTAL: &str = "aether_pod_patches_total";
 
 const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// Counts one pod patch by its outcome. A 409 is the resourceVersion precondition doing
+/// its job (a newer change got there first), not a failure.
+pub fn pod_patched<T>(result: &Result<T, kube::Error>) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(kube::Error::Api(status)) if status.code == 409 => "conflict",
+        Err(_) => "error",
+    };
+    counter!(POD_PATCHES_TOTAL, "result" => outcome).increment(1);
+}
 
 /// Installs the global recorder and registers every series.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
@@ -47,7 +58,8 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     describe_counter!(
         POD_PATCHES_TOTAL,
-        "Pods annotated with the desired release by the reconcile loop, by result"
+        "Pod annotation patches (release route and reconcile loop): ok, conflict (a newer \
+         change won; retried) or error"
     );
     for name in [
         UNAUTHORIZED_TOTAL,
@@ -62,7 +74,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     for stored in ["true", "false"] {
         counter!(UPLOADS_TOTAL, "stored" => stored).absolute(0);
     }
-    for result in ["ok", "error"] {
+    for result in ["ok", "conflict", "error"] {
         counter!(POD_PATCHES_TOTAL, "result" => result).absolute(0);
     }
     // A histogram appears in the exposition only once it has a sample; its buckets are

@@ -165,9 +165,7 @@ async fn reconcile(deploy: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Action, Rec
                 let result = api
                     .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                     .await;
-                let outcome = if result.is_ok() { "ok" } else { "error" };
-                metrics::counter!(crate::metrics::POD_PATCHES_TOTAL, "result" => outcome)
-                    .increment(1);
+                crate::metrics::pod_patched(&result);
                 match &result {
                     Ok(_) => tracing::info!(pod = %name, "copied the desired release annotations onto the pod"),
                     Err(e) => tracing::warn!(pod = %name, error = %e, "could not annotate pod; retrying with backoff"),

@@ -126,7 +126,9 @@ fn unprocessable(msg: impl Into<String>) -> ApiError {
 /// dev-hot, 502 for anything else (the API server could not be asked).
 fn cluster_error(e: anyhow::Error) -> ApiError {
     let msg = format!("{e:#}");
-    if e.downcast_ref::<cluster::NotDevHot>().is_some() {
+    if e.downcast_ref::<cluster::NotDevHot>().is_some()
+        || e.downcast_ref::<cluster::NotManaged>().is_some()
+    {
         return ApiError(StatusCode::CONFLICT, msg);
     }
     let api_status = e.chain().find_map(|cause| match cause.downcast_ref() {

@@ -71,28 +71,32 @@ fn get(emu: &Emulator, plural: &str, name: &str) -> Value {
         .unwrap_or_else(|| panic!("{plural}/{name} was not applied"))
 }
 
-/// The env of a container as the kubelet would set it: values, and the one fieldRef the
-/// install uses (the pod's namespace).
+/// The env of a container as the kubelet would set it: values, the one fieldRef the
+/// install uses (the pod's namespace), and `$(VAR)` references to variables defined
+/// before expanded.
 fn container_env(container: &Value) -> Vec<(String, String)> {
-    container["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            let name = e["name"].as_str().unwrap().to_owned();
-            let value = match e.get("value") {
-                Some(v) => v.as_str().unwrap().to_owned(),
-                None => {
-                    assert_eq!(
-                        e["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace",
-                        "unexpected valueFrom in {e}"
-                    );
-                    NS.to_owned()
-                }
-            };
-            (name, value)
-        })
-        .collect()
+    let mut env: Vec<(String, String)> = Vec::new();
+    let raw = container["env"].as_array().unwrap().iter().map(|e| {
+        let name = e["name"].as_str().unwrap().to_owned();
+        let value = match e.get("value") {
+            Some(v) => v.as_str().unwrap().to_owned(),
+            None => {
+                assert_eq!(
+                    e["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace",
+                    "unexpected valueFrom in {e}"
+                );
+                NS.to_owned()
+            }
+        };
+        (name, value)
+    });
+    for (name, mut value) in raw {
+        for (earlier, v) in &env {
+            value = value.replace(&format!("$({earlier})"), v);
+        }
+        env.push((name, value));
+    }
+    env
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,6 +286,32 @@ async fn install_applies_with_real_kubectl_and_the_installed_control_plane_deplo
     );
     let fetcher = &web["spec"]["template"]["spec"]["initContainers"][1];
     assert_eq!(fetcher["image"], "aether-fetcher:dev");
+
+    // An app named like the control plane cannot take its Deployment over.
+    let before = get(&emu, "deployments", "aether");
+    let mut takeover = Proc::spawn(
+        AETHER,
+        &[
+            "deploy",
+            "aether",
+            src.to_str().unwrap(),
+            "--dev-hot",
+            "--",
+            "./run",
+        ],
+        &cli_env,
+    )
+    .unwrap();
+    let status = takeover.wait_exit(LONG).await.expect("deploy exits");
+    let out = takeover.logs().join("\n");
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("not managed by aether"), "{out}");
+    assert_eq!(get(&emu, "deployments", "aether"), before, "untouched");
+    assert!(
+        emu.get("serviceaccounts", Some(NS), "aether-aether-fetcher")
+            .is_none(),
+        "nothing applied before the refusal"
+    );
 
     // A pod of the app gets the release (reconcile: pods list, watch, patch), and status
     // reads its fetcher through pods/proxy.

@@ -1,6 +1,10 @@
 //! Names of the fetcher's Prometheus metrics (the contract's table), shared by the
 //! fetcher that exports them and the alert rules and dashboard that read them.
 
+/// Default of `AETHER_ANOMALY_FAIL_THRESHOLD`: consecutive failures that count as an
+/// anomaly (the shipped alert fires at the same count).
+pub const DEFAULT_ANOMALY_FAIL_THRESHOLD: u32 = 7;
+
 pub const REFRESH_TOTAL: &str = "dev_hot_refresh_total";
 pub const REFRESH_FAILURE_TOTAL: &str = "dev_hot_refresh_failure_total";
 pub const REFRESH_LATENCY: &str = "dev_hot_refresh_latency_seconds";

@@ -43,16 +43,21 @@ pub struct InstallSpec {
     pub image: String,
     /// The `aether-fetcher` image the control plane puts in app pods.
     pub fetch_image: String,
+    /// Print the Namespace (with the restricted Pod Security labels); off for an
+    /// existing namespace, whose policy is not ours to change.
+    pub create_namespace: bool,
 }
 
 impl InstallSpec {
     /// The public URL the control plane will tell pods: the configured one, or the
     /// Service's name in the cluster DNS (`<svc>.<ns>.svc` resolves through the pods'
-    /// search domains whatever the cluster domain is).
+    /// search domains whatever the cluster domain is). The namespace is a reference to the
+    /// `AETHER_NAMESPACE` env var (the pod's own namespace), which Kubernetes expands, so
+    /// the URL stays right under a kustomize namespace override.
     pub fn effective_public_url(&self) -> String {
         self.public_url
             .clone()
-            .unwrap_or_else(|| format!("http://{NAME}.{}.svc:{SERVICE_PORT}", self.namespace))
+            .unwrap_or_else(|| format!("http://{NAME}.$(AETHER_NAMESPACE).svc:{SERVICE_PORT}"))
     }
 }
 
@@ -140,15 +145,20 @@ fn rules() -> Value {
 /// Every object of the installation, in the order `kubectl apply` should create them.
 pub fn objects(spec: &InstallSpec) -> Vec<Value> {
     let ns = &spec.namespace;
-    let mut objects = vec![
+    let mut objects = Vec::new();
+    if spec.create_namespace {
         // Everything aether runs, control plane and app pods alike, meets the restricted
         // Pod Security Standard; enforcing it keeps it that way.
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
-        "name": ns, "labels": {
-            PART_OF_LABEL: NAME,
-            "pod-security.kubernetes.io/enforce": "restricted",
-            "pod-security.kubernetes.io/warn": "restricted",
-        }}}),
+        objects.push(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": ns, "labels": {
+                PART_OF_LABEL: NAME,
+                "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/warn": "restricted",
+            }}}),
+        );
+    }
+    objects.extend([
         json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(spec, NAME)}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": meta(spec, NAME), "rules": rules()}),
@@ -156,7 +166,7 @@ pub fn objects(spec: &InstallSpec) -> Vec<Value> {
             "metadata": meta(spec, NAME),
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
             "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}]}),
-    ];
+    ]);
     let store_volume = match &spec.store {
         StoreVolume::Pvc { size } => {
             objects.push(json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
@@ -264,6 +274,7 @@ mod tests {
             store,
             image: "aether:dev".into(),
             fetch_image: "aether-fetcher:dev".into(),
+            create_namespace: true,
         }
     }
 
@@ -325,10 +336,35 @@ mod tests {
     #[test]
     fn the_public_url_defaults_to_the_service_dns_name() {
         let s = spec(StoreVolume::EmptyDir);
-        assert_eq!(s.effective_public_url(), "http://aether.aether.svc:80");
+        assert_eq!(
+            s.effective_public_url(),
+            "http://aether.$(AETHER_NAMESPACE).svc:80"
+        );
+        let all = objects(&s);
+        let env =
+            &find(&all, "Deployment").unwrap()["spec"]["template"]["spec"]["containers"][0]["env"];
+        let names: Vec<&str> = env
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
+        let at = |n: &str| names.iter().position(|x| *x == n).unwrap();
+        assert!(
+            at("AETHER_NAMESPACE") < at("AETHER_PUBLIC_URL"),
+            "Kubernetes expands $(VAR) only from variables defined before"
+        );
         let svc = find(&objects(&s), "Service").unwrap().clone();
         assert_eq!(svc["metadata"]["name"], NAME);
         assert_eq!(svc["spec"]["ports"][0]["port"], SERVICE_PORT);
+    }
+
+    #[test]
+    fn an_existing_namespace_is_left_alone() {
+        let mut s = spec(StoreVolume::EmptyDir);
+        assert!(find(&objects(&s), "Namespace").is_some());
+        s.create_namespace = false;
+        assert!(find(&objects(&s), "Namespace").is_none());
     }
 
     #[test]

@@ -13,8 +13,8 @@ use crate::contract::metrics as m;
 pub const FETCHERS_MONITOR: &str = "aether-fetchers";
 pub const CONTROL_PLANE_MONITOR: &str = "aether-control-plane";
 /// Consecutive failures that count as an anomaly: the fetcher's default
-/// `AETHER_ANOMALY_FAIL_THRESHOLD`. Change both together.
-pub const ANOMALY_THRESHOLD: u32 = 7;
+/// `AETHER_ANOMALY_FAIL_THRESHOLD`, one constant for both.
+pub const ANOMALY_THRESHOLD: u32 = m::DEFAULT_ANOMALY_FAIL_THRESHOLD;
 
 /// One alert with its runbook.
 pub struct Alert {
@@ -63,7 +63,12 @@ pub fn alerts() -> Vec<Alert> {
         },
         Alert {
             name: "AetherSignatureFailure",
-            expr: format!("increase({}[10m]) > 0", m::SIGNATURE_FAIL_TOTAL),
+            // `increase` alone misses a refusal made before the pod's first scrape (the
+            // series starts above 0): a series that is new in the window and above 0 counts.
+            expr: format!(
+                "increase({s}[10m]) > 0 or ({s} unless {s} offset 10m) * 1 > 0",
+                s = m::SIGNATURE_FAIL_TOTAL
+            ),
             for_: "0m",
             severity: "critical",
             summary: "{{ $labels.namespace }}/{{ $labels.pod }} refused a release for its signature",
@@ -100,14 +105,18 @@ pub fn alerts() -> Vec<Alert> {
         },
         Alert {
             name: "AetherControlPlaneDown",
-            expr: format!("up{{job=~\".*/{CONTROL_PLANE_MONITOR}\"}} == 0"),
+            // No target at all (a pod that never got an IP: Pending, an unbound claim, a
+            // missing token Secret, zero replicas) is down too.
+            expr: format!("absent(up{{job=~\".*/{CONTROL_PLANE_MONITOR}\"}} == 1)"),
             for_: "5m",
             severity: "critical",
-            summary: "The aether control plane cannot be scraped",
-            description: "Deploys and releases cannot be made while it is down; running pods keep \
-                          their live release.",
-            runbook: "`kubectl -n <ns> describe deploy aether` and `kubectl -n <ns> logs deploy/aether`; \
-                      /readyz fails while the Kubernetes API is unreachable from the pod.",
+            summary: "The aether control plane is down or not scraped",
+            description: "No control-plane target has been up for 5 minutes. Deploys and releases \
+                          cannot be made while it is down; running pods keep their live release.",
+            runbook: "`kubectl -n <ns> describe deploy aether` and `kubectl -n <ns> logs deploy/aether`: \
+                      a Pending pod (claim not bound, Secret aether-api-token missing), a crash \
+                      at start (the log's last line says why); /readyz fails while the \
+                      Kubernetes API is unreachable from the pod.",
         },
     ]
 }
@@ -153,8 +162,9 @@ pub fn objects(namespace: &str) -> Vec<Value> {
             "apiVersion": "monitoring.coreos.com/v1",
             "kind": "PodMonitor",
             "metadata": meta(namespace, FETCHERS_MONITOR),
+            // No namespaceSelector: a PodMonitor selects pods in its own namespace, which
+            // is the managed one, also after a kustomize namespace override.
             "spec": {
-                "namespaceSelector": {"matchNames": [namespace]},
                 "selector": {"matchLabels": {MANAGED_BY_LABEL: MANAGED_BY}},
                 // The fetcher is a native sidecar (an init container); Prometheus discovers
                 // init containers' ports too.
@@ -171,7 +181,6 @@ pub fn objects(namespace: &str) -> Vec<Value> {
             "kind": "PodMonitor",
             "metadata": meta(namespace, CONTROL_PLANE_MONITOR),
             "spec": {
-                "namespaceSelector": {"matchNames": [namespace]},
                 "selector": {"matchLabels": {APP_LABEL: install::NAME, COMPONENT_LABEL: "control-plane"}},
                 "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "15s"}],
             },
