@@ -8,6 +8,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 pub const UNAUTHORIZED_TOTAL: &str = "aether_api_unauthorized_total";
 pub const UPLOADS_TOTAL: &str = "aether_uploads_total";
 pub const DOWNLOADS_TOTAL: &str = "aether_downloads_total";
+pub const BLOB_UPLOADS_TOTAL: &str = "aether_blob_uploads_total";
+pub const BLOB_DOWNLOADS_TOTAL: &str = "aether_blob_downloads_total";
 pub const SIGNATURE_REFUSED_TOTAL: &str = "aether_signature_refused_total";
 pub const DEPLOYS_TOTAL: &str = "aether_deploys_total";
 pub const PATCHES_TOTAL: &str = "aether_patches_total";
@@ -45,6 +47,11 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     );
     describe_counter!(DOWNLOADS_TOTAL, "Artifact downloads served");
     describe_counter!(
+        BLOB_UPLOADS_TOTAL,
+        "Content-store blobs received (single or batched), by whether they were new (stored)"
+    );
+    describe_counter!(BLOB_DOWNLOADS_TOTAL, "Content-store blob downloads served");
+    describe_counter!(
         SIGNATURE_REFUSED_TOTAL,
         "Releases refused for a missing or invalid signature"
     );
@@ -64,6 +71,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     for name in [
         UNAUTHORIZED_TOTAL,
         DOWNLOADS_TOTAL,
+        BLOB_DOWNLOADS_TOTAL,
         SIGNATURE_REFUSED_TOTAL,
         DEPLOYS_TOTAL,
         PATCHES_TOTAL,
@@ -73,6 +81,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     }
     for stored in ["true", "false"] {
         counter!(UPLOADS_TOTAL, "stored" => stored).absolute(0);
+        counter!(BLOB_UPLOADS_TOTAL, "stored" => stored).absolute(0);
     }
     for result in ["ok", "conflict", "error"] {
         counter!(POD_PATCHES_TOTAL, "result" => result).absolute(0);

@@ -29,11 +29,15 @@ use crate::api::{
     DeployRequest, ErrorBody, ReleaseRequest, ReleaseResponse, UploadResponse, desired_annotations,
 };
 use crate::metrics as m;
-use crate::store::{Store, StoreError};
+use crate::store::{BatchReport, Kind, Store, StoreError};
 use crate::{cluster, reconcile};
 
 /// Largest JSON request body.
 const JSON_BODY_LIMIT: usize = 1 << 20;
+/// Largest missing-blobs query: 16 MiB holds about 230,000 digests.
+const MISSING_BODY_LIMIT: usize = 16 << 20;
+/// Most digests in one missing-blobs query.
+const MAX_MISSING_QUERY: usize = 200_000;
 
 /// Settings of `aether serve`; every flag is also an env var.
 #[derive(Debug, Clone, clap::Args)]
@@ -287,6 +291,18 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
             "/v1/artifacts/{digest}",
             put(upload).layer(DefaultBodyLimit::disable()),
         )
+        .route(
+            "/v1/blobs/{digest}",
+            put(upload_blob).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/blobs/batch",
+            post(upload_blob_batch).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/blobs/missing",
+            post(missing_blobs).layer(DefaultBodyLimit::max(MISSING_BODY_LIMIT)),
+        )
         .route("/v1/apps/{app}/deploy", post(deploy))
         .route("/v1/apps/{app}/release", post(release))
         .route("/v1/apps/{app}/status", get(status))
@@ -294,6 +310,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     let app = Router::new()
         .route("/v1/artifacts/{digest}", get(download))
+        .route("/v1/blobs/{digest}", get(download_blob))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
@@ -382,6 +399,97 @@ fn parse_digest(raw: &str) -> Result<Digest, ApiError> {
         .map_err(|e| bad_request(format!("digest {raw:?}: {e}")))
 }
 
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::Mismatch { .. } | StoreError::Body(_) | StoreError::Batch { .. } => {
+            bad_request(e.to_string())
+        }
+        StoreError::TooLarge(_) => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+        StoreError::Io(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `PUT /v1/blobs/sha256:<hex>`: one blob of the content store, streamed and verified.
+async fn upload_blob(
+    State(s): State<Shared>,
+    Path(digest): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(&digest)?;
+    let stored = s
+        .store
+        .put_of(Kind::Blob, digest, body.into_data_stream())
+        .await
+        .map_err(store_error)?;
+    counter!(m::BLOB_UPLOADS_TOTAL, "stored" => stored.to_string()).increment(1);
+    let code = if stored {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        code,
+        Json(UploadResponse {
+            digest: digest.to_string(),
+            url: format!("{}/v1/blobs/{digest}", s.public_url),
+            stored,
+        }),
+    )
+        .into_response())
+}
+
+/// `POST /v1/blobs/batch`: many small blobs in one request, as an uncompressed tar whose
+/// entries are named by their digest (see `Store::put_blob_batch`).
+async fn upload_blob_batch(State(s): State<Shared>, body: Body) -> Result<Response, ApiError> {
+    use futures::TryStreamExt;
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let state = s.clone();
+    let report: BatchReport =
+        tokio::task::spawn_blocking(move || state.store.put_blob_batch(reader))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(store_error)?;
+    counter!(m::BLOB_UPLOADS_TOTAL, "stored" => "true").increment(report.stored);
+    counter!(m::BLOB_UPLOADS_TOTAL, "stored" => "false").increment(report.known);
+    Ok(Json(report).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct MissingRequest {
+    digests: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct MissingResponse {
+    missing: Vec<String>,
+}
+
+/// `POST /v1/blobs/missing`: which of these blobs the store lacks (so a client uploads
+/// only those).
+async fn missing_blobs(
+    State(s): State<Shared>,
+    Json(req): Json<MissingRequest>,
+) -> Result<Response, ApiError> {
+    if req.digests.len() > MAX_MISSING_QUERY {
+        return Err(bad_request(format!(
+            "at most {MAX_MISSING_QUERY} digests per query; send several"
+        )));
+    }
+    let wanted = req
+        .digests
+        .iter()
+        .map(|d| parse_digest(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let missing = s
+        .store
+        .missing_blobs(&wanted)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    Ok(Json(MissingResponse { missing }).into_response())
+}
+
 async fn upload(
     State(s): State<Shared>,
     Path(digest): Path<String>,
@@ -392,11 +500,7 @@ async fn upload(
         .store
         .put(digest, body.into_data_stream())
         .await
-        .map_err(|e| match e {
-            StoreError::Mismatch { .. } | StoreError::Body(_) => bad_request(e.to_string()),
-            StoreError::TooLarge(_) => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-            StoreError::Io(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        })?;
+        .map_err(store_error)?;
     counter!(m::UPLOADS_TOTAL, "stored" => stored.to_string()).increment(1);
     let code = if stored {
         StatusCode::CREATED
@@ -426,9 +530,28 @@ async fn download(
     serve_artifact(&s.store, &digest, &headers).await
 }
 
+/// `GET /v1/blobs/sha256:<hex>`: unauthenticated like artifact downloads (pods hold no
+/// token; the fetcher verifies every byte against the signed manifest).
+async fn download_blob(
+    State(s): State<Shared>,
+    Path(digest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    serve_stored(&s.store, Kind::Blob, &digest, &headers).await
+}
+
 /// Streams a stored artifact with Content-Length and its digest as ETag.
 async fn serve_artifact(
     store: &Store,
+    digest: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    serve_stored(store, Kind::Artifact, digest, headers).await
+}
+
+async fn serve_stored(
+    store: &Store,
+    kind: Kind,
     digest: &str,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -438,23 +561,30 @@ async fn serve_artifact(
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         == Some(etag.as_str())
-        && store.contains(&digest)
+        && store.contains_of(kind, &digest)
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let file = tokio::fs::File::open(store.path(&digest))
+    let (what, content_type) = match kind {
+        Kind::Artifact => ("artifact", "application/gzip"),
+        Kind::Blob => ("blob", "application/octet-stream"),
+    };
+    let file = tokio::fs::File::open(store.path_of(kind, &digest))
         .await
-        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no artifact {digest}")))?;
+        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no {what} {digest}")))?;
     let len = file
         .metadata()
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .len();
-    counter!(m::DOWNLOADS_TOTAL).increment(1);
+    match kind {
+        Kind::Artifact => counter!(m::DOWNLOADS_TOTAL).increment(1),
+        Kind::Blob => counter!(m::BLOB_DOWNLOADS_TOTAL).increment(1),
+    }
     Ok((
         [
             (header::CONTENT_LENGTH, len.to_string()),
-            (header::CONTENT_TYPE, "application/gzip".to_owned()),
+            (header::CONTENT_TYPE, content_type.to_owned()),
             (header::ETAG, etag),
         ],
         Body::from_stream(tokio_util::io::ReaderStream::with_capacity(

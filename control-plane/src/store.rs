@@ -1,7 +1,9 @@
-//! The embedded artifact store: content-addressed files under the data directory.
-//! Uploads stream to a temporary file while being hashed; only a verified upload is renamed
-//! into place, so a mismatch stores nothing.
+//! The embedded store: content-addressed files under the data directory, release artifacts
+//! (`sha256/<hex>.tar.gz`) and the content store's blobs (`blobs/<hex>`: files of
+//! releases, manifests). Uploads stream to a temporary file while being hashed; only a
+//! verified upload is renamed into place, so a mismatch stores nothing.
 
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,15 +20,37 @@ pub enum StoreError {
     TooLarge(u64),
     #[error("reading the upload: {0}")]
     Body(String),
+    #[error("batch entry {entry:?}: {why}")]
+    Batch { entry: String, why: String },
     #[error("store I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Most entries in one batched upload; a client sends more in several batches.
+pub const MAX_BATCH_ENTRIES: u64 = 100_000;
+
+/// What a batched upload did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct BatchReport {
+    /// Blobs written.
+    pub stored: u64,
+    /// Blobs that were already there (their bytes were read and dropped).
+    pub known: u64,
 }
 
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    blobs: PathBuf,
     tmp: PathBuf,
     max_bytes: u64,
+}
+
+/// Which of the two content-addressed namespaces an upload goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Artifact,
+    Blob,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -34,8 +58,10 @@ static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 impl Store {
     pub fn open(data_dir: &Path, max_bytes: u64) -> std::io::Result<Self> {
         let dir = data_dir.join("sha256");
+        let blobs = data_dir.join("blobs");
         let tmp = data_dir.join("tmp");
         std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&blobs)?;
         std::fs::create_dir_all(&tmp)?;
         // Uploads cut off by a crash are never complete; drop them.
         for entry in std::fs::read_dir(&tmp)? {
@@ -43,35 +69,77 @@ impl Store {
         }
         Ok(Self {
             dir,
+            blobs,
             tmp,
             max_bytes,
         })
     }
 
+    /// Where an artifact is (or would be) stored.
     pub fn path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join(format!("{}.tar.gz", digest.hex()))
+        self.path_of(Kind::Artifact, digest)
+    }
+
+    pub fn path_of(&self, kind: Kind, digest: &Digest) -> PathBuf {
+        match kind {
+            Kind::Artifact => self.dir.join(format!("{}.tar.gz", digest.hex())),
+            Kind::Blob => self.blobs.join(digest.hex()),
+        }
     }
 
     pub fn contains(&self, digest: &Digest) -> bool {
         self.path(digest).is_file()
     }
 
-    /// Stores the body if it hashes to `claimed`; returns false when it was already there
-    /// (the body is then not read at all).
-    pub async fn put<S, E>(&self, claimed: Digest, mut body: S) -> Result<bool, StoreError>
+    pub fn contains_of(&self, kind: Kind, digest: &Digest) -> bool {
+        self.path_of(kind, digest).is_file()
+    }
+
+    /// The digests of `wanted` that are not stored as blobs, in their order, once each.
+    pub fn missing_blobs(&self, wanted: &[Digest]) -> Vec<Digest> {
+        let mut seen = std::collections::HashSet::new();
+        wanted
+            .iter()
+            .filter(|d| seen.insert(**d) && !self.contains_of(Kind::Blob, d))
+            .copied()
+            .collect()
+    }
+
+    fn temp_file(&self, claimed: &Digest) -> TempFile {
+        let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        TempFile(Some(self.tmp.join(format!(
+            "{}.{}.{seq}",
+            claimed.hex(),
+            std::process::id()
+        ))))
+    }
+
+    /// Stores an artifact if the body hashes to `claimed`; returns false when it was
+    /// already there (the body is then not read at all).
+    pub async fn put<S, E>(&self, claimed: Digest, body: S) -> Result<bool, StoreError>
     where
         S: Stream<Item = Result<Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
-        if self.contains(&claimed) {
+        self.put_of(Kind::Artifact, claimed, body).await
+    }
+
+    /// Stores the body as `kind` if it hashes to `claimed`; returns false when it was
+    /// already there (the body is then not read at all).
+    pub async fn put_of<S, E>(
+        &self,
+        kind: Kind,
+        claimed: Digest,
+        mut body: S,
+    ) -> Result<bool, StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        if self.contains_of(kind, &claimed) {
             return Ok(false);
         }
-        let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let mut tmp = TempFile(Some(self.tmp.join(format!(
-            "{}.{}.{seq}",
-            claimed.hex(),
-            std::process::id()
-        ))));
+        let mut tmp = self.temp_file(&claimed);
         let path = tmp.path().to_path_buf();
         {
             let mut file = tokio::fs::File::create(&path).await?;
@@ -92,9 +160,96 @@ impl Store {
                 return Err(StoreError::Mismatch { claimed, got });
             }
         }
-        tokio::fs::rename(&path, self.path(&claimed)).await?;
+        tokio::fs::rename(&path, self.path_of(kind, &claimed)).await?;
         tmp.0 = None;
         Ok(true)
+    }
+
+    /// Stores the blobs of a batched upload: an uncompressed tar stream whose entries are
+    /// regular files named `sha256:<hex>` (or `<hex>`), each holding that blob. Blocking
+    /// (run it off the async runtime). Each entry is hashed while it is written and kept
+    /// only if it matches its name; the first entry that does not (a wrong hash, another
+    /// entry type, a bad name, too many entries or bytes) ends the request with an error,
+    /// and the blobs verified before it stay (they are content-addressed: keeping them is
+    /// never wrong). The whole body may not exceed the store's size cap.
+    pub fn put_blob_batch<R: Read>(&self, reader: R) -> Result<BatchReport, StoreError> {
+        let mut archive = tar::Archive::new(reader.take(self.max_bytes.saturating_add(1)));
+        let result = self.put_blob_entries(&mut archive);
+        // The reader is cut one byte past the cap: a batch that reached it is too large,
+        // whatever tar made of the cut.
+        if archive.into_inner().limit() == 0 {
+            return Err(StoreError::TooLarge(self.max_bytes));
+        }
+        result
+    }
+
+    fn put_blob_entries<R: Read>(
+        &self,
+        archive: &mut tar::Archive<R>,
+    ) -> Result<BatchReport, StoreError> {
+        let mut report = BatchReport::default();
+        // Raw: extension headers (GNU long names, PAX) are entries of their own, refused
+        // below as not regular files, instead of being buffered whatever their size. Blob
+        // names fit the 100-byte ustar name field.
+        let entries = archive
+            .entries()
+            .map_err(|e| StoreError::Body(e.to_string()))?
+            .raw(true);
+        for (n, entry) in entries.enumerate() {
+            let mut entry = entry.map_err(|e| self.batch_read_error(e))?;
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let bad = |why: &str| StoreError::Batch {
+                entry: name.clone(),
+                why: why.to_owned(),
+            };
+            if n as u64 >= MAX_BATCH_ENTRIES {
+                return Err(bad(&format!(
+                    "more than {MAX_BATCH_ENTRIES} entries in one batch; send several"
+                )));
+            }
+            if entry.header().entry_type() != tar::EntryType::Regular {
+                return Err(bad("only regular files are blobs"));
+            }
+            let claimed: Digest = name
+                .strip_prefix("sha256:")
+                .map_or_else(|| format!("sha256:{name}"), |hex| format!("sha256:{hex}"))
+                .parse()
+                .map_err(|_| bad("the name must be sha256:<64 hex>"))?;
+            if self.contains_of(Kind::Blob, &claimed) {
+                io::copy(&mut entry, &mut io::sink()).map_err(|e| self.batch_read_error(e))?;
+                report.known += 1;
+                continue;
+            }
+            let mut tmp = self.temp_file(&claimed);
+            let mut file = std::fs::File::create(tmp.path())?;
+            let mut hasher = Sha256Writer::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let read = entry.read(&mut buf).map_err(|e| self.batch_read_error(e))?;
+                if read == 0 {
+                    break;
+                }
+                hasher.update(&buf[..read]);
+                file.write_all(&buf[..read])?;
+            }
+            file.sync_all()?;
+            let got = hasher.finish();
+            if got != claimed {
+                return Err(bad(&format!("hashes to {got}")));
+            }
+            std::fs::rename(tmp.path(), self.path_of(Kind::Blob, &claimed))?;
+            tmp.0 = None;
+            report.stored += 1;
+        }
+        Ok(report)
+    }
+
+    /// A read error inside a batch: the body ended early or broke.
+    fn batch_read_error(&self, e: io::Error) -> StoreError {
+        StoreError::Body(format!(
+            "{e} (a batch is an uncompressed tar of at most {} bytes)",
+            self.max_bytes
+        ))
     }
 }
 

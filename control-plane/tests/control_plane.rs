@@ -912,3 +912,197 @@ async fn a_wait_on_a_silent_pod_is_gentle_on_the_api_and_a_newer_save_supersedes
     .await;
     assert!(released, "the newer save was released");
 }
+
+/// An uncompressed tar of (name, bytes) regular files: a batched blob upload.
+fn blob_batch(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, bytes) in entries {
+        let mut header = tar::Header::new_ustar();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        builder
+            .append_data(&mut header, name, bytes.as_slice())
+            .unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+fn blob_files(plane: &Plane) -> usize {
+    std::fs::read_dir(plane.dir.path().join("data/blobs"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_are_stored_by_their_hash_and_a_wrong_hash_stores_nothing() {
+    let plane = Plane::start(&[]).await;
+    let digest = aether_common::Digest::of(b"one file");
+    let url = format!("{}/v1/blobs/{digest}", plane.url);
+    assert_eq!(http("PUT", &url, None, b"one file".to_vec()).await.0, 401);
+    let (code, body) = http("PUT", &url, Some(TOKEN), b"other bytes".to_vec()).await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(blob_files(&plane), 0, "a mismatch stores nothing");
+    assert_eq!(http("GET", &url, None, vec![]).await.0, 404);
+    let (code, body) = http("PUT", &url, Some(TOKEN), b"one file".to_vec()).await;
+    assert_eq!(code, 201, "{body}");
+    let uploaded: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(uploaded["url"], url);
+    assert_eq!(
+        http("PUT", &url, Some(TOKEN), b"one file".to_vec()).await.0,
+        200,
+        "a known blob is a no-op"
+    );
+    // Downloads need no token, like artifacts: pods hold none, and verify every byte.
+    let (code, body) = http("GET", &url, None, vec![]).await;
+    assert_eq!((code, body.as_str()), (200, "one file"));
+    // Blobs and artifacts are separate namespaces.
+    let artifact = format!("{}/v1/artifacts/{digest}", plane.url);
+    assert_eq!(http("GET", &artifact, None, vec![]).await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_missing_blobs_query_names_only_unknown_digests_once_each() {
+    let plane = Plane::start(&[]).await;
+    let known = aether_common::Digest::of(b"known");
+    let unknown = aether_common::Digest::of(b"unknown");
+    let put = format!("{}/v1/blobs/{known}", plane.url);
+    assert_eq!(
+        http("PUT", &put, Some(TOKEN), b"known".to_vec()).await.0,
+        201
+    );
+    let url = format!("{}/v1/blobs/missing", plane.url);
+    let query = json!({"digests": [known.to_string(), unknown.to_string(), unknown.to_string()]});
+    assert_eq!(
+        http("POST", &url, None, query.to_string().into_bytes())
+            .await
+            .0,
+        401
+    );
+    let (code, body) = http("POST", &url, Some(TOKEN), query.to_string().into_bytes()).await;
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["missing"], json!([unknown.to_string()]));
+    let bad = json!({"digests": ["sha256:xyz"]});
+    let (code, body) = http("POST", &url, Some(TOKEN), bad.to_string().into_bytes()).await;
+    assert_eq!(code, 400, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_upload_stores_many_small_blobs_and_refuses_a_bad_entry() {
+    let plane = Plane::start(&[]).await;
+    let url = format!("{}/v1/blobs/batch", plane.url);
+    let files: Vec<(String, Vec<u8>)> = (0..300)
+        .map(|i| {
+            let bytes = format!("small file {i}").into_bytes();
+            let name = aether_common::Digest::of(&bytes).to_string();
+            (name, bytes)
+        })
+        .collect();
+    assert_eq!(http("POST", &url, None, blob_batch(&files)).await.0, 401);
+    let (code, body) = http("POST", &url, Some(TOKEN), blob_batch(&files)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"stored": 300, "known": 0})
+    );
+    assert_eq!(blob_files(&plane), 300);
+    let (code, body) = http(
+        "GET",
+        &format!("{}/v1/blobs/{}", plane.url, files[7].0),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, "small file 7"));
+    // The same batch again: every blob is known.
+    let (_, body) = http("POST", &url, Some(TOKEN), blob_batch(&files)).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        json!({"stored": 0, "known": 300})
+    );
+
+    // An entry whose bytes do not hash to its name ends the batch; it is not stored.
+    let good = b"good".to_vec();
+    let good_name = aether_common::Digest::of(&good).to_string();
+    let liar = aether_common::Digest::of(b"claimed").to_string();
+    let (code, body) = http(
+        "POST",
+        &url,
+        Some(TOKEN),
+        blob_batch(&[
+            (good_name.clone(), good),
+            (liar.clone(), b"actual".to_vec()),
+        ]),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains(&liar), "{body}");
+    let missing = json!({"digests": [good_name, liar.clone()]});
+    let (_, body) = http(
+        "POST",
+        &format!("{}/v1/blobs/missing", plane.url),
+        Some(TOKEN),
+        missing.to_string().into_bytes(),
+    )
+    .await;
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        answer["missing"],
+        json!([liar]),
+        "verified blobs before it stay"
+    );
+
+    // Only regular files named by a digest are blobs.
+    let (code, body) = http(
+        "POST",
+        &url,
+        Some(TOKEN),
+        blob_batch(&[("notes.txt".into(), b"x".to_vec())]),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    let mut link = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Symlink);
+    header.set_size(0);
+    link.append_link(
+        &mut header,
+        aether_common::Digest::of(b"l").to_string(),
+        "/etc/passwd",
+    )
+    .unwrap();
+    let (code, body) = http("POST", &url, Some(TOKEN), link.into_inner().unwrap()).await;
+    assert_eq!(code, 400, "{body}");
+    // A GNU long-name header is refused, not buffered.
+    let mut long = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(1);
+    long.append_data(&mut header, "a".repeat(300), &b"x"[..])
+        .unwrap();
+    let (code, body) = http("POST", &url, Some(TOKEN), long.into_inner().unwrap()).await;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(
+        std::fs::read_dir(plane.dir.path().join("data/tmp"))
+            .unwrap()
+            .count(),
+        0,
+        "no temporary file left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_over_the_size_cap_is_refused_as_too_large() {
+    let plane = Plane::start(&[("AETHER_MAX_ARTIFACT_BYTES", "65536".into())]).await;
+    let files: Vec<(String, Vec<u8>)> = (0..40u8)
+        .map(|i| {
+            let bytes = vec![i; 4000];
+            (aether_common::Digest::of(&bytes).to_string(), bytes)
+        })
+        .collect();
+    let url = format!("{}/v1/blobs/batch", plane.url);
+    let (code, body) = http("POST", &url, Some(TOKEN), blob_batch(&files)).await;
+    assert_eq!(code, 413, "{body}");
+    let (code, body) = http("POST", &url, Some(TOKEN), blob_batch(&files[..5])).await;
+    assert_eq!(code, 200, "{body}");
+}
