@@ -5,6 +5,7 @@
 //!   reasons). Defined once so the sidecar and the control plane cannot drift apart.
 //! - [`archive`] (feature `archive`): packing a tree into a release and extracting an
 //!   untrusted one safely.
+//! - [`release`] (feature `release`): the release manifest of incremental releases.
 //! - [`kube`]: the Kubernetes side, the objects the control plane applies (feature
 //!   `manifest`) and the client set-up both binaries use (feature `kube`).
 //!
@@ -21,6 +22,9 @@ pub mod kube;
 
 #[cfg(feature = "logging")]
 pub mod logging;
+
+#[cfg(feature = "release")]
+pub mod release;
 
 #[cfg(feature = "tls")]
 pub mod tls;
