@@ -9,6 +9,7 @@
 #     Prometheus by scripts/e2e-local.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/install-test-deps.sh
 if [ -z "${AETHER_BIN:-}" ]; then
   cargo build --locked -q -p aether
   AETHER_BIN=$PWD/target/debug/aether

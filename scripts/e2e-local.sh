@@ -12,8 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-[ -x /usr/bin/kubectl ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl >/dev/null; }
-command -v python3 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null; }
+scripts/install-test-deps.sh
 cargo build --locked -q -p aether -p aether-fetcher -p aether-testkit --bins
 bin=$PWD/target/debug
 export PATH=$bin:$PATH
