@@ -415,13 +415,30 @@ async fn upload_blob(
     Path(digest): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let digest = parse_digest(&digest)?;
+    upload_as(&s, Kind::Blob, &digest, body).await
+}
+
+/// Streams an upload into the store as `kind`: 201 when stored, 200 when it was known.
+async fn upload_as(
+    s: &AppState,
+    kind: Kind,
+    digest: &str,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let digest = parse_digest(digest)?;
     let stored = s
         .store
-        .put_of(Kind::Blob, digest, body.into_data_stream())
+        .put_of(kind, digest, body.into_data_stream())
         .await
         .map_err(store_error)?;
-    counter!(m::BLOB_UPLOADS_TOTAL, "stored" => stored.to_string()).increment(1);
+    let (metric, url) = match kind {
+        Kind::Artifact => (m::UPLOADS_TOTAL, artifact_url(s, &digest)),
+        Kind::Blob => (
+            m::BLOB_UPLOADS_TOTAL,
+            format!("{}/v1/blobs/{digest}", s.public_url),
+        ),
+    };
+    counter!(metric, "stored" => stored.to_string()).increment(1);
     let code = if stored {
         StatusCode::CREATED
     } else {
@@ -431,7 +448,7 @@ async fn upload_blob(
         code,
         Json(UploadResponse {
             digest: digest.to_string(),
-            url: format!("{}/v1/blobs/{digest}", s.public_url),
+            url,
             stored,
         }),
     )
@@ -495,27 +512,7 @@ async fn upload(
     Path(digest): Path<String>,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let digest = parse_digest(&digest)?;
-    let stored = s
-        .store
-        .put(digest, body.into_data_stream())
-        .await
-        .map_err(store_error)?;
-    counter!(m::UPLOADS_TOTAL, "stored" => stored.to_string()).increment(1);
-    let code = if stored {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((
-        code,
-        Json(UploadResponse {
-            digest: digest.to_string(),
-            url: artifact_url(&s, &digest),
-            stored,
-        }),
-    )
-        .into_response())
+    upload_as(&s, Kind::Artifact, &digest, body).await
 }
 
 fn artifact_url(s: &AppState, digest: &Digest) -> String {

@@ -261,21 +261,25 @@ async fn install_applies_with_real_kubectl_and_the_installed_control_plane_deplo
         ("AETHER_API_URL", url.clone()),
         ("AETHER_API_TOKEN", TOKEN.to_owned()),
     ];
-    let mut deploy = Proc::spawn(
-        AETHER,
-        &[
-            "deploy",
-            "web",
-            src.to_str().unwrap(),
-            "--dev-hot",
-            "--",
-            "./run",
-        ],
-        &cli_env,
-    )
-    .unwrap();
-    let status = deploy.wait_exit(LONG).await.expect("deploy exits");
-    assert!(status.success(), "{}", deploy.logs().join("\n"));
+    let deploy_dev_hot = |app: &'static str| {
+        let src = src.clone();
+        let env = cli_env.clone();
+        async move {
+            let args = [
+                "deploy",
+                app,
+                src.to_str().unwrap(),
+                "--dev-hot",
+                "--",
+                "./run",
+            ];
+            let mut deploy = Proc::spawn(AETHER, &args, &env).unwrap();
+            let status = deploy.wait_exit(LONG).await.expect("deploy exits");
+            (status.success(), deploy.logs().join("\n"))
+        }
+    };
+    let (ok, out) = deploy_dev_hot("web").await;
+    assert!(ok, "{out}");
     let web = get(&emu, "deployments", "web");
     let artifact_url = web["metadata"]["annotations"]["aether.dev/artifact-url"]
         .as_str()
@@ -289,22 +293,8 @@ async fn install_applies_with_real_kubectl_and_the_installed_control_plane_deplo
 
     // An app named like the control plane cannot take its Deployment over.
     let before = get(&emu, "deployments", "aether");
-    let mut takeover = Proc::spawn(
-        AETHER,
-        &[
-            "deploy",
-            "aether",
-            src.to_str().unwrap(),
-            "--dev-hot",
-            "--",
-            "./run",
-        ],
-        &cli_env,
-    )
-    .unwrap();
-    let status = takeover.wait_exit(LONG).await.expect("deploy exits");
-    let out = takeover.logs().join("\n");
-    assert!(!status.success(), "{out}");
+    let (ok, out) = deploy_dev_hot("aether").await;
+    assert!(!ok, "{out}");
     assert!(out.contains("not managed by aether"), "{out}");
     assert_eq!(get(&emu, "deployments", "aether"), before, "untouched");
     assert!(
