@@ -95,9 +95,10 @@ pub const PERMISSIONS: &[Permission] = &[
         api_group: "apps",
         resource: "deployments",
         verbs: &["get", "list", "watch", "create", "patch"],
-        why: "deploy applies app Deployments (server-side apply: patch, and create for a new \
-              one); release reads one and patches its desired annotations; the reconcile loop \
-              lists and watches the managed ones",
+        why: "deploy reads an existing Deployment of that name (it changes only those aether \
+              created), then applies it (server-side apply: patch, and create for a new one); \
+              release reads one and patches its desired annotations; the reconcile loop lists \
+              and watches the managed ones",
     },
     Permission {
         api_group: "",
