@@ -838,10 +838,9 @@ async fn resource(
         Some(sub) => format!("{}/{sub}", rt.plural),
         None => rt.plural.to_owned(),
     };
+    let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
     let verb = match (&method, name) {
-        (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            "watch"
-        }
+        (&Method::GET, None) if watch => "watch",
         (&Method::GET, None) => "list",
         (&Method::GET, Some(_)) => "get",
         (&Method::POST, _) => "create",
@@ -858,7 +857,6 @@ async fn resource(
     let c = &shared.counters;
     match (method, name, sub) {
         (Method::GET, None, _) => {
-            let watch = query.get("watch").is_some_and(|w| w == "true" || w == "1");
             if watch {
                 c.watch.fetch_add(1, Ordering::Relaxed);
                 wait_while_held(shared).await;
