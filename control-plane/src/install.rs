@@ -107,29 +107,12 @@ fn is_quantity(s: &str) -> bool {
         .contains(&suffix)
 }
 
-/// The same rules `aether serve` applies to `--public-url` at start, checked here so a bad
-/// URL is an error now rather than a crash-looping pod: http(s), a host that pods can
-/// reach (not loopback), no credentials, query or fragment.
+/// The rules `aether serve` applies to `--public-url` at start, checked here so a bad URL
+/// is an error now rather than a crash-looping pod; a loopback host is refused outright,
+/// since the pods that download from it are never on this machine.
 fn check_public_url(raw: &str) -> anyhow::Result<()> {
-    let url = reqwest::Url::parse(raw).map_err(|e| anyhow::anyhow!("--public-url {raw:?}: {e}"))?;
-    let host = url.host_str().unwrap_or("");
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = bare.eq_ignore_ascii_case("localhost")
-        || bare
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if !matches!(url.scheme(), "http" | "https")
-        || host.is_empty()
-        || loopback
-        || !url.username().is_empty()
-        || url.password().is_some()
-        || url.query().is_some()
-        || url.fragment().is_some()
-    {
-        bail!(
-            "--public-url {raw:?} must be an http:// or https:// base URL with a host pods can \
-             reach (not loopback) and no credentials, query or fragment"
-        );
+    if crate::serve::parse_public_url(raw)?.loopback {
+        bail!("--public-url {raw:?} names a loopback address, which pods cannot reach");
     }
     Ok(())
 }

@@ -178,23 +178,29 @@ fn configured_public_url(args: &ServeArgs) -> anyhow::Result<Option<String>> {
         }
         return Ok(None);
     };
-    let url = reqwest::Url::parse(raw).with_context(|| format!("--public-url {raw:?}"))?;
-    let host = url
-        .host_str()
-        .unwrap_or("")
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let loopback_host = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
-    if loopback_host && !args.listen.ip().is_loopback() {
+    let url = parse_public_url(raw)?;
+    if url.loopback && !args.listen.ip().is_loopback() {
         bail!(
             "--public-url {raw:?} names this machine's loopback address while listening on {}: \
              pods cannot reach it; give the Service's or the node's address",
             args.listen
         );
     }
+    Ok(Some(url.base))
+}
+
+/// A public URL whose shape is right: http(s), a host, no credentials, query or fragment.
+pub struct PublicUrl {
+    /// Without a trailing `/`.
+    pub base: String,
+    /// Its host is this machine's loopback address (pods elsewhere cannot reach it).
+    pub loopback: bool,
+}
+
+/// Checks the shape of a `--public-url` (for `aether serve` and `aether install` alike);
+/// whether a loopback host is acceptable is the caller's decision.
+pub fn parse_public_url(raw: &str) -> anyhow::Result<PublicUrl> {
+    let url = reqwest::Url::parse(raw).with_context(|| format!("--public-url {raw:?}"))?;
     if !matches!(url.scheme(), "http" | "https")
         || url.host_str().is_none_or(str::is_empty)
         || url.query().is_some()
@@ -207,7 +213,19 @@ fn configured_public_url(args: &ServeArgs) -> anyhow::Result<Option<String>> {
              credentials, query or fragment"
         );
     }
-    Ok(Some(raw.trim_end_matches('/').to_owned()))
+    let host = url
+        .host_str()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    Ok(PublicUrl {
+        base: raw.trim_end_matches('/').to_owned(),
+        loopback,
+    })
 }
 
 /// The token from `--api-token-file`, if given: trailing newlines are dropped (`echo` and
