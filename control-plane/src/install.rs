@@ -54,11 +54,10 @@ pub struct InstallArgs {
 
 /// The YAML the arguments ask for.
 pub fn render(args: &InstallArgs) -> anyhow::Result<String> {
-    // The namespace becomes object names and DNS names; the same rule as app names,
-    // minus the room apps need for suffixes.
-    if let Err(e) = manifest::check_app_name(&args.namespace) {
-        bail!("--namespace: {}", e.replace("app name", "namespace"));
-    }
+    // The namespace and the Secret name become object and DNS names: DNS-1123 labels,
+    // within the app-name bound (tighter than the 63 characters Kubernetes allows).
+    manifest::check_dns_label("--namespace", &args.namespace, manifest::MAX_APP_NAME)
+        .map_err(anyhow::Error::msg)?;
     if let Some(url) = &args.public_url {
         check_public_url(url)?;
     }
@@ -68,9 +67,8 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<String> {
             args.store_size
         );
     }
-    if let Err(e) = manifest::check_app_name(&args.token_secret) {
-        bail!("--token-secret: {}", e.replace("app name", "Secret name"));
-    }
+    manifest::check_dns_label("--token-secret", &args.token_secret, manifest::MAX_APP_NAME)
+        .map_err(anyhow::Error::msg)?;
     if args.prometheus_rules {
         return Ok(yaml::document(&monitoring::rules_file()));
     }

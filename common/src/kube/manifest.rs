@@ -55,15 +55,23 @@ pub const MAX_APP_NAME: usize = 47;
 /// Checks that `app` is a DNS-1123 label (lowercase letters, digits and `-`, starting and
 /// ending with a letter or digit) of at most [`MAX_APP_NAME`] characters.
 pub fn check_app_name(app: &str) -> Result<(), String> {
-    let valid_chars = app
+    check_dns_label("app name", app, MAX_APP_NAME).map_err(|e| {
+        format!("{e} (a DNS-1123 label that leaves room for the \"-aether-fetcher\" suffix)")
+    })
+}
+
+/// Checks that `name` (described by `what` in the error) is a DNS-1123 label of at most
+/// `max` characters: lowercase letters, digits and `-`, starting and ending with a letter
+/// or digit.
+pub fn check_dns_label(what: &str, name: &str, max: usize) -> Result<(), String> {
+    let valid_chars = name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let valid_ends = !app.starts_with('-') && !app.ends_with('-');
-    if app.is_empty() || app.len() > MAX_APP_NAME || !valid_chars || !valid_ends {
+    let valid_ends = !name.starts_with('-') && !name.ends_with('-');
+    if name.is_empty() || name.len() > max || !valid_chars || !valid_ends {
         return Err(format!(
-            "app name {app:?} must be 1 to {MAX_APP_NAME} lowercase letters, digits or '-', \
-             starting and ending with a letter or digit (a DNS-1123 label that leaves room \
-             for the \"-aether-fetcher\" suffix)"
+            "{what} {name:?} must be 1 to {max} lowercase letters, digits or '-', starting \
+             and ending with a letter or digit"
         ));
     }
     Ok(())
