@@ -144,6 +144,8 @@ pod = json.load(open(f"{work}/deploy.json"))["spec"]["template"]["spec"]
 init = {c["name"]: c for c in pod["initContainers"]}
 app = pod["containers"][0]
 downward = {"metadata.name": "demo-0", "metadata.namespace": "default"}
+labels = json.load(open(f"{work}/deploy.json"))["spec"]["template"]["metadata"]["labels"]
+downward.update({f"metadata.labels['{k}']": v for k, v in labels.items()})
 def env_file(container, path):
     with open(path, "w") as f:
         for e in container.get("env", []):

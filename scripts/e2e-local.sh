@@ -75,7 +75,7 @@ spec:
   containers: [{name: demo, image: demo:local}]
 YAML
   mkdir -p "$work/$pod"
-  POD_NAME=$pod POD_NAMESPACE=default AETHER_WORKSPACE=$work/$pod AETHER_PUBKEY=$pubkey \
+  POD_NAME=$pod POD_NAMESPACE=default AETHER_APP=demo AETHER_WORKSPACE=$work/$pod AETHER_PUBKEY=$pubkey \
     AETHER_ALLOW_HTTP=1 AETHER_HTTP_ADDR=127.0.0.1:$fport AETHER_MIN_REFRESH_INTERVAL_MS=100 \
     aether-fetcher 2> "$work/fetcher-$pod.log" & pids+=($!)
   AETHER_WORKSPACE=$work/$pod aether-fetcher supervise --grace-sec 2 -- \

@@ -37,6 +37,11 @@ pub struct Settings {
     #[arg(long, env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
 
+    /// The app this pod belongs to: a manifest release for another app is refused
+    /// (reason `replay`), and without it no manifest release is accepted.
+    #[arg(long, env = "AETHER_APP")]
+    pub app: Option<String>,
+
     /// Source of the desired release.
     #[arg(long, env = "AETHER_FETCH_MODE", value_enum, default_value = "watch")]
     pub fetch_mode: FetchMode,

@@ -314,10 +314,18 @@ impl Engine {
                 self.save_state().await;
                 self.set_ready(true).await;
                 self.metrics.success(latency, digest);
+                self.metrics.applied(&applied);
                 let ms = latency.as_millis() as u64;
+                let d = applied.delta.unwrap_or_default();
                 tracing::debug!(
                     bytes = applied.downloaded,
                     reused = applied.reused,
+                    seq = applied.seq,
+                    files_added = d.added,
+                    files_changed = d.changed,
+                    files_removed = d.removed,
+                    files_reused = d.reused,
+                    patched = d.patched,
                     attempt_ms = started.elapsed().as_millis() as u64,
                     "release details"
                 );
@@ -438,10 +446,13 @@ impl Engine {
     }
 
     async fn save_state(&self) {
+        let high_water = self.refresher.high_water.lock().ok().and_then(|h| *h);
         let state = State {
             digest: self.live,
             consecutive_failures: self.failures,
             updated_at: jiff::Timestamp::now().to_string(),
+            seq: high_water.map(|(s, _)| s),
+            seq_digest: high_water.map(|(_, d)| d),
         };
         let ws = self.workspace.clone();
         let result = tokio::task::spawn_blocking(move || ws.write_state(&state)).await;

@@ -1,12 +1,15 @@
 //! `aether-fetcher`: keeps a pod's shared volume on the release annotated on its own Pod.
 
+mod assemble;
 mod config;
 mod engine;
 mod extract_bridge;
 mod failure;
 mod fetch;
 mod http;
+mod incremental;
 mod metrics;
+mod objects;
 mod refresh;
 mod source;
 mod status;
@@ -168,6 +171,9 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
             ..Limits::default()
         },
         keep_releases: usize::try_from(settings.keep_releases).unwrap_or(usize::MAX),
+        app: settings.app.clone().filter(|a| !a.is_empty()),
+        high_water: std::sync::Mutex::new(previous.as_ref().and_then(|s| s.high_water())),
+        objects_lock: Arc::default(),
     };
     let engine = Engine::new(
         EngineConfig {

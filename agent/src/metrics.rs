@@ -11,6 +11,10 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::failure::Reason;
+use crate::refresh::Applied;
+
+const BYTE_SOURCES: [&str; 2] = ["downloaded", "reused"];
+const FILE_CHANGES: [&str; 4] = ["added", "changed", "removed", "reused"];
 
 pub use aether_common::contract::metrics::*;
 
@@ -61,6 +65,21 @@ impl Metrics {
             ANOMALY_EVENTS_TOTAL,
             "Times the consecutive failures reached AETHER_ANOMALY_FAIL_THRESHOLD"
         );
+        describe_counter!(
+            REFRESH_BYTES_TOTAL,
+            Unit::Bytes,
+            "Bytes of the releases made live, by source: downloaded or reused from the volume"
+        );
+        describe_counter!(
+            REFRESH_FILES_TOTAL,
+            "Files of the manifest releases made live, by change against their base"
+        );
+        for source in BYTE_SOURCES {
+            counter!(REFRESH_BYTES_TOTAL, "source" => source).absolute(0);
+        }
+        for change in FILE_CHANGES {
+            counter!(REFRESH_FILES_TOTAL, "change" => change).absolute(0);
+        }
         counter!(REFRESH_TOTAL).absolute(0);
         for reason in Reason::ALL {
             counter!(REFRESH_FAILURE_TOTAL, "reason" => reason.as_str()).absolute(0);
@@ -79,6 +98,20 @@ impl Metrics {
         histogram!(REFRESH_LATENCY).record(latency.as_secs_f64());
         gauge!(CONSECUTIVE_FAILURES).set(0.0);
         self.set_current(Some(live));
+    }
+
+    /// What a successful refresh moved and reused.
+    pub fn applied(&self, applied: &Applied) {
+        counter!(REFRESH_BYTES_TOTAL, "source" => "downloaded").increment(applied.downloaded);
+        counter!(REFRESH_BYTES_TOTAL, "source" => "reused").increment(applied.bytes_reused);
+        if let Some(d) = applied.delta {
+            for (change, n) in FILE_CHANGES
+                .iter()
+                .zip([d.added, d.changed, d.removed, d.reused])
+            {
+                counter!(REFRESH_FILES_TOTAL, "change" => *change).increment(n);
+            }
+        }
     }
 
     pub fn failure(&self, reason: Reason, consecutive: u32, anomaly: bool) {

@@ -1,14 +1,16 @@
 //! One refresh: from a desired release to a live one. Signature first (before any
-//! request), then one streaming pass (download → SHA-256 and gunzip → tar into staging),
-//! the digest check, and only then the commit and the atomic swap of `current`.
+//! request); then, for a tar.gz artifact, one streaming pass (download → SHA-256 and
+//! gunzip → tar into staging), the digest check, and only then the commit and the atomic
+//! swap of `current`. A manifest release takes the incremental path (`incremental`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use aether_common::archive::extract::Limits;
-use aether_common::contract::annotations::DesiredRelease;
+use aether_common::contract::annotations::{DesiredRelease, Format};
 use aether_common::{Digest, PublicKey, Sha256Writer};
 use tokio_util::sync::CancellationToken;
 
+use crate::assemble::Delta;
 use crate::failure::{Reason, RefreshError};
 use crate::workspace::{Staging, Workspace};
 use crate::{extract_bridge, fetch, verify};
@@ -20,6 +22,12 @@ pub struct Applied {
     pub downloaded: u64,
     /// The release was already on disk (a kept earlier release): nothing was fetched.
     pub reused: bool,
+    /// A manifest release: its `seq`.
+    pub seq: Option<u64>,
+    /// A manifest release that was built: how it differs from its base.
+    pub delta: Option<Delta>,
+    /// A manifest release that was built: bytes of its files already on the volume.
+    pub bytes_reused: u64,
 }
 
 /// Everything a refresh needs; cheap to share.
@@ -30,6 +38,13 @@ pub struct Refresher {
     pub max_artifact_bytes: u64,
     pub limits: Limits,
     pub keep_releases: usize,
+    /// `AETHER_APP`: manifests for another app are refused.
+    pub app: Option<String>,
+    /// The highest manifest `seq` made live, with its digest (persisted in `state.json`).
+    pub high_water: Mutex<Option<(u64, Digest)>>,
+    /// Held while objects are brought in or collected: a collection running beside a
+    /// refresh would remove objects the refresh has just fetched.
+    pub objects_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Refresher {
@@ -46,19 +61,34 @@ impl Refresher {
         let url = reqwest::Url::parse(&desired.url).map_err(|e| {
             RefreshError::new(Reason::InvalidAnnotation, format!("artifact URL: {e}"))
         })?;
+        if desired.format == Format::Manifest {
+            return self.apply_manifest(desired, url, cancel).await;
+        }
         let digest = desired.digest;
         let applied = if self.workspace.has_release(&digest) {
             Applied {
                 downloaded: 0,
                 reused: true,
+                seq: None,
+                delta: None,
+                bytes_reused: 0,
             }
         } else {
             let downloaded = self.download(url, &digest, cancel).await?;
             Applied {
                 downloaded,
                 reused: false,
+                seq: None,
+                delta: None,
+                bytes_reused: 0,
             }
         };
+        self.swap(digest).await?;
+        Ok(applied)
+    }
+
+    /// Points `current` at the release and prunes the old ones.
+    pub(crate) async fn swap(&self, digest: Digest) -> Result<(), RefreshError> {
         let ws = self.workspace.clone();
         let keep = self.keep_releases;
         blocking(move || {
@@ -69,8 +99,7 @@ impl Refresher {
             }
             Ok(())
         })
-        .await?;
-        Ok(applied)
+        .await
     }
 
     /// Streams the artifact into a verified release directory; returns the bytes read.
@@ -174,9 +203,11 @@ async fn discard(staging: Staging) {
     let _ = tokio::task::spawn_blocking(move || drop(staging)).await;
 }
 
-async fn blocking<F>(f: F) -> Result<(), RefreshError>
+/// Runs file system work off the async runtime; its errors are `io` failures.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, RefreshError>
 where
-    F: FnOnce() -> std::io::Result<()> + Send + 'static,
+    T: Send + 'static,
+    F: FnOnce() -> std::io::Result<T> + Send + 'static,
 {
     tokio::task::spawn_blocking(f)
         .await

@@ -8,14 +8,20 @@
 //! after 10 s of running); a new release restarts it at once. Whenever the app's leader
 //! process ends, crash included, what is left of its group is stopped the same way before
 //! the next start, so no orphan keeps the app's port.
+//!
+//! While an app runs from a release, that release is marked in use
+//! (`.aether/in-use/<hex>`): the fetcher never patches or prunes it under the app.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use aether_common::Digest;
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
+
+use crate::workspace::Workspace;
 
 const CRASH_BACKOFF_MIN: Duration = Duration::from_millis(500);
 const CRASH_BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -126,6 +132,42 @@ fn live_release(workspace: &Path) -> Option<PathBuf> {
     std::fs::canonicalize(workspace.join("current")).ok()
 }
 
+fn release_digest(release: &Path) -> Option<Digest> {
+    Digest::from_hex(release.file_name()?.to_str()?).ok()
+}
+
+/// Marks the live release in use before anything runs from it, and returns it. The link
+/// is read again after the mark: had it moved in between, the fetcher may have looked for
+/// marks before this one was made, so the mark moves to the newer release.
+fn mark_live(workspace: &Path, ws: Option<&Workspace>) -> Option<PathBuf> {
+    let mut release = live_release(workspace)?;
+    let Some(ws) = ws else {
+        return Some(release);
+    };
+    loop {
+        let digest = release_digest(&release);
+        if let Some(d) = &digest
+            && let Err(e) = ws.mark_in_use(d)
+        {
+            tracing::warn!(error = %e, "could not mark the release in use");
+        }
+        let now = live_release(workspace)?;
+        if now == release {
+            return Some(release);
+        }
+        unmark(ws, &release);
+        release = now;
+    }
+}
+
+fn unmark(ws: &Workspace, release: &Path) {
+    if let Some(d) = release_digest(release)
+        && let Err(e) = ws.unmark_in_use(&d)
+    {
+        tracing::warn!(error = %e, "could not clear the in-use mark");
+    }
+}
+
 fn start(command: &[String], release: &Path) -> anyhow::Result<App> {
     use std::os::unix::process::CommandExt;
     let (program, args) = command.split_first().context("empty command")?;
@@ -206,13 +248,22 @@ pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<Exit
     let mut backoff = CRASH_BACKOFF_MIN;
     let mut restart_at: Option<Instant> = Some(Instant::now());
     let mut crashed_release: Option<PathBuf> = None;
+    let ws = Workspace::open(&workspace)
+        .and_then(|ws| ws.clear_in_use().map(|()| ws))
+        .map_err(|e| tracing::warn!(error = %e, "cannot mark releases in use; the fetcher may patch one under the app"))
+        .ok();
+    let done = |app: &App| {
+        if let Some(ws) = &ws {
+            unmark(ws, &app.release);
+        }
+    };
     if live_release(&workspace).is_none() {
         tracing::info!(workspace = %workspace.display(), "waiting for the first release in `current`");
     }
     loop {
         if app.is_none()
             && restart_at.is_some_and(|t| Instant::now() >= t)
-            && let Some(release) = live_release(&workspace)
+            && let Some(release) = mark_live(&workspace, ws.as_ref())
         {
             restart_at = None;
             match start(&args.command, &release) {
@@ -221,6 +272,9 @@ pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<Exit
                     app = Some(a);
                 }
                 Err(e) => {
+                    if let Some(ws) = &ws {
+                        unmark(ws, &release);
+                    }
                     tracing::error!("{e:#}");
                     restart_at = Some(Instant::now() + backoff);
                     backoff = (backoff * 2).min(CRASH_BACKOFF_MAX);
@@ -229,11 +283,12 @@ pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<Exit
         }
         let wake = restart_at.unwrap_or_else(|| Instant::now() + LINK_POLL);
         tokio::select! {
-            _ = term.recv() => return Ok(shutdown(app.as_ref(), grace, "SIGTERM").await),
-            _ = int.recv() => return Ok(shutdown(app.as_ref(), grace, "SIGINT").await),
+            _ = term.recv() => return Ok(shutdown(app.as_ref(), grace, "SIGTERM", done).await),
+            _ = int.recv() => return Ok(shutdown(app.as_ref(), grace, "SIGINT", done).await),
             _ = chld.recv() => {
                 if let Some(exit) = reap(app.as_ref().map(|a| a.pid)) && let Some(a) = app.take() {
                     drain_group(a.pid, grace).await;
+                    done(&a);
                     let ran = a.started.elapsed();
                     if ran >= HEALTHY_RUN {
                         backoff = CRASH_BACKOFF_MIN;
@@ -254,6 +309,7 @@ pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<Exit
             if let Some(a) = app.as_ref().filter(|a| a.release != live) {
                 tracing::info!(pid = a.pid, release = %live.display(), "new release live; restarting the app");
                 let exit = stop(a, grace).await;
+                done(a);
                 tracing::info!(pid = a.pid, ?exit, "app stopped");
                 app = None;
                 backoff = CRASH_BACKOFF_MIN;
@@ -267,13 +323,14 @@ pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<Exit
     }
 }
 
-async fn shutdown(app: Option<&App>, grace: Duration, why: &str) -> ExitCode {
+async fn shutdown(app: Option<&App>, grace: Duration, why: &str, done: impl Fn(&App)) -> ExitCode {
     let Some(app) = app else {
         tracing::info!("{why}: no app running; exiting");
         return ExitCode::SUCCESS;
     };
     tracing::info!(pid = app.pid, "{why}: stopping the app");
     let exit = stop(app, grace).await;
+    done(app);
     tracing::info!(?exit, "app stopped; exiting");
     match exit {
         // Stopped by the signal we forwarded: a clean shutdown.

@@ -44,6 +44,7 @@ mod tests {
             digest: Digest::of(b"a"),
             url: "https://h/a".into(),
             signature,
+            format: Default::default(),
         }
     }
 

@@ -5,6 +5,11 @@
 //! - `current` → `.aether/releases/<hex>` (relative, swapped with rename(2));
 //! - `.aether/releases/<hex>/`: complete, verified releases only;
 //! - `.aether/staging/`: work in progress, never reachable through `current`, wiped at start;
+//! - `.aether/objects/<hex>-<mode>`: verified, read-only file contents of manifest
+//!   releases, hard-linked into their release directories (see `objects`);
+//! - `.aether/manifests/<hex>`: the manifest of each kept manifest release (what a later
+//!   release is patched against, and what keeps its objects);
+//! - `.aether/in-use/<hex>`: set by the supervisor while an app of that release runs;
 //! - `.aether/state.json`, `.ready`.
 //!
 //! Renames make every step atomic for readers and against a killed process. There is no
@@ -33,6 +38,19 @@ pub struct State {
     pub digest: Option<Digest>,
     pub consecutive_failures: u32,
     pub updated_at: String,
+    /// The highest manifest `seq` made live and that manifest's digest: a lower `seq`, or
+    /// the same `seq` with another digest, is a replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_digest: Option<Digest>,
+}
+
+impl State {
+    /// The replay high-water mark, when both halves are present.
+    pub fn high_water(&self) -> Option<(u64, Digest)> {
+        self.seq.zip(self.seq_digest)
+    }
 }
 
 /// Handle on the workspace directories.
@@ -42,6 +60,9 @@ pub struct Workspace {
     meta: PathBuf,
     releases: PathBuf,
     staging: PathBuf,
+    objects: PathBuf,
+    manifests: PathBuf,
+    in_use: PathBuf,
 }
 
 /// A staging directory being filled. Dropping it without `Workspace::commit` removes it,
@@ -79,11 +100,113 @@ impl Workspace {
             root: root.to_path_buf(),
             releases: meta.join("releases"),
             staging: meta.join("staging"),
+            objects: meta.join("objects"),
+            manifests: meta.join("manifests"),
+            in_use: meta.join("in-use"),
             meta,
         };
-        fs::create_dir_all(&ws.releases)?;
-        fs::create_dir_all(&ws.staging)?;
+        for dir in [
+            &ws.releases,
+            &ws.staging,
+            &ws.objects,
+            &ws.manifests,
+            &ws.in_use,
+        ] {
+            fs::create_dir_all(dir)?;
+        }
         Ok(ws)
+    }
+
+    pub fn objects_dir(&self) -> &Path {
+        &self.objects
+    }
+
+    /// Where the manifest of a kept manifest release is.
+    pub fn manifest_path(&self, digest: &Digest) -> PathBuf {
+        self.manifests.join(digest.hex())
+    }
+
+    /// Releases an app may still be running from (the supervisor's markers): never patched
+    /// or pruned.
+    pub fn in_use(&self) -> Vec<Digest> {
+        let Ok(dir) = fs::read_dir(&self.in_use) else {
+            return Vec::new();
+        };
+        dir.filter_map(|e| Digest::from_hex(e.ok()?.file_name().to_str()?).ok())
+            .collect()
+    }
+
+    /// Marks a release as in use by an app (the supervisor, before it starts one).
+    pub fn mark_in_use(&self, digest: &Digest) -> io::Result<()> {
+        File::create(self.in_use.join(digest.hex())).map(drop)
+    }
+
+    /// Clears the mark (the supervisor, once the app and its process group are gone).
+    pub fn unmark_in_use(&self, digest: &Digest) -> io::Result<()> {
+        remove_if_present(&self.in_use.join(digest.hex()))
+    }
+
+    /// Removes every mark: a supervisor starting has no app running yet, whatever an
+    /// earlier one that was killed left behind.
+    pub fn clear_in_use(&self) -> io::Result<()> {
+        for entry in fs::read_dir(&self.in_use)? {
+            remove_if_present(&entry?.path())?;
+        }
+        Ok(())
+    }
+
+    /// A fresh path in staging for a temporary file (same file system as the objects and
+    /// releases, so it can be renamed into place; wiped at start like all staging).
+    pub fn temp_path(&self, what: &str) -> PathBuf {
+        let seq = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
+        self.staging
+            .join(format!("{what}.{}.{seq}", std::process::id()))
+    }
+
+    /// The digests of the manifests kept in `.aether/manifests/`.
+    pub fn kept_manifests(&self) -> io::Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.manifests)? {
+            if let Some(d) = entry?
+                .file_name()
+                .to_str()
+                .and_then(|n| Digest::from_hex(n).ok())
+            {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Kept releases (not staging), newest activation first.
+    pub fn releases(&self) -> io::Result<Vec<Digest>> {
+        let mut releases = Vec::new();
+        for entry in fs::read_dir(&self.releases)? {
+            let entry = entry?;
+            let Some(digest) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| Digest::from_hex(n).ok())
+            else {
+                continue;
+            };
+            let modified = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            releases.push((modified, digest));
+        }
+        releases.sort_by_key(|r| std::cmp::Reverse(r.0));
+        Ok(releases.into_iter().map(|(_, d)| d).collect())
+    }
+
+    /// Takes a kept release out of the releases (into staging) to be patched into another
+    /// one. Its manifest goes with it: the release no longer exists under its own digest.
+    pub fn take_release(&self, digest: &Digest, into: &Digest) -> io::Result<Staging> {
+        let path = self.temp_path(&into.hex());
+        fs::rename(self.release_dir(digest), &path)?;
+        remove_if_present(&self.manifest_path(digest))?;
+        Ok(Staging { path, keep: false })
     }
 
     pub fn release_dir(&self, digest: &Digest) -> PathBuf {
@@ -129,10 +252,7 @@ impl Workspace {
     /// A fresh, empty staging directory beside the releases (same file system, so the
     /// final rename is atomic).
     pub fn stage(&self, digest: &Digest) -> io::Result<Staging> {
-        let seq = STAGING_SEQ.fetch_add(1, Ordering::Relaxed);
-        let path = self
-            .staging
-            .join(format!("{}.{}.{seq}", digest.hex(), std::process::id()));
+        let path = self.temp_path(&digest.hex());
         fs::create_dir(&path)?;
         Ok(Staging { path, keep: false })
     }
@@ -174,36 +294,18 @@ impl Workspace {
             }
             Ok(())
         } else {
-            match fs::remove_file(&path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            }
+            remove_if_present(&path)
         }
     }
 
-    /// Removes releases beyond the newest `keep` (by activation time); never the live one.
+    /// Removes releases beyond the newest `keep` (by activation time), with their
+    /// manifests; never the live one, nor one an app still runs from.
     pub fn prune(&self, keep: usize, live: &Digest) -> io::Result<Vec<Digest>> {
-        let mut releases = Vec::new();
-        for entry in fs::read_dir(&self.releases)? {
-            let entry = entry?;
-            let Some(digest) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| Digest::from_hex(n).ok())
-            else {
-                continue;
-            };
-            let modified = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .unwrap_or(SystemTime::UNIX_EPOCH);
-            releases.push((modified, digest));
-        }
-        releases.sort_by_key(|r| std::cmp::Reverse(r.0));
+        let in_use = self.in_use();
         let mut kept = 1; // the live release always stays
         let mut removed = Vec::new();
-        for (_, digest) in releases {
-            if &digest == live {
+        for digest in self.releases()? {
+            if &digest == live || in_use.contains(&digest) {
                 continue;
             }
             if kept < keep {
@@ -211,6 +313,7 @@ impl Workspace {
                 continue;
             }
             fs::remove_dir_all(self.release_dir(&digest))?;
+            remove_if_present(&self.manifest_path(&digest))?;
             removed.push(digest);
         }
         Ok(removed)
@@ -228,6 +331,13 @@ impl Workspace {
         serde_json::to_writer(&mut file, state)?;
         file.write_all(b"\n")?;
         fs::rename(&tmp, self.meta.join(STATE))
+    }
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -308,6 +418,8 @@ mod tests {
             digest: Some(Digest::of(b"x")),
             consecutive_failures: 3,
             updated_at: "2026-01-01T00:00:00Z".into(),
+            seq: Some(9),
+            seq_digest: Some(Digest::of(b"m")),
         };
         ws.write_state(&st).unwrap();
         assert_eq!(ws.load_state(), Some(st));

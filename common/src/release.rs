@@ -95,6 +95,14 @@ impl Manifest {
         serde_json::to_vec(&sorted).unwrap_or_default()
     }
 
+    /// The sum of the files' sizes (saturating).
+    pub fn total_size(&self) -> u64 {
+        self.entries
+            .iter()
+            .filter_map(|e| e.size)
+            .fold(0, u64::saturating_add)
+    }
+
     /// The release digest: SHA-256 of the canonical bytes.
     pub fn digest(&self) -> Digest {
         Digest::of(&self.to_canonical())

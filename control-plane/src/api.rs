@@ -32,6 +32,9 @@ pub struct ReleaseRequest {
     pub url: Option<String>,
     pub signature: Option<String>,
     pub build_commit: Option<String>,
+    /// `manifest` for a release manifest (stored as a blob); absent for a tar.gz artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +51,20 @@ pub struct UploadResponse {
     pub stored: bool,
 }
 
+/// Most digests in one `POST /v1/blobs/missing`.
+pub const MAX_MISSING_QUERY: usize = 200_000;
+
+/// `POST /v1/blobs/missing`: digests (`sha256:<hex>`) in, the ones the store lacks out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MissingRequest {
+    pub digests: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MissingResponse {
+    pub missing: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
@@ -59,7 +76,9 @@ pub fn desired_annotations(
     url: &str,
     release: &ReleaseRequest,
 ) -> BTreeMap<String, String> {
-    use aether_common::contract::annotations::{ARTIFACT_URL, BUILD_COMMIT, DIGEST, SIGNATURE};
+    use aether_common::contract::annotations::{
+        ARTIFACT_URL, BUILD_COMMIT, DIGEST, FORMAT, Format, SIGNATURE,
+    };
     let mut out = BTreeMap::new();
     out.insert(DIGEST.to_owned(), digest.to_owned());
     out.insert(ARTIFACT_URL.to_owned(), url.to_owned());
@@ -68,6 +87,11 @@ pub fn desired_annotations(
     }
     if let Some(commit) = release.build_commit.as_deref().filter(|s| !s.is_empty()) {
         out.insert(BUILD_COMMIT.to_owned(), commit.to_owned());
+    }
+    // Written only for manifests: tar.gz stays annotated exactly as before, which fetchers
+    // of earlier versions understand.
+    if release.format.as_deref() == Some(Format::Manifest.as_str()) {
+        out.insert(FORMAT.to_owned(), Format::Manifest.as_str().to_owned());
     }
     out
 }

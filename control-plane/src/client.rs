@@ -7,8 +7,30 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
 
-use crate::api::{DeployRequest, ReleaseRequest, ReleaseResponse, UploadResponse};
+use crate::api::{
+    DeployRequest, MAX_MISSING_QUERY, MissingRequest, MissingResponse, ReleaseRequest,
+    ReleaseResponse, UploadResponse,
+};
 use crate::cluster::AppStatus;
+use crate::snapshot::Snapshot;
+use crate::store::BatchReport;
+
+/// Files up to this size travel in batches (one request for many), larger ones alone.
+const BATCH_FILE_MAX: u64 = 1 << 20;
+/// A batch is sent when it holds this many bytes or files.
+const BATCH_BYTES: u64 = 32 << 20;
+const BATCH_FILES: usize = 10_000;
+/// Large blobs uploaded at once.
+const UPLOAD_CONCURRENCY: usize = 4;
+
+/// What pushing a snapshot sent.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pushed {
+    /// Blobs the store lacked and that were sent (the manifest included).
+    pub blobs: usize,
+    /// Their bytes.
+    pub bytes: u64,
+}
 
 /// Connection settings shared by every client command.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,6 +115,135 @@ impl Client {
             eprintln!();
         }
         result
+    }
+
+    /// Sends what the store lacks of a snapshot: asks which blobs are missing, sends the
+    /// small ones in batches and the large ones alone, then the manifest itself.
+    pub async fn push(&self, snap: &Snapshot) -> anyhow::Result<Pushed> {
+        let mut wanted: Vec<Digest> = snap.blobs.keys().copied().collect();
+        wanted.push(snap.digest);
+        let missing: std::collections::HashSet<String> =
+            self.missing(&wanted).await?.into_iter().collect();
+        let mut pushed = Pushed::default();
+        let mut small = Vec::new();
+        let mut large = Vec::new();
+        for (digest, (path, size)) in &snap.blobs {
+            if !missing.contains(&digest.to_string()) {
+                continue;
+            }
+            pushed.blobs += 1;
+            pushed.bytes += size;
+            if *size <= BATCH_FILE_MAX {
+                small.push((*digest, path.clone(), *size));
+            } else {
+                large.push((*digest, path.clone()));
+            }
+        }
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        for (i, item) in small.iter().enumerate() {
+            batch_bytes += item.2;
+            batch.push((item.0, item.1.clone()));
+            if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_FILES || i + 1 == small.len() {
+                self.upload_batch(std::mem::take(&mut batch)).await?;
+                batch_bytes = 0;
+            }
+        }
+        futures::stream::iter(large)
+            .map(|(digest, path)| async move { self.upload_file(&digest, &path).await })
+            .buffer_unordered(UPLOAD_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if missing.contains(&snap.digest.to_string()) {
+            pushed.blobs += 1;
+            pushed.bytes += snap.bytes.len() as u64;
+            self.put_blob(&snap.digest, snap.bytes.clone()).await?;
+        }
+        Ok(pushed)
+    }
+
+    /// Uploads one blob held in memory (a manifest).
+    pub async fn put_blob(&self, digest: &Digest, bytes: Vec<u8>) -> anyhow::Result<()> {
+        let r = self
+            .req(reqwest::Method::PUT, &format!("/v1/blobs/{digest}"))
+            .body(bytes);
+        let _: UploadResponse = self.send(r, "blob upload").await?;
+        Ok(())
+    }
+
+    /// Which of `digests` the store lacks.
+    pub async fn missing(&self, digests: &[Digest]) -> anyhow::Result<Vec<String>> {
+        let mut missing = Vec::new();
+        for chunk in digests.chunks(MAX_MISSING_QUERY) {
+            let r = self
+                .req(reqwest::Method::POST, "/v1/blobs/missing")
+                .json_body(&MissingRequest {
+                    digests: chunk.iter().map(ToString::to_string).collect(),
+                })?;
+            let answer: MissingResponse = self.send(r, "missing blobs").await?;
+            missing.extend(answer.missing);
+        }
+        Ok(missing)
+    }
+
+    /// One batched upload: an uncompressed tar of blobs named by digest.
+    async fn upload_batch(&self, files: Vec<(Digest, std::path::PathBuf)>) -> anyhow::Result<()> {
+        let body = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<u8>> {
+            let mut tar = tar::Builder::new(Vec::new());
+            for (digest, path) in files {
+                let bytes =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let mut header = tar::Header::new_ustar();
+                header.set_size(bytes.len() as u64);
+                header.set_mode(0o644);
+                header.set_entry_type(tar::EntryType::Regular);
+                tar.append_data(&mut header, digest.to_string(), &bytes[..])?;
+            }
+            Ok(tar.into_inner()?)
+        })
+        .await??;
+        let r = self
+            .req(reqwest::Method::POST, "/v1/blobs/batch")
+            .header("content-type", "application/x-tar")
+            .body(body);
+        let _: BatchReport = self
+            .send(r, "blob upload (a file changed while it was sent?)")
+            .await?;
+        Ok(())
+    }
+
+    /// One blob streamed from its file.
+    async fn upload_file(&self, digest: &Digest, path: &std::path::Path) -> anyhow::Result<()> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("reading {}", path.display()))?;
+        let len = file.metadata().await?.len();
+        let r = self
+            .req(reqwest::Method::PUT, &format!("/v1/blobs/{digest}"))
+            .header("content-length", len.to_string())
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::new(file),
+            ));
+        let _: UploadResponse = self
+            .send(r, &format!("uploading {}", path.display()))
+            .await?;
+        Ok(())
+    }
+
+    /// A stored blob's bytes (unauthenticated route; `None` when the store lacks it).
+    pub async fn blob(&self, digest: &Digest) -> anyhow::Result<Option<Vec<u8>>> {
+        let response = self
+            .req(reqwest::Method::GET, &format!("/v1/blobs/{digest}"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let response = response.error_for_status()?;
+        Ok(Some(response.bytes().await?.to_vec()))
     }
 
     pub async fn deploy(&self, app: &str, req: &DeployRequest) -> anyhow::Result<ReleaseResponse> {

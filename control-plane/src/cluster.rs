@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aether_common::contract::annotations::{
-    ARTIFACT_URL, BUILD_COMMIT, DEV_HOT, DIGEST, SIGNATURE,
+    ARTIFACT_URL, BUILD_COMMIT, DEV_HOT, DIGEST, FORMAT, PREVIOUS_DIGEST, SIGNATURE,
 };
 use aether_common::contract::status::StatusReport;
 use aether_common::kube::manifest::{self, AppSpec, FETCHER_PORT};
@@ -22,7 +22,7 @@ use crate::reconcile::Cache;
 use serde_json::{Value, json};
 
 /// The annotation keys the control plane owns on pods.
-pub const DESIRED_KEYS: [&str; 4] = [DIGEST, ARTIFACT_URL, SIGNATURE, BUILD_COMMIT];
+pub const DESIRED_KEYS: [&str; 5] = [DIGEST, ARTIFACT_URL, SIGNATURE, BUILD_COMMIT, FORMAT];
 const FIELD_MANAGER: &str = "aether";
 
 /// Server-side applies the app's Deployment and, with dev-hot, the fetcher's RBAC.
@@ -159,11 +159,19 @@ pub async fn release(
         }
         .into());
     }
+    // The Deployment remembers the release it leaves, for `aether rollback`.
+    let mut deploy_patch = patch.clone();
+    let before = annotation(&deploy, DIGEST);
+    if let Some(before) = before.filter(|b| Some(b) != desired.get(DIGEST))
+        && let Some(a) = deploy_patch["metadata"]["annotations"].as_object_mut()
+    {
+        a.insert(PREVIOUS_DIGEST.into(), json!(before));
+    }
     deploys
         .patch(
             app,
             &PatchParams::apply(FIELD_MANAGER),
-            &Patch::Merge(&patch),
+            &Patch::Merge(&deploy_patch),
         )
         .await
         .with_context(|| format!("annotating deployment {ns}/{app}"))?;
@@ -225,7 +233,15 @@ pub struct AppStatus {
     pub app: String,
     pub namespace: String,
     pub desired_digest: Option<String>,
+    /// The release the app asked for before the desired one.
+    #[serde(default)]
+    pub previous_digest: Option<String>,
     pub pods: Vec<PodStatus>,
+}
+
+/// One annotation of a Deployment.
+fn annotation(deploy: &Deployment, key: &str) -> Option<String> {
+    deploy.metadata.annotations.as_ref()?.get(key).cloned()
 }
 
 /// Desired digest and, per pod (or only the pods named in `only`), the annotated and the
@@ -271,9 +287,8 @@ pub async fn status(
             (deploy, pods)
         }
     };
-    let desired = owned(deploy.metadata.annotations.as_ref())
-        .get(DIGEST)
-        .cloned();
+    let desired = annotation(&deploy, DIGEST);
+    let previous = annotation(&deploy, PREVIOUS_DIGEST);
     let pods = pods.into_iter().filter(|p| {
         only.is_none_or(|names| p.metadata.name.as_ref().is_some_and(|n| names.contains(n)))
     });
@@ -307,6 +322,7 @@ pub async fn status(
         app: app.into(),
         namespace: ns.into(),
         desired_digest: desired,
+        previous_digest: previous,
         pods: statuses,
     })
 }

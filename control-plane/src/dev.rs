@@ -4,12 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aether_common::{Digest, SigningKey};
+use aether_common::Digest;
 use anyhow::Context;
 use tokio::sync::mpsc;
 
-use crate::api::ReleaseRequest;
 use crate::client::Client;
+use crate::publish::Publisher;
 use crate::{live, pack};
 
 /// Quiet time that ends a burst of file events (editors write several files per save).
@@ -72,17 +72,15 @@ pub async fn pack_dir(dir: PathBuf) -> anyhow::Result<pack::Packed> {
 
 pub struct DevLoop {
     pub client: Client,
-    pub app: String,
-    pub namespace: Option<String>,
     pub dir: PathBuf,
-    pub key: Option<SigningKey>,
+    pub publisher: Publisher,
 }
 
 impl DevLoop {
     /// Runs until the watch ends: one release at start, then one per burst of changes. A
     /// burst that arrives while pods are still taking the previous release supersedes the
     /// wait (newest wins, as in the fetcher).
-    pub async fn run(self) -> anyhow::Result<()> {
+    pub async fn run(mut self) -> anyhow::Result<()> {
         let (_watcher, mut events) = watch(&self.dir)?;
         let mut last: Option<Digest> = None;
         let now = Instant::now();
@@ -100,8 +98,8 @@ impl DevLoop {
             };
             match self.once(burst, last, &mut events).await {
                 Ok(sent) => {
-                    if sent.digest.is_some() {
-                        last = sent.digest;
+                    if sent.tree.is_some() {
+                        last = sent.tree;
                     }
                     next = sent.superseded_by;
                 }
@@ -110,37 +108,31 @@ impl DevLoop {
         }
     }
 
-    /// One refresh: pack, upload, release, wait.
+    /// One refresh: snapshot (or pack), upload what the store lacks, release, wait.
     async fn once(
-        &self,
+        &mut self,
         burst: Burst,
         last: Option<Digest>,
         events: &mut mpsc::Receiver<Burst>,
     ) -> anyhow::Result<Sent> {
         let t0 = burst.first;
-        let packed = pack_dir(self.dir.clone()).await.context("packing")?;
-        let t_pack = Instant::now();
-        if Some(packed.digest) == last {
-            println!("unchanged {} (no refresh)", short(&packed.digest));
+        let Some(prepared) = self
+            .publisher
+            .prepare(&self.client, &self.dir, last)
+            .await?
+        else {
+            println!("unchanged tree (no refresh)");
             return Ok(Sent::default());
-        }
-        let digest = packed.digest;
-        let signature = self.key.as_ref().map(|k| k.sign(&digest).hex());
-        let uploaded = self.client.upload(&digest, packed.bytes).await?;
-        let t_upload = Instant::now();
-        let release = ReleaseRequest {
-            namespace: self.namespace.clone(),
-            digest: digest.to_string(),
-            url: Some(uploaded.url),
-            signature,
-            build_commit: None,
         };
-        self.client.release(&self.app, &release).await?;
+        let t_upload = Instant::now();
+        let digest = prepared.digest;
+        let app = self.publisher.app.clone();
+        let namespace = self.publisher.namespace.clone();
+        self.client.release(&app, &prepared.request).await?;
+        let t_release = Instant::now();
+        let (client, app, namespace) = (&self.client, app.as_str(), namespace.as_deref());
         let observe = |only: Option<Vec<String>>| async move {
-            let status = self
-                .client
-                .status_of(&self.app, self.namespace.as_deref(), only.as_deref())
-                .await?;
+            let status = client.status_of(app, namespace, only.as_deref()).await?;
             Ok(status
                 .pods
                 .into_iter()
@@ -166,7 +158,7 @@ impl DevLoop {
                     p.total
                 );
                 return Ok(Sent {
-                    digest: Some(digest),
+                    tree: Some(prepared.tree),
                     superseded_by: next,
                 });
             }
@@ -189,34 +181,38 @@ impl DevLoop {
                     p.pending.join(", ")
                 );
                 return Ok(Sent {
-                    digest: Some(digest),
+                    tree: Some(prepared.tree),
                     superseded_by: None,
                 });
             }
         };
         report_refusals(&digest, &progress);
         println!(
-            "live {} on {}/{} pods in {} ms (debounce {} ms, pack {} ms, upload {} ms, patch→live {} ms)",
+            "live {} on {}/{} pods in {} ms (debounce {} ms, hash+upload {} ms: {} files hashed, {} blobs {} sent; release {} ms, patch→live {} ms)",
             short(&digest),
             progress.live,
             progress.total,
             ms(t_live - t0),
             ms(burst.quiet - t0),
-            ms(t_pack - burst.quiet),
-            ms(t_upload - t_pack),
-            ms(t_live - t_upload),
+            ms(t_upload - burst.quiet),
+            prepared.hashed,
+            prepared.sent_blobs,
+            human_bytes(prepared.sent_bytes),
+            ms(t_release - t_upload),
+            ms(t_live - t_release),
         );
         Ok(Sent {
-            digest: Some(digest),
+            tree: Some(prepared.tree),
             superseded_by: None,
         })
     }
 }
 
-/// What one refresh sent, and the save that cut its wait short, if any.
+/// What one refresh sent (the tree, to spot an unchanged one), and the save that cut its
+/// wait short, if any.
 #[derive(Default)]
 struct Sent {
-    digest: Option<Digest>,
+    tree: Option<Digest>,
     superseded_by: Option<Burst>,
 }
 
@@ -237,4 +233,13 @@ pub fn short(d: &Digest) -> String {
 
 fn ms(d: Duration) -> u128 {
     d.as_millis()
+}
+
+/// `812 B`, `10.2 kB`, `3.4 MB`.
+pub fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        _ => format!("{:.1} MB", n as f64 / 1e6),
+    }
 }

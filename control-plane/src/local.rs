@@ -1,7 +1,8 @@
 //! `aether dev --hot --local DIR -- CMD…`: the whole hot-reload loop on one machine, no
-//! cluster, through the production pipeline: pack → the embedded artifact store → a
+//! cluster, through the production pipeline: snapshot (or pack) → the embedded store → a
 //! Downward-API-format annotations file → `aether-fetcher` (file mode: fetch, verify,
-//! extract, swap) → `aether-fetcher supervise` restarting CMD in the new release.
+//! assemble or extract, swap) → `aether-fetcher supervise` restarting CMD in the new
+//! release.
 //! Nothing is copied directly: the app only ever sees what the fetcher put live.
 //!
 //! The loop's children die with it: SIGTERM, SIGINT and SIGHUP stop them cleanly, and
@@ -14,7 +15,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use aether_common::Digest;
-use aether_common::contract::annotations::{ARTIFACT_URL, DIGEST};
+use aether_common::contract::annotations::{ARTIFACT_URL, DIGEST, FORMAT, Format};
 use aether_common::contract::status::StatusReport;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -24,7 +25,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dev::{self, Burst, short};
 use crate::live;
-use crate::store::Store;
+use crate::publish::FormatArg;
+use crate::snapshot::{self, HashCache};
+use crate::store::{Kind, Store};
+
+/// The app name of the local loop's manifests (the fetcher is started with it).
+const LOCAL_APP: &str = "local";
 
 const LIVE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -34,6 +40,7 @@ pub struct LocalArgs {
     pub command: Vec<String>,
     pub work: Option<PathBuf>,
     pub grace_sec: u64,
+    pub format: FormatArg,
 }
 
 /// Where `aether-fetcher` is: `AETHER_FETCHER_BIN`, else beside this binary, else `PATH`.
@@ -153,6 +160,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .env("AETHER_MIN_REFRESH_INTERVAL_MS", "0")
         .env("AETHER_HTTP_ADDR", "127.0.0.1:0")
         .env("POD_NAME", "local")
+        .env("AETHER_APP", LOCAL_APP)
         .env_remove("KUBECONFIG");
     let mut fetch_lines = lines.subscribe();
     let fetcher = spawn_logged(fetcher_cmd, "fetcher", lines.clone()).with_context(|| {
@@ -194,6 +202,11 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     });
     let mut last: Option<Digest> = None;
     let mut generation = 0u64;
+    let mut source = Source {
+        format: args.format,
+        cache: None,
+        seq: None,
+    };
     let children = (fetcher, supervisor);
     loop {
         let burst = match next.take() {
@@ -215,6 +228,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                 http: &http,
                 status_url: &status_url,
             },
+            &mut source,
             &mut generation,
             &mut app_lines,
             burst,
@@ -304,46 +318,120 @@ async fn stop((mut fetcher, mut supervisor): (Child, Child), grace: Duration) {
     }
 }
 
-/// One save: pack, store, annotate, wait until the fetcher has it live and the app
-/// restarted. Returns what cut the wait short, if anything did.
+/// How the loop turns the tree into a release, with what it keeps between saves.
+struct Source {
+    format: FormatArg,
+    cache: Option<HashCache>,
+    seq: Option<u64>,
+}
+
+/// A release in the store, ready to be annotated.
+struct Stored {
+    digest: Digest,
+    /// Identifies the tree's content (equal for an unchanged tree).
+    tree: Digest,
+    annotations: BTreeMap<String, String>,
+}
+
+impl Source {
+    /// Puts the release of `dir` in the store; `None` when the tree is `last`.
+    async fn store(
+        &mut self,
+        target: &Target<'_>,
+        last: Option<Digest>,
+    ) -> anyhow::Result<Option<Stored>> {
+        let mut annotations = BTreeMap::new();
+        if self.format == FormatArg::Tar {
+            let packed = dev::pack_dir(target.dir.to_path_buf())
+                .await
+                .context("packing")?;
+            if Some(packed.digest) == last {
+                return Ok(None);
+            }
+            let digest = packed.digest;
+            target
+                .store
+                .put(digest, one_chunk(packed.bytes))
+                .await
+                .context("storing the artifact")?;
+            annotations.insert(DIGEST.to_owned(), digest.to_string());
+            annotations.insert(
+                ARTIFACT_URL.to_owned(),
+                format!("http://{}/v1/artifacts/{digest}", target.store_addr),
+            );
+            return Ok(Some(Stored {
+                digest,
+                tree: digest,
+                annotations,
+            }));
+        }
+        let seq = snapshot::next_seq(self.seq);
+        let snap = snapshot::take(target.dir, &mut self.cache, LOCAL_APP, seq).await?;
+        if Some(snap.tree) == last {
+            return Ok(None);
+        }
+        let wanted: Vec<Digest> = snap.blobs.keys().copied().collect();
+        for digest in target.store.missing_blobs(&wanted) {
+            let Some((path, _)) = snap.blobs.get(&digest) else {
+                continue;
+            };
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            target
+                .store
+                .put_of(Kind::Blob, digest, one_chunk(bytes))
+                .await
+                .with_context(|| format!("storing {} (changed while stored?)", path.display()))?;
+        }
+        target
+            .store
+            .put_of(Kind::Blob, snap.digest, one_chunk(snap.bytes.clone()))
+            .await
+            .context("storing the manifest")?;
+        self.seq = Some(seq);
+        annotations.insert(DIGEST.to_owned(), snap.digest.to_string());
+        annotations.insert(
+            ARTIFACT_URL.to_owned(),
+            format!("http://{}/v1/blobs/{}", target.store_addr, snap.digest),
+        );
+        annotations.insert(FORMAT.to_owned(), Format::Manifest.as_str().to_owned());
+        Ok(Some(Stored {
+            digest: snap.digest,
+            tree: snap.tree,
+            annotations,
+        }))
+    }
+}
+
+fn one_chunk(
+    bytes: Vec<u8>,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin {
+    futures::stream::iter([Ok(bytes::Bytes::from(bytes))])
+}
+
+/// One save: snapshot (or pack), store, annotate, wait until the fetcher has it live and
+/// the app restarted. Returns what cut the wait short, if anything did.
 async fn refresh_once(
     target: &Target<'_>,
+    source: &mut Source,
     generation: &mut u64,
     app_lines: &mut broadcast::Receiver<String>,
     burst: Burst,
     last: &mut Option<Digest>,
     interrupts: Interrupts<'_>,
 ) -> anyhow::Result<Option<Next>> {
-    let packed = dev::pack_dir(target.dir.to_path_buf())
-        .await
-        .context("packing")?;
-    let t_pack = Instant::now();
-    if Some(packed.digest) == *last {
-        println!("unchanged {} (no refresh)", short(&packed.digest));
+    let Some(stored) = source.store(target, *last).await? else {
+        println!("unchanged tree (no refresh)");
         return Ok(None);
-    }
-    let digest = packed.digest;
+    };
+    let t_store = Instant::now();
+    let digest = stored.digest;
     let live_before = fetcher_status(target.http, target.status_url)
         .await
         .is_some_and(|s| s.current_digest == Some(digest));
-    target
-        .store
-        .put(
-            digest,
-            futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(packed.bytes))]),
-        )
-        .await
-        .context("storing the artifact")?;
-    let t_store = Instant::now();
-    let mut annotations = BTreeMap::new();
-    annotations.insert(DIGEST.to_owned(), digest.to_string());
-    annotations.insert(
-        ARTIFACT_URL.to_owned(),
-        format!("http://{}/v1/artifacts/{digest}", target.store_addr),
-    );
     *generation += 1;
-    write_downward(target.podinfo, &annotations, *generation)?;
-    *last = Some(digest);
+    write_downward(target.podinfo, &stored.annotations, *generation)?;
+    *last = Some(stored.tree);
     if live_before {
         println!("back on {} (still live, no restart)", short(&digest));
         return Ok(None);
@@ -398,12 +486,11 @@ async fn refresh_once(
         bail!("{} is live but the app did not restart", short(&digest));
     }
     println!(
-        "live {} and app restarted in {} ms (debounce {} ms, pack {} ms, store {} ms, fetch→live {} ms, restart {} ms)",
+        "live {} and app restarted in {} ms (debounce {} ms, snapshot+store {} ms, fetch→live {} ms, restart {} ms)",
         short(&digest),
         (t_app - burst.first).as_millis(),
         (burst.quiet - burst.first).as_millis(),
-        (t_pack - burst.quiet).as_millis(),
-        (t_store - t_pack).as_millis(),
+        (t_store - burst.quiet).as_millis(),
         (t_live - t_store).as_millis(),
         (t_app - t_live).as_millis(),
     );

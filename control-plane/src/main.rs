@@ -10,8 +10,10 @@ mod live;
 mod local;
 mod metrics;
 mod pack;
+mod publish;
 mod reconcile;
 mod serve;
+mod snapshot;
 mod store;
 
 use std::path::PathBuf;
@@ -21,8 +23,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{DeployRequest, ReleaseRequest};
+use crate::api::DeployRequest;
 use crate::client::{Client, ClientArgs};
+use crate::publish::{FormatArg, Publisher};
 
 /// Exit codes, documented in the README.
 const EXIT_FAILED: u8 = 1;
@@ -68,6 +71,10 @@ enum Command {
         image: String,
         #[arg(long, default_value_t = 1)]
         replicas: i32,
+        /// How the release travels: a manifest (only files the store lacks are uploaded)
+        /// or one tar.gz. A `.tar.gz` source is always sent as is.
+        #[arg(long, value_enum, default_value = "manifest")]
+        format: FormatArg,
         #[command(flatten)]
         key: KeyArgs,
         /// App command.
@@ -95,6 +102,21 @@ enum Command {
         /// --local: the app command.
         #[arg(last = true)]
         command: Vec<String>,
+        #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
+        namespace: Option<String>,
+        /// How releases travel: a manifest (only changed files are uploaded) or one tar.gz.
+        #[arg(long, value_enum, default_value = "manifest")]
+        format: FormatArg,
+        #[command(flatten)]
+        key: KeyArgs,
+    },
+    /// Make an earlier release desired again: by default the one before the current, or
+    /// --to DIGEST. A manifest release comes back as a new manifest (new seq, same files).
+    Rollback {
+        app: String,
+        /// The release to go back to (`sha256:<hex>`).
+        #[arg(long)]
+        to: Option<String>,
         #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
         namespace: Option<String>,
         #[command(flatten)]
@@ -217,35 +239,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             image,
             replicas,
+            format,
             key,
             command,
         } => {
             let client = Client::new(&cli.client)?;
-            let key = key.load()?;
-            let packed = dev::pack_dir(source.clone())
-                .await
-                .with_context(|| format!("packing {}", source.display()))?;
-            let signature = key.as_ref().map(|k| k.sign(&packed.digest).hex());
-            let uploaded = client.upload(&packed.digest, packed.bytes).await?;
+            let mut publisher = Publisher::new(app.clone(), namespace.clone(), key.load()?, format);
+            let prepared = publisher
+                .prepare(&client, &source, None)
+                .await?
+                .context("nothing to release")?;
             let request = DeployRequest {
-                namespace: namespace.clone(),
+                namespace,
                 image,
                 command,
                 dev_hot,
                 replicas,
-                release: ReleaseRequest {
-                    namespace,
-                    digest: packed.digest.to_string(),
-                    url: Some(uploaded.url),
-                    signature,
-                    build_commit: None,
-                },
+                release: prepared.request,
             };
             let done = client.deploy(&app, &request).await?;
             println!(
-                "deployed {app} {} ({} files){}",
+                "deployed {app} {} ({} files, {} blobs {} uploaded){}",
                 done.digest,
-                packed.files,
+                prepared.files,
+                prepared.sent_blobs,
+                dev::human_bytes(prepared.sent_bytes),
                 if dev_hot { " with dev-hot" } else { "" }
             );
             Ok(())
@@ -258,6 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             grace_sec,
             command,
             namespace,
+            format,
             key,
         } => {
             if local {
@@ -273,6 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     command,
                     work: work_dir,
                     grace_sec,
+                    format,
                 })
                 .await;
             }
@@ -285,13 +305,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("watching {} for {app}; Ctrl-C to stop", dir.display());
             dev::DevLoop {
                 client,
-                app,
-                namespace,
                 dir,
-                key: key.load()?,
+                publisher: Publisher::new(app, namespace, key.load()?, format),
             }
             .run()
             .await
+        }
+        Command::Rollback {
+            app,
+            to,
+            namespace,
+            key,
+        } => {
+            let client = Client::new(&cli.client)?;
+            let to = to
+                .map(|d| d.parse::<aether_common::Digest>())
+                .transpose()
+                .context("--to")?;
+            let publisher =
+                Publisher::new(app.clone(), namespace, key.load()?, FormatArg::Manifest);
+            let digest = publish::rollback(&client, &publisher, to).await?;
+            println!("rolled {app} back: desired release is now {digest}");
+            Ok(())
         }
         Command::Status {
             app,

@@ -1,6 +1,7 @@
 //! Packing a source directory into a deterministic `tar.gz`: sorted entries, fixed owner
 //! and time, `.gitignore` and `.aetherignore` honoured (through the `ignore` crate), and
 //! `.git/`, `target/`, `node_modules/` skipped. The same tree always gives the same digest.
+//! The walk is shared with `snapshot`, so both release formats hold the same files.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +30,26 @@ pub fn pack(path: &Path) -> anyhow::Result<Packed> {
             files: 0,
         });
     }
+    let paths = walk(path)?;
+    let mut builder = ArchiveBuilder::new(Vec::new(), Compression::fast());
+    let mut files = 0;
+    for rel in &paths {
+        if builder.append_path(path, rel)? {
+            files += 1;
+        }
+    }
+    let bytes = builder.finish()?;
+    let digest = Digest::of(&bytes);
+    Ok(Packed {
+        bytes,
+        digest,
+        files,
+    })
+}
+
+/// The paths of a source tree that make up its release, relative and sorted: what is
+/// not ignored (`.gitignore`, `.aetherignore`, the always-skipped directories).
+pub fn walk(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut paths: Vec<PathBuf> = Vec::new();
     let walker = ignore::WalkBuilder::new(path)
         .hidden(false)
@@ -56,20 +77,7 @@ pub fn pack(path: &Path) -> anyhow::Result<Packed> {
         paths.push(rel);
     }
     paths.sort();
-    let mut builder = ArchiveBuilder::new(Vec::new(), Compression::fast());
-    let mut files = 0;
-    for rel in &paths {
-        if builder.append_path(path, rel)? {
-            files += 1;
-        }
-    }
-    let bytes = builder.finish()?;
-    let digest = Digest::of(&bytes);
-    Ok(Packed {
-        bytes,
-        digest,
-        files,
-    })
+    Ok(paths)
 }
 
 #[cfg(test)]

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use aether_common::contract::annotations;
+use aether_common::contract::annotations::{self, AnnotationError, Format};
 use aether_common::contract::signature::load_public_key;
 use aether_common::kube::manifest::{self, AppSpec};
+use aether_common::release::Manifest;
 use aether_common::{Digest, PublicKey};
 use anyhow::{Context, bail};
 use axum::Router;
@@ -26,7 +27,8 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{
-    DeployRequest, ErrorBody, ReleaseRequest, ReleaseResponse, UploadResponse, desired_annotations,
+    DeployRequest, ErrorBody, MAX_MISSING_QUERY, MissingRequest, MissingResponse, ReleaseRequest,
+    ReleaseResponse, UploadResponse, desired_annotations,
 };
 use crate::metrics as m;
 use crate::store::{BatchReport, Kind, Store, StoreError};
@@ -36,8 +38,6 @@ use crate::{cluster, reconcile};
 const JSON_BODY_LIMIT: usize = 1 << 20;
 /// Largest missing-blobs query: 16 MiB holds about 230,000 digests.
 const MISSING_BODY_LIMIT: usize = 16 << 20;
-/// Most digests in one missing-blobs query.
-const MAX_MISSING_QUERY: usize = 200_000;
 
 /// Settings of `aether serve`; every flag is also an env var.
 #[derive(Debug, Clone, clap::Args)]
@@ -340,8 +340,8 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
     Ok(())
 }
 
-/// A server with only the artifact download route, for the local loop: the same code path
-/// as the control plane's store.
+/// A server with only the download routes (artifacts and blobs), for the local loop: the
+/// same code path as the control plane's store.
 pub async fn serve_store_only(
     store: Store,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
@@ -354,6 +354,16 @@ pub async fn serve_store_only(
                  Path(digest): Path<String>,
                  headers: HeaderMap| async move {
                     serve_artifact(&store, &digest, &headers).await
+                },
+            ),
+        )
+        .route(
+            "/v1/blobs/{digest}",
+            get(
+                |State(store): State<Arc<Store>>,
+                 Path(digest): Path<String>,
+                 headers: HeaderMap| async move {
+                    serve_stored(&store, Kind::Blob, &digest, &headers).await
                 },
             ),
         )
@@ -451,10 +461,7 @@ async fn upload_as(
         .map_err(store_error)?;
     let (metric, url) = match kind {
         Kind::Artifact => (m::UPLOADS_TOTAL, artifact_url(s, &digest)),
-        Kind::Blob => (
-            m::BLOB_UPLOADS_TOTAL,
-            format!("{}/v1/blobs/{digest}", s.public_url),
-        ),
+        Kind::Blob => (m::BLOB_UPLOADS_TOTAL, blob_url(s, &digest)),
     };
     counter!(metric, "stored" => stored.to_string()).increment(1);
     let code = if stored {
@@ -488,16 +495,6 @@ async fn upload_blob_batch(State(s): State<Shared>, body: Body) -> Result<Respon
     counter!(m::BLOB_UPLOADS_TOTAL, "stored" => "true").increment(report.stored);
     counter!(m::BLOB_UPLOADS_TOTAL, "stored" => "false").increment(report.known);
     Ok(Json(report).into_response())
-}
-
-#[derive(serde::Deserialize)]
-struct MissingRequest {
-    digests: Vec<String>,
-}
-
-#[derive(serde::Serialize)]
-struct MissingResponse {
-    missing: Vec<String>,
 }
 
 /// `POST /v1/blobs/missing`: which of these blobs the store lacks (so a client uploads
@@ -535,6 +532,10 @@ async fn upload(
 
 fn artifact_url(s: &AppState, digest: &Digest) -> String {
     format!("{}/v1/artifacts/{digest}", s.public_url)
+}
+
+fn blob_url(s: &AppState, digest: &Digest) -> String {
+    format!("{}/v1/blobs/{digest}", s.public_url)
 }
 
 async fn download(
@@ -631,10 +632,22 @@ fn check_release(
     r: &ReleaseRequest,
 ) -> Result<(Digest, String), ApiError> {
     let digest = parse_digest(&r.digest)?;
-    let url = match r.url.as_deref().filter(|u| !u.is_empty()) {
-        Some(url) => url.to_owned(),
-        None if s.store.contains(&digest) => artifact_url(s, &digest),
-        None => {
+    let format: Format = r
+        .format
+        .as_deref()
+        .unwrap_or_default()
+        .parse()
+        .map_err(|e: AnnotationError| unprocessable(e.to_string()))?;
+    if format == Format::Manifest && s.store.contains_of(Kind::Blob, &digest) {
+        check_manifest(s, app, &digest)?;
+    }
+    let url = match (r.url.as_deref().filter(|u| !u.is_empty()), format) {
+        (Some(url), _) => url.to_owned(),
+        (None, Format::TarGz) if s.store.contains(&digest) => artifact_url(s, &digest),
+        (None, Format::Manifest) if s.store.contains_of(Kind::Blob, &digest) => {
+            blob_url(s, &digest)
+        }
+        (None, _) => {
             return Err(unprocessable(format!(
                 "{digest} is not in the store: upload it first or give its url"
             )));
@@ -666,6 +679,23 @@ fn check_release(
         (None, _) => {}
     }
     Ok((digest, url))
+}
+
+/// A stored manifest must be one a fetcher of `app` would accept: canonical, safe and
+/// for this app. Refusing it here gives the CLI the reason at once, instead of as a
+/// refusal from every pod.
+fn check_manifest(s: &AppState, app: &str, digest: &Digest) -> Result<(), ApiError> {
+    let bytes = std::fs::read(s.store.path_of(Kind::Blob, digest))
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let manifest = Manifest::parse(&bytes)
+        .map_err(|e| unprocessable(format!("{digest} is not a valid release manifest: {e}")))?;
+    if manifest.app != app {
+        return Err(unprocessable(format!(
+            "manifest {digest} is for app {:?}, not {app:?}",
+            manifest.app
+        )));
+    }
+    Ok(())
 }
 
 async fn deploy(

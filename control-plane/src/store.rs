@@ -30,7 +30,7 @@ pub enum StoreError {
 pub const MAX_BATCH_ENTRIES: u64 = 100_000;
 
 /// What a batched upload did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BatchReport {
     /// Blobs written.
     pub stored: u64,

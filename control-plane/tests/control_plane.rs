@@ -66,6 +66,11 @@ impl Plane {
         let mut env = vec![
             ("AETHER_API_URL", self.url.clone()),
             ("AETHER_API_TOKEN", TOKEN.to_owned()),
+            // The CLI's hash cache stays with the test's files.
+            (
+                "XDG_CACHE_HOME",
+                self.dir.path().join("cache").display().to_string(),
+            ),
         ];
         env.extend(extra.iter().cloned());
         Proc::spawn(AETHER, args, &env).unwrap()
@@ -658,6 +663,7 @@ async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
         &[
             ("KUBECONFIG", plane.kubeconfig.display().to_string()),
             ("POD_NAME", "web-0".into()),
+            ("AETHER_APP", "web".into()),
             ("POD_NAMESPACE", "default".into()),
             ("AETHER_WORKSPACE", workspace.display().to_string()),
             ("AETHER_HTTP_ADDR", format!("127.0.0.1:{port}")),
@@ -875,13 +881,12 @@ async fn a_wait_on_a_silent_pod_is_gentle_on_the_api_and_a_newer_save_supersedes
         .annotation("deployments", "web", "aether.dev/digest")
         .unwrap();
     let dev = plane.cli(&["dev", "--hot", "web", src.to_str().unwrap()], &[]);
-    // `dev` releases the tree as it is (the same digest): the wait starts once the pod
-    // carries it and the CLI has asked for status.
+    // `dev` releases the tree as a new manifest (a new seq, so a new digest): the wait
+    // starts once the pod carries it and the CLI has asked for status.
     let annotated = wait_until(LONG, || async {
         plane
             .annotation("pods", "web-0", "aether.dev/digest")
-            .as_deref()
-            == Some(deployed.as_str())
+            .is_some_and(|d| d != deployed)
     })
     .await;
     assert!(annotated);

@@ -260,6 +260,10 @@ async fn install_applies_with_real_kubectl_and_the_installed_control_plane_deplo
     let cli_env = [
         ("AETHER_API_URL", url.clone()),
         ("AETHER_API_TOKEN", TOKEN.to_owned()),
+        (
+            "XDG_CACHE_HOME",
+            dir.path().join("cache").display().to_string(),
+        ),
     ];
     let deploy_dev_hot = |app: &'static str| {
         let src = src.clone();
@@ -285,7 +289,7 @@ async fn install_applies_with_real_kubectl_and_the_installed_control_plane_deplo
         .as_str()
         .unwrap();
     assert!(
-        artifact_url.starts_with("http://aether.aether-test.svc:80/v1/artifacts/sha256:"),
+        artifact_url.starts_with("http://aether.aether-test.svc:80/v1/blobs/sha256:"),
         "the public URL defaults to the Service's DNS name: {artifact_url}"
     );
     let fetcher = &web["spec"]["template"]["spec"]["initContainers"][1];

@@ -32,8 +32,9 @@ fn processes_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
-/// Starts the local loop on `src` with `python3 -m http.server` on `port`.
-fn local_loop(src: &Path, work: &Path, port: u16) -> Proc {
+/// Starts the local loop on `src` with `python3 -m http.server` on `port`, releasing in
+/// `format` (`manifest` or `tar`).
+fn local_loop_as(src: &Path, work: &Path, port: u16, format: &str) -> Proc {
     let fetcher = Path::new(AETHER).with_file_name("aether-fetcher");
     let port_s = port.to_string();
     Proc::spawn(
@@ -42,6 +43,8 @@ fn local_loop(src: &Path, work: &Path, port: u16) -> Proc {
             "dev",
             "--hot",
             "--local",
+            "--format",
+            format,
             src.to_str().unwrap(),
             "--work-dir",
             work.to_str().unwrap(),
@@ -55,9 +58,17 @@ fn local_loop(src: &Path, work: &Path, port: u16) -> Proc {
             "--bind",
             "127.0.0.1",
         ],
-        &[("AETHER_FETCHER_BIN", fetcher.display().to_string())],
+        &[
+            ("AETHER_FETCHER_BIN", fetcher.display().to_string()),
+            // The hash cache stays with the test's files.
+            ("XDG_CACHE_HOME", work.join("cache").display().to_string()),
+        ],
     )
     .unwrap()
+}
+
+fn local_loop(src: &Path, work: &Path, port: u16) -> Proc {
+    local_loop_as(src, work, port, "manifest")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,20 +154,20 @@ async fn an_edit_is_served_by_the_restarted_app_and_bad_edits_keep_the_old_app()
         .unwrap();
     assert!(ms < 10_000, "{line}");
 
-    // A link leaving the tree packs fine but the fetcher refuses the archive.
+    // A link leaving the tree is refused before anything is sent.
     std::os::unix::fs::symlink("/etc/passwd", src.join("evil")).unwrap();
     let err = dev
         .wait_for_log("the app keeps running", LONG)
         .await
         .unwrap();
-    assert!(err.contains("extract"), "{err}");
+    assert!(err.contains("absolute"), "{err}");
     assert_eq!(
         page(port).await.as_deref(),
         Some("version two"),
         "the old app keeps serving"
     );
     std::fs::remove_file(src.join("evil")).unwrap();
-    dev.wait_for_log("back on", LONG).await.unwrap();
+    dev.wait_for_log("unchanged tree", LONG).await.unwrap();
 
     // A file the packer cannot read (a name that is not UTF-8) is reported, nothing changes.
     let bad = std::ffi::OsStr::from_bytes_compat(b"bad\xff.txt");
@@ -174,6 +185,42 @@ async fn an_edit_is_served_by_the_restarted_app_and_bad_edits_keep_the_old_app()
         "left behind {:?}",
         processes_under(&work)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_format_tar_an_edit_is_served_and_a_hostile_archive_is_refused_by_the_fetcher() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("index.html"), "version one").unwrap();
+    let port = free_port();
+    let work = dir.path().join("work");
+    let mut dev = local_loop_as(&src, &work, port, "tar");
+    dev.wait_for_lines("app restarted in", 1, LONG)
+        .await
+        .unwrap();
+    std::fs::write(src.join("index.html"), "version two").unwrap();
+    dev.wait_for_lines("app restarted in", 2, LONG)
+        .await
+        .unwrap();
+    assert!(
+        wait_until(LONG, || async {
+            page(port).await.as_deref() == Some("version two")
+        })
+        .await
+    );
+    // A link leaving the tree packs fine but the fetcher refuses the archive.
+    std::os::unix::fs::symlink("/etc/passwd", src.join("evil")).unwrap();
+    let err = dev
+        .wait_for_log("the app keeps running", LONG)
+        .await
+        .unwrap();
+    assert!(err.contains("extract"), "{err}");
+    assert_eq!(page(port).await.as_deref(), Some("version two"));
+    std::fs::remove_file(src.join("evil")).unwrap();
+    dev.wait_for_log("back on", LONG).await.unwrap();
+    dev.sigterm();
+    dev.wait_exit(LONG).await.expect("the loop exits");
 }
 
 trait FromBytesCompat {

@@ -10,6 +10,42 @@ pub const ARTIFACT_URL: &str = "aether.dev/artifact-url";
 pub const SIGNATURE: &str = "aether.dev/signature";
 pub const DEV_HOT: &str = "aether.dev/dev-hot";
 pub const BUILD_COMMIT: &str = "aether.dev/build-commit";
+/// On a Deployment only: the release it asked for before the current one, set by the
+/// control plane on each release (what `aether rollback` goes back to).
+pub const PREVIOUS_DIGEST: &str = "aether.dev/previous-digest";
+/// `manifest` for a release manifest; absent (or `tar.gz`) for a tar.gz artifact.
+pub const FORMAT: &str = "aether.dev/format";
+
+/// What the artifact URL serves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// A gzip-compressed tar of the whole tree.
+    #[default]
+    TarGz,
+    /// A release manifest (`crate::release::Manifest`) naming every file by its hash.
+    Manifest,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::TarGz => "tar.gz",
+            Format::Manifest => "manifest",
+        }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = AnnotationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "" | "tar.gz" => Ok(Format::TarGz),
+            "manifest" => Ok(Format::Manifest),
+            other => Err(AnnotationError::Format(other.to_owned())),
+        }
+    }
+}
 
 /// The release a Pod's annotations ask for. The URL is only checked for its scheme here;
 /// the fetcher parses it fully before use.
@@ -18,6 +54,7 @@ pub struct DesiredRelease {
     pub digest: Digest,
     pub url: String,
     pub signature: Option<Signature>,
+    pub format: Format,
 }
 
 /// Why a set of annotations does not describe a usable release.
@@ -31,6 +68,8 @@ pub enum AnnotationError {
     MissingUrl,
     #[error("{ARTIFACT_URL} must be an absolute https:// URL{}", if *.0 { "" } else { " (http:// is refused unless AETHER_ALLOW_HTTP=1)" })]
     BadUrl(bool),
+    #[error("{FORMAT}: {0:?} is neither `manifest` nor `tar.gz`")]
+    Format(String),
 }
 
 /// Reads the desired release from annotations. `Ok(None)` means no digest is annotated
@@ -62,10 +101,15 @@ pub fn desired_release(
         Some(s) if !s.is_empty() => Some(s.parse()?),
         _ => None,
     };
+    let format = match annotations.get(FORMAT) {
+        Some(f) => f.parse()?,
+        None => Format::TarGz,
+    };
     Ok(Some(DesiredRelease {
         digest,
         url: url.to_owned(),
         signature,
+        format,
     }))
 }
 
@@ -98,6 +142,25 @@ mod tests {
         assert_eq!(got.digest, d);
         assert_eq!(got.url, "https://h/a.tgz");
         assert!(got.signature.is_none());
+        assert_eq!(
+            got.format,
+            Format::TarGz,
+            "no format annotation means tar.gz"
+        );
+    }
+
+    #[test]
+    fn format_annotation_selects_manifest_and_refuses_unknown_values() {
+        let d = Digest::of(b"x").to_string();
+        let with = |f: &str| {
+            desired_release(
+                &map(&[(DIGEST, &d), (ARTIFACT_URL, "https://h/m"), (FORMAT, f)]),
+                false,
+            )
+        };
+        assert_eq!(with("manifest").unwrap().unwrap().format, Format::Manifest);
+        assert_eq!(with("tar.gz").unwrap().unwrap().format, Format::TarGz);
+        assert_eq!(with("zip"), Err(AnnotationError::Format("zip".into())));
     }
 
     #[test]

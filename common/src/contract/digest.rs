@@ -10,7 +10,7 @@ use sha2::{Digest as _, Sha256};
 pub const PREFIX: &str = "sha256:";
 
 /// SHA-256 of an artifact's bytes exactly as served.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest([u8; 32]);
 
 /// Why a digest string was refused.

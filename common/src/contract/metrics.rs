@@ -17,3 +17,9 @@ pub const CURRENT_INFO: &str = "dev_hot_current_info";
 pub const DESIRED_INFO: &str = "dev_hot_desired_info";
 /// Gauge: 1 when the live release is the desired one (or nothing is desired), else 0.
 pub const IN_SYNC: &str = "dev_hot_in_sync";
+/// Counter of release bytes by `source`: `downloaded` (over the network) or `reused`
+/// (files of a manifest release already on the volume).
+pub const REFRESH_BYTES_TOTAL: &str = "dev_hot_refresh_bytes_total";
+/// Counter of the files of manifest releases made live, by `change`: `added`, `changed`,
+/// `removed` (against the release they were built from) and `reused`.
+pub const REFRESH_FILES_TOTAL: &str = "dev_hot_refresh_files_total";

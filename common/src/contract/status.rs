@@ -19,10 +19,14 @@ pub enum Reason {
     InvalidAnnotation,
     Timeout,
     Io,
+    /// A manifest for another app, or older than the newest release made live.
+    Replay,
+    /// A manifest past its `expires_at`.
+    Expired,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Download,
         Reason::Checksum,
         Reason::Signature,
@@ -31,6 +35,8 @@ impl Reason {
         Reason::InvalidAnnotation,
         Reason::Timeout,
         Reason::Io,
+        Reason::Replay,
+        Reason::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -43,14 +49,20 @@ impl Reason {
             Reason::InvalidAnnotation => "invalid_annotation",
             Reason::Timeout => "timeout",
             Reason::Io => "io",
+            Reason::Replay => "replay",
+            Reason::Expired => "expired",
         }
     }
 
     /// Whether trying the same desired release again can succeed. A bad annotation or a bad
     /// signature is decided before any byte is fetched and can only change with the
-    /// annotations, so those wait for a new desired state instead of retrying.
+    /// annotations, so those wait for a new desired state instead of retrying; so do a
+    /// replayed or expired manifest, which time can only make older.
     pub fn retryable(self) -> bool {
-        !matches!(self, Reason::Signature | Reason::InvalidAnnotation)
+        !matches!(
+            self,
+            Reason::Signature | Reason::InvalidAnnotation | Reason::Replay | Reason::Expired
+        )
     }
 }
 

@@ -120,6 +120,9 @@ fn fetcher_env(spec: &AppSpec, mode: &str) -> Vec<Value> {
     let mut env = vec![
         json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
         json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        // From the pod's own app label (Downward API): a manifest release names its app,
+        // and a fetcher refuses another app's release (replay protection).
+        json!({"name": "AETHER_APP", "valueFrom": {"fieldRef": {"fieldPath": format!("metadata.labels['{APP_LABEL}']")}}}),
         json!({"name": "AETHER_FETCH_MODE", "value": mode}),
         json!({"name": "AETHER_WORKSPACE", "value": WORKSPACE}),
         json!({"name": "AETHER_HTTP_ADDR", "value": format!("0.0.0.0:{FETCHER_PORT}")}),

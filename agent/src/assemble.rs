@@ -1,0 +1,305 @@
+//! Builds a manifest release's directory in staging from verified objects. With a kept
+//! release that is neither live nor run by an app, that release is taken as the base and
+//! patched by the difference of the two manifests (cost proportional to what changed);
+//! without one, every file is hard-linked from its object. Blocking: run it off the
+//! async runtime.
+//!
+//! The directory is complete before `Workspace::commit` makes it a release, so a process
+//! killed at any point leaves only staging behind, which the next start wipes; the base,
+//! once taken, is gone from the releases whether or not the patch finishes.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use aether_common::Digest;
+use aether_common::release::{Entry, EntryType, Manifest, dir_mode};
+
+use crate::objects;
+use crate::workspace::{Staging, Workspace};
+
+/// How the new release differs from its base, in files (counted once per path).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delta {
+    pub added: u64,
+    pub changed: u64,
+    pub removed: u64,
+    pub reused: u64,
+    /// Whether a kept release was patched (false: built from objects alone).
+    pub patched: bool,
+}
+
+/// Builds `manifest` (whose digest is `digest`) in staging; `live` is never used as a base.
+pub fn build(
+    ws: &Workspace,
+    manifest: &Manifest,
+    digest: &Digest,
+    live: Option<&Digest>,
+) -> io::Result<(Staging, Delta)> {
+    if let Some((base, base_manifest)) = pick_base(ws, live) {
+        let staging = ws.take_release(&base, digest)?;
+        let mut delta = patch(ws, staging.path(), &base_manifest, manifest)?;
+        delta.patched = true;
+        return Ok((staging, delta));
+    }
+    let staging = ws.stage(digest)?;
+    let empty = Manifest {
+        entries: Vec::new(),
+        ..manifest.clone()
+    };
+    let delta = patch(ws, staging.path(), &empty, manifest)?;
+    Ok((staging, delta))
+}
+
+/// The newest kept manifest release that no one may be using: not live, not marked in
+/// use by the supervisor (an app of it may still be shutting down).
+fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Manifest)> {
+    let in_use = ws.in_use();
+    for digest in ws.releases().ok()? {
+        if Some(&digest) == live || in_use.contains(&digest) {
+            continue;
+        }
+        let Ok(bytes) = fs::read(ws.manifest_path(&digest)) else {
+            continue; // a tar.gz release, or one whose manifest was lost
+        };
+        if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
+            return Some((digest, m));
+        }
+    }
+    None
+}
+
+/// Two entries that leave the same thing on disk.
+fn same(a: &Entry, b: &Entry) -> bool {
+    a.kind == b.kind
+        && match a.kind {
+            EntryType::File => {
+                a.sha256 == b.sha256 && objects::object_mode(a.mode) == objects::object_mode(b.mode)
+            }
+            EntryType::Symlink => a.target == b.target,
+            // A directory's mode is set afterwards; its contents are entries of their own.
+            EntryType::Dir => true,
+        }
+}
+
+/// Turns the tree at `root`, which holds `old`, into `new`: removals deepest first, then
+/// additions parents first, then directory modes.
+fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Result<Delta> {
+    let old: BTreeMap<&str, &Entry> = old.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let new: BTreeMap<&str, &Entry> = new.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let mut delta = Delta::default();
+    // Reverse path order visits `a/b` before `a`.
+    for (path, before) in old.iter().rev() {
+        if new.get(path).is_some_and(|after| same(before, after)) {
+            continue;
+        }
+        let target = root.join(path);
+        let result = if before.kind == EntryType::Dir {
+            fs::remove_dir_all(&target)
+        } else {
+            fs::remove_file(&target)
+        };
+        match result {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        if before.kind == EntryType::File && !new.contains_key(path) {
+            delta.removed += 1;
+        }
+    }
+    let objects_dir = ws.objects_dir();
+    for (path, after) in &new {
+        let target = root.join(path);
+        let before = old.get(path);
+        if before.is_some_and(|b| same(b, after)) {
+            if after.kind == EntryType::File {
+                delta.reused += 1;
+            }
+            continue;
+        }
+        match after.kind {
+            EntryType::Dir => fs::create_dir(&target)?,
+            EntryType::Symlink => symlink(after.target.as_deref().unwrap_or_default(), &target)?,
+            EntryType::File => {
+                let hex = after.sha256.as_deref().unwrap_or_default();
+                let object = objects_dir.join(objects::name(hex, after.mode));
+                link_or_copy(&object, &target)?;
+                if before.is_some_and(|b| b.kind == EntryType::File) {
+                    delta.changed += 1;
+                } else {
+                    delta.added += 1;
+                }
+            }
+        }
+    }
+    for (path, after) in new.iter().filter(|(_, e)| e.kind == EntryType::Dir) {
+        let unchanged = old
+            .get(path)
+            .is_some_and(|b| b.kind == EntryType::Dir && dir_mode(b.mode) == dir_mode(after.mode));
+        if !unchanged {
+            fs::set_permissions(
+                root.join(path),
+                fs::Permissions::from_mode(dir_mode(after.mode)),
+            )?;
+        }
+    }
+    Ok(delta)
+}
+
+/// A hard link to the object; a copy (same mode) where the file system's limit on links
+/// per inode is reached, as it can be by thousands of identical small files.
+fn link_or_copy(object: &Path, target: &Path) -> io::Result<()> {
+    match fs::hard_link(object, target) {
+        Err(e) if e.raw_os_error() == Some(libc::EMLINK) => fs::copy(object, target).map(drop),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn file(path: &str, content: &[u8], mode: u32) -> Entry {
+        Entry {
+            mode,
+            path: path.into(),
+            sha256: Some(Digest::of(content).hex()),
+            size: Some(content.len() as u64),
+            target: None,
+            kind: EntryType::File,
+        }
+    }
+
+    fn entry(path: &str, kind: EntryType, target: Option<&str>) -> Entry {
+        Entry {
+            mode: 0o755,
+            path: path.into(),
+            sha256: None,
+            size: None,
+            target: target.map(str::to_owned),
+            kind,
+        }
+    }
+
+    fn manifest(seq: u64, entries: Vec<Entry>) -> Manifest {
+        Manifest {
+            app: "web".into(),
+            blobs: "./".into(),
+            created_at: "2026-11-30T05:00:00Z".into(),
+            entries,
+            expires_at: None,
+            seq,
+        }
+    }
+
+    /// Puts the objects of `files` in place, as `objects::fetch_missing` would.
+    fn store(ws: &Workspace, files: &[(&str, &[u8], u32)]) {
+        for (_, content, mode) in files {
+            let n = objects::name(&Digest::of(content).hex(), *mode);
+            let p = ws.objects_dir().join(n);
+            if !p.exists() {
+                fs::write(&p, content).unwrap();
+                fs::set_permissions(&p, fs::Permissions::from_mode(objects::object_mode(*mode)))
+                    .unwrap();
+            }
+        }
+    }
+
+    fn release(ws: &Workspace, m: &Manifest, live: Option<&Digest>) -> (Digest, Delta) {
+        let d = m.digest();
+        let (staging, delta) = build(ws, m, &d, live).unwrap();
+        fs::write(ws.manifest_path(&d), m.to_canonical()).unwrap();
+        ws.commit(staging, &d).unwrap();
+        ws.activate(&d).unwrap();
+        (d, delta)
+    }
+
+    #[test]
+    fn a_kept_release_is_patched_by_the_difference_and_the_live_one_is_never_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let v1: &[(&str, &[u8], u32)] = &[
+            ("app.py", b"v1", 0o644),
+            ("lib/a.py", b"a", 0o644),
+            ("lib/old.py", b"old", 0o644),
+            ("run.sh", b"#!/bin/sh", 0o755),
+        ];
+        store(&ws, v1);
+        let m1 = manifest(
+            1,
+            vec![
+                file("app.py", b"v1", 0o644),
+                entry("lib", EntryType::Dir, None),
+                file("lib/a.py", b"a", 0o644),
+                file("lib/old.py", b"old", 0o644),
+                file("run.sh", b"#!/bin/sh", 0o755),
+                entry("link", EntryType::Symlink, Some("lib/a.py")),
+            ],
+        );
+        let (d1, first) = release(&ws, &m1, None);
+        assert!(!first.patched);
+        assert_eq!(first.added, 4);
+        // A second release with the same files, so there is a non-live base to patch.
+        let mut m2 = m1.clone();
+        m2.seq = 2;
+        let (d2, _) = release(&ws, &m2, Some(&d1));
+        store(&ws, &[("app.py", b"v3", 0o644), ("new.txt", b"n", 0o644)]);
+        let m3 = manifest(
+            3,
+            vec![
+                file("app.py", b"v3", 0o644),
+                entry("lib", EntryType::Dir, None),
+                file("lib/a.py", b"a", 0o644),
+                file("new.txt", b"n", 0o644),
+                file("run.sh", b"#!/bin/sh", 0o755),
+                entry("link", EntryType::Symlink, Some("app.py")),
+            ],
+        );
+        let (d3, delta) = release(&ws, &m3, Some(&d2));
+        assert_eq!(
+            delta,
+            Delta {
+                added: 1,
+                changed: 1,
+                removed: 1,
+                reused: 2,
+                patched: true
+            }
+        );
+        let r3 = ws.release_dir(&d3);
+        assert_eq!(fs::read(r3.join("app.py")).unwrap(), b"v3");
+        assert_eq!(fs::read(r3.join("link")).unwrap(), b"v3");
+        assert!(!r3.join("lib/old.py").exists());
+        assert_eq!(
+            fs::metadata(r3.join("run.sh")).unwrap().mode() & 0o777,
+            0o555
+        );
+        assert!(!ws.has_release(&d1), "the base became the new release");
+        let r2 = ws.release_dir(&d2);
+        assert_eq!(
+            fs::read(r2.join("app.py")).unwrap(),
+            b"v1",
+            "live untouched"
+        );
+        assert!(r2.join("lib/old.py").exists());
+    }
+
+    #[test]
+    fn a_release_marked_in_use_is_not_a_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        store(&ws, &[("f", b"1", 0o644), ("f", b"2", 0o644)]);
+        let m1 = manifest(1, vec![file("f", b"1", 0o644)]);
+        let (d1, _) = release(&ws, &m1, None);
+        let m2 = manifest(2, vec![file("f", b"2", 0o644)]);
+        let (d2, _) = release(&ws, &m2, Some(&d1));
+        ws.mark_in_use(&d1).unwrap();
+        let m3 = manifest(3, vec![file("f", b"1", 0o644)]);
+        let (_, delta) = release(&ws, &m3, Some(&d2));
+        assert!(!delta.patched);
+        assert!(ws.has_release(&d1), "the release in use is still there");
+    }
+}

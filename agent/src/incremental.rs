@@ -1,0 +1,178 @@
+//! A manifest release's refresh (`aether.dev/format: manifest`): the manifest fetched and
+//! checked against its digest (already signed), its safe-extraction rules and replay;
+//! only the objects not yet on the volume downloaded and verified; the release assembled
+//! from a kept one by the difference; then the same atomic swap as a tar.gz release.
+
+use std::fs;
+use std::io::Write;
+
+use aether_common::Digest;
+use aether_common::contract::annotations::DesiredRelease;
+use aether_common::release::{MAX_MANIFEST_BYTES, Manifest, ManifestError};
+use tokio_util::sync::CancellationToken;
+
+use crate::failure::{Reason, RefreshError};
+use crate::refresh::{Applied, Refresher, blocking};
+use crate::{assemble, fetch, objects, verify};
+
+impl Refresher {
+    pub(crate) async fn apply_manifest(
+        &self,
+        desired: &DesiredRelease,
+        url: reqwest::Url,
+        cancel: &CancellationToken,
+    ) -> Result<Applied, RefreshError> {
+        let digest = desired.digest;
+        let Some(app) = self.app.as_deref() else {
+            return Err(RefreshError::new(
+                Reason::Replay,
+                "AETHER_APP is not set: a manifest release names its app, and this fetcher \
+                 does not know its own",
+            )
+            .settled());
+        };
+        let _objects = tokio::select! {
+            g = self.objects_lock.clone().lock_owned() => g,
+            () = cancel.cancelled() => return Err(RefreshError::Cancelled),
+        };
+        let (bytes, manifest_bytes) = match fs::read(self.workspace.manifest_path(&digest)) {
+            Ok(kept) => (kept, 0),
+            Err(_) => {
+                let fetched = self.download_manifest(url.clone(), cancel).await?;
+                let n = fetched.len() as u64;
+                (fetched, n)
+            }
+        };
+        verify::digest(&digest, &Digest::of(&bytes))?;
+        let manifest = Manifest::parse(&bytes).map_err(refused)?;
+        let high_water = self.high_water.lock().ok().and_then(|h| *h);
+        manifest
+            .check_fresh(app, high_water, jiff::Timestamp::now())
+            .map_err(refused)?;
+        self.check_limits(&manifest)?;
+        let mut applied = Applied {
+            downloaded: manifest_bytes,
+            reused: true,
+            seq: Some(manifest.seq),
+            delta: None,
+            bytes_reused: 0,
+        };
+        if !self.workspace.has_release(&digest) {
+            let blobs = url.join(&manifest.blobs).map_err(|e| {
+                RefreshError::new(Reason::Extract, format!("manifest blobs URL: {e}")).settled()
+            })?;
+            let fetched =
+                objects::fetch_missing(&self.workspace, &self.http, &blobs, &manifest, cancel)
+                    .await?;
+            applied.downloaded += fetched.downloaded;
+            applied.reused = false;
+            applied.bytes_reused = manifest.total_size().saturating_sub(fetched.downloaded);
+            let ws = self.workspace.clone();
+            let live = ws.live_digest();
+            let delta = blocking(move || {
+                // The manifest first: a release on disk always has its manifest, and one
+                // left without a release (killed here) is removed by the next collection.
+                let tmp = ws.temp_path("manifest");
+                let mut file = fs::File::create(&tmp)?;
+                file.write_all(&bytes)?;
+                fs::rename(&tmp, ws.manifest_path(&digest))?;
+                let (staging, delta) = assemble::build(&ws, &manifest, &digest, live.as_ref())?;
+                ws.commit(staging, &digest)?;
+                Ok(delta)
+            })
+            .await?;
+            applied.delta = Some(delta);
+        }
+        self.swap(digest).await?;
+        if let Ok(mut h) = self.high_water.lock()
+            && applied.seq > h.map(|(s, _)| s)
+        {
+            *h = applied.seq.map(|s| (s, digest));
+        }
+        drop(_objects);
+        self.collect_garbage();
+        Ok(applied)
+    }
+
+    /// The manifest's bytes, at most `MAX_MANIFEST_BYTES` (and the artifact cap).
+    async fn download_manifest(
+        &self,
+        url: reqwest::Url,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<u8>, RefreshError> {
+        let cap = MAX_MANIFEST_BYTES.min(self.max_artifact_bytes);
+        let mut response = tokio::select! {
+            r = fetch::start(&self.http, url, cap) => r?,
+            () = cancel.cancelled() => return Err(RefreshError::Cancelled),
+        };
+        let mut bytes = Vec::new();
+        loop {
+            let chunk = tokio::select! {
+                c = response.chunk() => c.map_err(fetch::classify)?,
+                () = cancel.cancelled() => return Err(RefreshError::Cancelled),
+            };
+            let Some(chunk) = chunk else { break };
+            if (bytes.len() + chunk.len()) as u64 > cap {
+                return Err(RefreshError::new(
+                    Reason::TooLarge,
+                    format!("manifest exceeds {cap} bytes"),
+                ));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    }
+
+    /// The extraction limits apply to a manifest's files as to an archive's entries.
+    fn check_limits(&self, manifest: &Manifest) -> Result<(), RefreshError> {
+        let entries = manifest.entries.len() as u64;
+        if entries > self.limits.max_entries {
+            return Err(RefreshError::new(
+                Reason::TooLarge,
+                format!(
+                    "manifest has {entries} entries, limit {} (AETHER_MAX_ENTRIES)",
+                    self.limits.max_entries
+                ),
+            )
+            .settled());
+        }
+        let bytes = manifest.total_size();
+        if bytes > self.limits.max_bytes {
+            return Err(RefreshError::new(
+                Reason::TooLarge,
+                format!(
+                    "manifest files total {bytes} bytes, limit {} (AETHER_MAX_EXTRACT_BYTES)",
+                    self.limits.max_bytes
+                ),
+            )
+            .settled());
+        }
+        Ok(())
+    }
+
+    /// Removes objects no kept release names, in the background but never beside a
+    /// refresh (it takes the objects lock).
+    fn collect_garbage(&self) {
+        let lock = self.objects_lock.clone();
+        let ws = self.workspace.clone();
+        tokio::spawn(async move {
+            let _guard = lock.lock_owned().await;
+            match tokio::task::spawn_blocking(move || objects::collect_garbage(&ws)).await {
+                Ok(Ok(removed)) if removed > 0 => tracing::debug!(removed, "objects removed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not remove unused objects"),
+                _ => {}
+            }
+        });
+    }
+}
+
+/// A refused manifest: final for its digest (the bytes are verified; trying again gives
+/// the same verdict).
+fn refused(e: ManifestError) -> RefreshError {
+    let reason = match e {
+        ManifestError::Invalid(_) => Reason::Extract,
+        ManifestError::Replay(_) => Reason::Replay,
+        ManifestError::Expired(_) => Reason::Expired,
+    };
+    RefreshError::new(reason, e).settled()
+}
