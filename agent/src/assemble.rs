@@ -20,37 +20,63 @@ use aether_common::release::{Entry, EntryType, Manifest, dir_mode};
 use crate::objects;
 use crate::workspace::{Staging, Workspace};
 
-/// How the new release differs from its base, in files (counted once per path).
+/// How a release differs from the one before it, in files.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Delta {
     pub added: u64,
     pub changed: u64,
     pub removed: u64,
     pub reused: u64,
-    /// Whether a kept release was patched (false: built from objects alone).
+    /// Whether a kept release was patched into it (false: built from objects alone).
     pub patched: bool,
 }
 
-/// Builds `manifest` (whose digest is `digest`) in staging; `live` is never used as a base.
+/// The files `new` adds, changes, removes and keeps against `old`.
+pub fn delta(old: &Manifest, new: &Manifest) -> Delta {
+    let files = |m: &'_ Manifest| -> BTreeMap<String, Entry> {
+        m.entries
+            .iter()
+            .filter(|e| e.kind == EntryType::File)
+            .map(|e| (e.path.clone(), e.clone()))
+            .collect()
+    };
+    let (old, new) = (files(old), files(new));
+    let mut d = Delta::default();
+    for (path, after) in &new {
+        match old.get(path) {
+            None => d.added += 1,
+            Some(before) if same(before, after) => d.reused += 1,
+            Some(_) => d.changed += 1,
+        }
+    }
+    d.removed = old.keys().filter(|p| !new.contains_key(*p)).count() as u64;
+    d
+}
+
+/// Builds `manifest` (whose digest is `digest`) in staging; `live` is never used as a
+/// base. Returns whether a kept release was patched.
 pub fn build(
     ws: &Workspace,
     manifest: &Manifest,
     digest: &Digest,
     live: Option<&Digest>,
-) -> io::Result<(Staging, Delta)> {
+) -> io::Result<(Staging, bool)> {
     if let Some((base, base_manifest)) = pick_base(ws, live) {
         let staging = ws.take_release(&base, digest)?;
-        let mut delta = patch(ws, staging.path(), &base_manifest, manifest)?;
-        delta.patched = true;
-        return Ok((staging, delta));
+        patch(ws, staging.path(), &base_manifest, manifest)?;
+        return Ok((staging, true));
     }
     let staging = ws.stage(digest)?;
-    let empty = Manifest {
+    patch(ws, staging.path(), &empty(manifest), manifest)?;
+    Ok((staging, false))
+}
+
+/// A manifest with no entries (the base of a release built from objects alone).
+pub fn empty(like: &Manifest) -> Manifest {
+    Manifest {
         entries: Vec::new(),
-        ..manifest.clone()
-    };
-    let delta = patch(ws, staging.path(), &empty, manifest)?;
-    Ok((staging, delta))
+        ..like.clone()
+    }
 }
 
 /// The newest kept manifest release that no one may be using: not live, not marked in
@@ -86,10 +112,9 @@ fn same(a: &Entry, b: &Entry) -> bool {
 
 /// Turns the tree at `root`, which holds `old`, into `new`: removals deepest first, then
 /// additions parents first, then directory modes.
-fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Result<Delta> {
+fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Result<()> {
     let old: BTreeMap<&str, &Entry> = old.entries.iter().map(|e| (e.path.as_str(), e)).collect();
     let new: BTreeMap<&str, &Entry> = new.entries.iter().map(|e| (e.path.as_str(), e)).collect();
-    let mut delta = Delta::default();
     // Reverse path order visits `a/b` before `a`.
     for (path, before) in old.iter().rev() {
         if new.get(path).is_some_and(|after| same(before, after)) {
@@ -105,18 +130,11 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        if before.kind == EntryType::File && !new.contains_key(path) {
-            delta.removed += 1;
-        }
     }
     let objects_dir = ws.objects_dir();
     for (path, after) in &new {
         let target = root.join(path);
-        let before = old.get(path);
-        if before.is_some_and(|b| same(b, after)) {
-            if after.kind == EntryType::File {
-                delta.reused += 1;
-            }
+        if old.get(path).is_some_and(|b| same(b, after)) {
             continue;
         }
         match after.kind {
@@ -126,11 +144,6 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
                 let hex = after.sha256.as_deref().unwrap_or_default();
                 let object = objects_dir.join(objects::name(hex, after.mode));
                 link_or_copy(&object, &target)?;
-                if before.is_some_and(|b| b.kind == EntryType::File) {
-                    delta.changed += 1;
-                } else {
-                    delta.added += 1;
-                }
             }
         }
     }
@@ -145,7 +158,7 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
             )?;
         }
     }
-    Ok(delta)
+    Ok(())
 }
 
 /// A hard link to the object; a copy (same mode) where the file system's limit on links
@@ -208,13 +221,13 @@ mod tests {
         }
     }
 
-    fn release(ws: &Workspace, m: &Manifest, live: Option<&Digest>) -> (Digest, Delta) {
+    fn release(ws: &Workspace, m: &Manifest, live: Option<&Digest>) -> (Digest, bool) {
         let d = m.digest();
-        let (staging, delta) = build(ws, m, &d, live).unwrap();
+        let (staging, patched) = build(ws, m, &d, live).unwrap();
         fs::write(ws.manifest_path(&d), m.to_canonical()).unwrap();
         ws.commit(staging, &d).unwrap();
         ws.activate(&d).unwrap();
-        (d, delta)
+        (d, patched)
     }
 
     #[test]
@@ -239,9 +252,8 @@ mod tests {
                 entry("link", EntryType::Symlink, Some("lib/a.py")),
             ],
         );
-        let (d1, first) = release(&ws, &m1, None);
-        assert!(!first.patched);
-        assert_eq!(first.added, 4);
+        let (d1, patched) = release(&ws, &m1, None);
+        assert!(!patched, "nothing to patch at first");
         // A second release with the same files, so there is a non-live base to patch.
         let mut m2 = m1.clone();
         m2.seq = 2;
@@ -258,15 +270,16 @@ mod tests {
                 entry("link", EntryType::Symlink, Some("app.py")),
             ],
         );
-        let (d3, delta) = release(&ws, &m3, Some(&d2));
+        let (d3, patched) = release(&ws, &m3, Some(&d2));
+        assert!(patched);
         assert_eq!(
-            delta,
+            delta(&m2, &m3),
             Delta {
                 added: 1,
                 changed: 1,
                 removed: 1,
                 reused: 2,
-                patched: true
+                patched: false
             }
         );
         let r3 = ws.release_dir(&d3);
@@ -298,8 +311,8 @@ mod tests {
         let (d2, _) = release(&ws, &m2, Some(&d1));
         ws.mark_in_use(&d1).unwrap();
         let m3 = manifest(3, vec![file("f", b"1", 0o644)]);
-        let (_, delta) = release(&ws, &m3, Some(&d2));
-        assert!(!delta.patched);
+        let (_, patched) = release(&ws, &m3, Some(&d2));
+        assert!(!patched);
         assert!(ws.has_release(&d1), "the release in use is still there");
     }
 }

@@ -70,13 +70,20 @@ impl Refresher {
             let ws = self.workspace.clone();
             let live = ws.live_digest();
             let delta = blocking(move || {
+                // What the user changed: the difference from the live release.
+                let before = live
+                    .and_then(|d| fs::read(ws.manifest_path(&d)).ok())
+                    .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+                    .unwrap_or_else(|| assemble::empty(&manifest));
+                let mut delta = assemble::delta(&before, &manifest);
                 // The manifest first: a release on disk always has its manifest, and one
                 // left without a release (killed here) is removed by the next collection.
                 let tmp = ws.temp_path("manifest");
                 let mut file = fs::File::create(&tmp)?;
                 file.write_all(&bytes)?;
                 fs::rename(&tmp, ws.manifest_path(&digest))?;
-                let (staging, delta) = assemble::build(&ws, &manifest, &digest, live.as_ref())?;
+                let (staging, patched) = assemble::build(&ws, &manifest, &digest, live.as_ref())?;
+                delta.patched = patched;
                 ws.commit(staging, &digest)?;
                 Ok(delta)
             })

@@ -211,3 +211,26 @@ async fn install_copies_the_binary_for_images_without_a_shell() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("aether-fetcher"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_an_app_runs_from_is_marked_in_use_until_the_app_is_gone() {
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    let (_d, ws) = workspace(&[&a, &b]);
+    let marked = |name: &str| ws.join(".aether/in-use").join(name).exists();
+    // Slow to stop: the mark must outlive the whole grace period the app takes.
+    let sup = supervise(
+        &ws,
+        "5",
+        "trap 'sleep 0.5; exit 0' TERM; echo started $(cat v); while :; do sleep 0.1; done",
+    );
+    sup.wait_for_log(&format!("started {a}"), LONG)
+        .await
+        .unwrap();
+    assert!(marked(&a), "the running app's release is marked");
+    swap(&ws, &b);
+    sup.wait_for_log(&format!("started {b}"), LONG)
+        .await
+        .unwrap();
+    assert!(!marked(&a), "the mark goes once the old app has exited");
+    assert!(marked(&b));
+}

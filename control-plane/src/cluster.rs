@@ -31,11 +31,11 @@ pub async fn apply_app(client: &kube::Client, spec: &AppSpec) -> anyhow::Result<
     let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
     // A forced apply would take over any Deployment of that name, the control plane's own
     // (`aether`, in the namespace it manages) included: only ours are ours to change.
-    if let Some(existing) = deployments
+    let existing = deployments
         .get_opt(&spec.app)
         .await
-        .with_context(|| format!("reading deployment {ns}/{}", spec.app))?
-    {
+        .with_context(|| format!("reading deployment {ns}/{}", spec.app))?;
+    if let Some(existing) = &existing {
         let managed = existing
             .metadata
             .labels
@@ -75,7 +75,27 @@ pub async fn apply_app(client: &kube::Client, spec: &AppSpec) -> anyhow::Result<
             _ => {}
         }
     }
-    let deployment = manifest::deployment(spec);
+    let mut deployment = manifest::deployment(spec);
+    // The Deployment remembers the release it leaves (or keeps what it remembered when the
+    // release stays), for `aether rollback`.
+    let new_digest = spec
+        .desired
+        .iter()
+        .find(|(k, _)| k == DIGEST)
+        .map(|(_, v)| v.as_str());
+    let previous = existing.as_ref().and_then(|e| {
+        let before = annotation(e, DIGEST);
+        if before.is_some() && before.as_deref() != new_digest {
+            before
+        } else {
+            annotation(e, PREVIOUS_DIGEST)
+        }
+    });
+    if let Some(previous) = previous
+        && let Some(a) = deployment["metadata"]["annotations"].as_object_mut()
+    {
+        a.insert(PREVIOUS_DIGEST.into(), json!(previous));
+    }
     Api::<Deployment>::namespaced(client.clone(), ns)
         .patch(&spec.app, &params, &Patch::Apply(&deployment))
         .await

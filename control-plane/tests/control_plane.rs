@@ -1111,3 +1111,165 @@ async fn a_batch_over_the_size_cap_is_refused_as_too_large() {
     let (code, body) = http("POST", &url, Some(TOKEN), blob_batch(&files[..5])).await;
     assert_eq!(code, 200, "{body}");
 }
+
+/// The stored manifest of a digest.
+async fn stored_manifest(plane: &Plane, digest: &str) -> aether_common::release::Manifest {
+    let (code, body) = http(
+        "GET",
+        &format!("{}/v1/blobs/{digest}", plane.url),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    aether_common::release::Manifest::parse(body.as_bytes()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_uploads_only_missing_blobs_and_rollback_brings_a_tree_back_with_a_newer_seq() {
+    let plane = Plane::start(&[]).await;
+    let big = "x".repeat(200_000);
+    let src = plane.source(&[("index.html", "one"), ("big.js", &big)]);
+    plane.deploy_dev_hot("web", &src).await;
+    let d1 = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    assert_eq!(
+        plane
+            .annotation("deployments", "web", "aether.dev/format")
+            .as_deref(),
+        Some("manifest")
+    );
+    let m1 = stored_manifest(&plane, &d1).await;
+    assert_eq!(m1.app, "web");
+
+    // A second deploy of a one-file edit sends that file and the manifest only.
+    std::fs::write(src.join("index.html"), "two").unwrap();
+    let (ok, out) = plane
+        .run(
+            &[
+                "deploy",
+                "web",
+                src.to_str().unwrap(),
+                "--dev-hot",
+                "--",
+                "./run",
+            ],
+            &[],
+        )
+        .await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("2 blobs"),
+        "the edited file and the manifest: {out}"
+    );
+    let d2 = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    let m2 = stored_manifest(&plane, &d2).await;
+    assert!(m2.seq > m1.seq);
+    assert_eq!(
+        plane
+            .annotation("deployments", "web", "aether.dev/previous-digest")
+            .as_deref(),
+        Some(d1.as_str()),
+        "a deploy records the release it replaces"
+    );
+
+    // Back to the first tree: a new manifest, same entries, a seq above the current one.
+    let (ok, out) = plane.run(&["rollback", "web", "--to", &d1], &[]).await;
+    assert!(ok, "{out}");
+    let d3 = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    assert_ne!(d3, d1, "a rollback is a new release");
+    let m3 = stored_manifest(&plane, &d3).await;
+    assert_eq!(m3.entries, m1.entries);
+    assert!(m3.seq > m2.seq);
+    assert_eq!(
+        plane
+            .annotation("deployments", "web", "aether.dev/previous-digest")
+            .as_deref(),
+        Some(d2.as_str())
+    );
+    // Without --to: the release before the current one.
+    let (ok, out) = plane.run(&["rollback", "web"], &[]).await;
+    assert!(ok, "{out}");
+    let d4 = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    let m4 = stored_manifest(&plane, &d4).await;
+    assert_eq!(m4.entries, m2.entries);
+    assert!(m4.seq > m3.seq);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_for_another_app_or_unsafe_is_refused_by_the_release_route() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("index.html", "one")]);
+    plane.deploy_dev_hot("web", &src).await;
+    let d1 = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    let mut m = stored_manifest(&plane, &d1).await;
+    for (app, path, expect) in [
+        ("api", "index.html", "is for app"),
+        ("web", "../escape", "not a valid release manifest"),
+    ] {
+        m.app = app.into();
+        m.entries[0].path = path.into();
+        m.seq += 1;
+        let bytes = m.to_canonical();
+        let digest = aether_common::Digest::of(&bytes);
+        let (code, body) = http(
+            "PUT",
+            &format!("{}/v1/blobs/{digest}", plane.url),
+            Some(TOKEN),
+            bytes,
+        )
+        .await;
+        assert_eq!(code, 201, "{body}");
+        let (code, body) = post(
+            &plane,
+            "/v1/apps/web/release",
+            &json!({"digest": digest.to_string(), "format": "manifest"}),
+        )
+        .await;
+        assert_eq!(code, 422, "{body}");
+        assert!(body.contains(expect), "{body}");
+    }
+    assert_eq!(
+        plane.annotation("deployments", "web", "aether.dev/digest"),
+        Some(d1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_with_format_tar_keeps_the_tar_gz_path() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("index.html", "one")]);
+    let (ok, out) = plane
+        .run(
+            &[
+                "deploy",
+                "web",
+                src.to_str().unwrap(),
+                "--format",
+                "tar",
+                "--dev-hot",
+                "--",
+                "./run",
+            ],
+            &[],
+        )
+        .await;
+    assert!(ok, "{out}");
+    let url = plane
+        .annotation("deployments", "web", "aether.dev/artifact-url")
+        .unwrap();
+    assert!(url.contains("/v1/artifacts/sha256:"), "{url}");
+    assert_eq!(
+        plane.annotation("deployments", "web", "aether.dev/format"),
+        None
+    );
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use aether_common::Digest;
 use aether_common::archive::pack::ArchiveBuilder;
+use aether_common::release::{Entry, EntryType, Manifest};
 use aether_testkit::artifacts::ArtifactServer;
 use aether_testkit::emulator::Emulator;
 use aether_testkit::process::{Proc, http_get, wait_until};
@@ -17,6 +18,8 @@ use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 pub const POD: &str = "app-0";
+/// The app of the rig's pod (`AETHER_APP`), named in its manifests.
+pub const APP: &str = "demo";
 pub const FETCHER: &str = env!("CARGO_BIN_EXE_aether-fetcher");
 pub const LONG: Duration = Duration::from_secs(30);
 
@@ -72,6 +75,7 @@ impl Rig {
             ("KUBECONFIG", self.kubeconfig.display().to_string()),
             ("POD_NAME", POD.into()),
             ("POD_NAMESPACE", "default".into()),
+            ("AETHER_APP", APP.into()),
             ("AETHER_WORKSPACE", self.workspace.display().to_string()),
             ("AETHER_HTTP_ADDR", "127.0.0.1:0".into()),
             ("AETHER_ALLOW_HTTP", "1".into()),
@@ -118,6 +122,44 @@ impl Rig {
             .expect("patch pod");
     }
 
+    /// Serves each file as a blob and the manifest beside them (`blobs/sha256:<hex>`);
+    /// returns the manifest's URL and digest.
+    pub fn publish_manifest(
+        &self,
+        manifest: &Manifest,
+        files: &[(&str, &str)],
+    ) -> (String, Digest) {
+        for (_, content) in files {
+            let d = Digest::of(content.as_bytes());
+            self.art.put(&blob_name(&d), content.as_bytes().to_vec());
+        }
+        let bytes = manifest.to_canonical();
+        let digest = Digest::of(&bytes);
+        (self.art.put(&blob_name(&digest), bytes), digest)
+    }
+
+    /// Points the pod at a manifest release.
+    pub async fn point_at_manifest(&self, url: &str, digest: &Digest) {
+        self.annotate(json!({
+            "aether.dev/digest": digest.to_string(),
+            "aether.dev/artifact-url": url,
+            "aether.dev/format": "manifest",
+        }))
+        .await;
+    }
+
+    /// The objects on the volume.
+    pub fn objects(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.workspace.join(".aether/objects"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     pub async fn point_at(&self, url: &str, digest: &Digest) {
         self.annotate(json!({
             "aether.dev/digest": digest.to_string(),
@@ -140,6 +182,50 @@ impl Rig {
 
     pub fn outside_is_empty(&self) -> bool {
         is_dir_empty(&self.outside)
+    }
+}
+
+/// Where the rig's artifact server keeps a blob.
+pub fn blob_name(d: &Digest) -> String {
+    format!("blobs/{d}")
+}
+
+/// A manifest of `app` at `seq` holding `files` (0644) below their directories.
+pub fn manifest(app: &str, seq: u64, files: &[(&str, &str)]) -> Manifest {
+    let mut entries = Vec::new();
+    let mut dirs = std::collections::BTreeSet::new();
+    for (path, content) in files {
+        let mut parts: Vec<&str> = path.split('/').collect();
+        parts.pop();
+        for i in 1..=parts.len() {
+            dirs.insert(parts[..i].join("/"));
+        }
+        entries.push(Entry {
+            mode: 0o644,
+            path: (*path).to_owned(),
+            sha256: Some(Digest::of(content.as_bytes()).hex()),
+            size: Some(content.len() as u64),
+            target: None,
+            kind: EntryType::File,
+        });
+    }
+    for dir in dirs {
+        entries.push(Entry {
+            mode: 0o755,
+            path: dir,
+            sha256: None,
+            size: None,
+            target: None,
+            kind: EntryType::Dir,
+        });
+    }
+    Manifest {
+        app: app.to_owned(),
+        blobs: "./".into(),
+        created_at: "2026-11-30T00:00:00Z".into(),
+        entries,
+        expires_at: None,
+        seq,
     }
 }
 

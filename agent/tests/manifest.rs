@@ -1,0 +1,261 @@
+//! Manifest releases (`aether.dev/format: manifest`) end to end with the real fetcher: only
+//! changed files travel, every blob is verified, replays and expired releases are refused
+//! with their own reasons, and a kill at any point leaves a complete live release.
+
+mod rig;
+
+use std::time::Duration;
+
+use aether_common::Digest;
+use aether_testkit::artifacts::Fault;
+use aether_testkit::process::{metric, wait_until};
+use rig::*;
+
+fn files_metric(text: &str, change: &str) -> f64 {
+    metric(
+        text,
+        "dev_hot_refresh_files_total",
+        &format!("change=\"{change}\""),
+    )
+    .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_file_edit_downloads_only_that_file_and_unused_objects_are_removed() {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let big_js = "x".repeat(50_000);
+    let v1: Vec<(&str, &str)> = vec![
+        ("app.py", "print('v1')"),
+        ("lib/util.py", "def f(): pass"),
+        ("static/big.js", &big_js),
+    ];
+    let (url1, d1) = rig.publish_manifest(&manifest(APP, 1, &v1), &v1);
+    rig.point_at_manifest(&url1, &d1).await;
+    wait_live(addr, &d1).await;
+    assert_eq!(rig.read_current("app.py").as_deref(), Some("print('v1')"));
+    assert_eq!(
+        rig.read_current("lib/util.py").as_deref(),
+        Some("def f(): pass")
+    );
+    let big = Digest::of(v1[2].1.as_bytes());
+    assert_eq!(rig.art.requests(&blob_name(&big)), 1);
+
+    // One file changes: only its blob (and the manifest) is downloaded.
+    let mut v2 = v1.clone();
+    v2[0] = ("app.py", "print('v2')");
+    let (url2, d2) = rig.publish_manifest(&manifest(APP, 2, &v2), &v2);
+    rig.point_at_manifest(&url2, &d2).await;
+    wait_live(addr, &d2).await;
+    assert_eq!(rig.read_current("app.py").as_deref(), Some("print('v2')"));
+    assert_eq!(
+        rig.art.requests(&blob_name(&big)),
+        1,
+        "unchanged blobs stay"
+    );
+    let m = metrics(addr).await;
+    assert_eq!(files_metric(&m, "changed"), 1.0, "{m}");
+    assert_eq!(
+        files_metric(&m, "added"),
+        3.0,
+        "the first release adds all: {m}"
+    );
+    assert_eq!(files_metric(&m, "reused"), 2.0, "{m}");
+    let downloaded = metric(&m, "dev_hot_refresh_bytes_total", "source=\"downloaded\"").unwrap();
+    assert!(downloaded < 60_000.0, "{downloaded} bytes for two releases");
+
+    // A third release is patched from the first (neither live nor in use): the edit and
+    // a removal, the rest reused in place.
+    let v3: Vec<(&str, &str)> = vec![("app.py", "print('v3')"), ("static/big.js", v1[2].1)];
+    let (url3, d3) = rig.publish_manifest(&manifest(APP, 3, &v3), &v3);
+    rig.point_at_manifest(&url3, &d3).await;
+    wait_live(addr, &d3).await;
+    assert!(
+        rig.read_current("lib/util.py").is_none(),
+        "removed file is gone"
+    );
+    let m = metrics(addr).await;
+    assert_eq!(files_metric(&m, "removed"), 1.0, "{m}");
+    assert_eq!(files_metric(&m, "reused"), 3.0, "{m}");
+    // The kept releases are v2 and v3: v1's app.py object is no longer named by either.
+    let v1_app = format!("{}-444", Digest::of(b"print('v1')").hex());
+    let collected = wait_until(LONG, || async { !rig.objects().contains(&v1_app) }).await;
+    assert!(collected, "objects: {:?}", rig.objects());
+    let v2_app = format!("{}-444", Digest::of(b"print('v2')").hex());
+    assert!(
+        rig.objects().contains(&v2_app),
+        "v2 is kept, so are its objects"
+    );
+    let mode = std::fs::metadata(rig.workspace.join("current/app.py"))
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+        .unwrap();
+    assert_eq!(mode, 0o444, "files of a manifest release are read-only");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_foreign_and_expired_manifests_are_refused_even_after_a_restart() {
+    let rig = Rig::new().await;
+    let files = [("f", "five")];
+    let (url5, d5) = rig.publish_manifest(&manifest(APP, 5, &files), &files);
+    rig.point_at_manifest(&url5, &d5).await;
+    let mut fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    wait_live(addr, &d5).await;
+    let m = metrics(addr).await;
+    for reason in ["replay", "expired"] {
+        assert_eq!(
+            metric(
+                &m,
+                "dev_hot_refresh_failure_total",
+                &format!("reason=\"{reason}\"")
+            ),
+            Some(0.0),
+            "{reason} exported at 0"
+        );
+    }
+
+    let refused = |seq: u64, app: &str, expires: Option<&str>| {
+        let older = [("f", "older")];
+        let mut m = manifest(app, seq, &older);
+        m.expires_at = expires.map(str::to_owned);
+        rig.publish_manifest(&m, &older)
+    };
+    let expect = |reason: &'static str, failures: u64| async move {
+        let s = wait_failures(addr, failures).await;
+        assert_eq!(s["last_error"]["reason"], reason, "{s}");
+        assert_eq!(s["current_digest"], d5.to_string().as_str());
+    };
+    let (url, d) = refused(4, APP, None);
+    rig.point_at_manifest(&url, &d).await;
+    expect("replay", 1).await;
+    let (url, d) = refused(9, "other-app", None);
+    rig.point_at_manifest(&url, &d).await;
+    expect("replay", 2).await;
+    let (url, d) = refused(10, APP, Some("2020-01-01T00:00:00Z"));
+    rig.point_at_manifest(&url, &d).await;
+    expect("expired", 3).await;
+    assert_eq!(rig.read_current("f").as_deref(), Some("five"));
+
+    // The high-water mark survives a restart (state.json).
+    fetcher.sigterm();
+    fetcher.wait_exit(LONG).await.expect("fetcher exits");
+    let state = std::fs::read_to_string(rig.workspace.join(".aether/state.json")).unwrap();
+    assert!(state.contains("\"seq\":5"), "{state}");
+    let (url, d) = refused(4, APP, None);
+    rig.point_at_manifest(&url, &d).await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let s = wait_failures(addr, 1).await;
+    assert_eq!(s["last_error"]["reason"], "replay", "{s}");
+    assert_eq!(rig.read_current("f").as_deref(), Some("five"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_manifest_fetches_no_blob_and_a_wrong_blob_never_becomes_an_object() {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let good = [("f", "good")];
+    let (url, d) = rig.publish_manifest(&manifest(APP, 1, &good), &good);
+    rig.point_at_manifest(&url, &d).await;
+    wait_live(addr, &d).await;
+
+    // A path out of the release: refused with reason extract before any blob request.
+    let evil = [("../outside/pwned", "x")];
+    let (url, d) = rig.publish_manifest(&manifest(APP, 2, &evil), &evil);
+    rig.point_at_manifest(&url, &d).await;
+    let s = wait_failures(addr, 1).await;
+    assert_eq!(s["last_error"]["reason"], "extract", "{s}");
+    assert_eq!(rig.art.requests(&blob_name(&Digest::of(b"x"))), 0);
+    assert!(rig.outside_is_empty());
+
+    // A blob whose bytes do not match: checksum, retried, never stored, live untouched.
+    let next = [("f", "next")];
+    let (url, d) = rig.publish_manifest(&manifest(APP, 3, &next), &next);
+    let blob = blob_name(&Digest::of(b"next"));
+    rig.art.fail_always(&blob, Some(Fault::WrongBytes));
+    rig.point_at_manifest(&url, &d).await;
+    let s = wait_failures(addr, 2).await;
+    assert_eq!(s["last_error"]["reason"], "checksum", "{s}");
+    assert_eq!(rig.read_current("f").as_deref(), Some("good"));
+    let next_hex = Digest::of(b"next").hex();
+    assert!(!rig.objects().iter().any(|o| o.starts_with(&next_hex)));
+    // Once the store serves the right bytes, the retry succeeds.
+    rig.art.fail_always(&blob, None);
+    wait_live(addr, &d).await;
+    assert_eq!(rig.read_current("f").as_deref(), Some("next"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_blobs_download_keeps_current_complete_and_a_restart_completes() {
+    let rig = Rig::new().await;
+    let old = [("f", "old")];
+    let (url, d_old) = rig.publish_manifest(&manifest(APP, 1, &old), &old);
+    rig.point_at_manifest(&url, &d_old).await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    wait_live(addr, &d_old).await;
+
+    let big = noise(1 << 20);
+    let new = [("f", "new"), ("big", big.as_str())];
+    let (url, d_new) = rig.publish_manifest(&manifest(APP, 2, &new), &new);
+    let big_blob = blob_name(&Digest::of(big.as_bytes()));
+    rig.art.fail_next(
+        &big_blob,
+        Fault::Stall {
+            after: 4096,
+            pause: Duration::from_secs(60),
+        },
+    );
+    rig.point_at_manifest(&url, &d_new).await;
+    let started = wait_until(LONG, || async { rig.art.requests(&big_blob) >= 1 }).await;
+    assert!(started, "the blob download never started");
+    fetcher.sigkill();
+    let mut fetcher = fetcher;
+    fetcher.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(rig.read_current("f").as_deref(), Some("old"));
+    let big_hex = Digest::of(big.as_bytes()).hex();
+    assert!(
+        !rig.objects().iter().any(|o| o.starts_with(&big_hex)),
+        "a partial blob is never an object"
+    );
+
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    wait_live(addr, &d_new).await;
+    assert_eq!(rig.read_current("f").as_deref(), Some("new"));
+    assert_eq!(rig.read_current("big").map(|b| b.len()), Some(1 << 20));
+    assert_eq!(rig.staging_entries(), 0, "start-up removes stale staging");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_applies_a_manifest_release_and_exits_zero() {
+    let rig = Rig::new().await;
+    let files = [("index.html", "hello"), ("run.sh", "#!/bin/sh")];
+    let (url, d) = rig.publish_manifest(&manifest(APP, 1, &files), &files);
+    rig.point_at_manifest(&url, &d).await;
+    let mut once = rig.fetcher_args(&["--once"], &[]);
+    let status = once.wait_exit(LONG).await.expect("--once exits");
+    assert!(status.success(), "{:?}", once.logs());
+    assert_eq!(rig.read_current("index.html").as_deref(), Some("hello"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_aether_app_a_manifest_is_refused_with_replay() {
+    let rig = Rig::new().await;
+    let files = [("f", "x")];
+    let (url, d) = rig.publish_manifest(&manifest(APP, 1, &files), &files);
+    rig.point_at_manifest(&url, &d).await;
+    let fetcher = rig.fetcher(&[("AETHER_APP", String::new())]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let s = wait_failures(addr, 1).await;
+    assert_eq!(s["last_error"]["reason"], "replay", "{s}");
+    assert!(
+        s["last_error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("AETHER_APP"),
+        "{s}"
+    );
+}
