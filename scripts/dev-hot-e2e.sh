@@ -13,8 +13,10 @@
 #    2  usage error
 #
 # Environment: SLO_MS (10000), TIMEOUT_MS (60000), NAMESPACE (default),
-# SIGNATURE (aether.dev/signature to set with the digest), KUBECTL (kubectl),
-# FETCHER_PORT (9180). kubectl uses KUBECONFIG as usual.
+# SIGNATURE (aether.dev/signature to set with the digest), FORMAT (`manifest` when the
+# URL serves a release manifest; default: a tar.gz, and a format annotation left by an
+# earlier manifest release is removed), KUBECTL (kubectl), FETCHER_PORT (9180). kubectl
+# uses KUBECONFIG as usual.
 set -euo pipefail
 
 if [ $# -ne 3 ]; then
@@ -39,6 +41,11 @@ if [ -n "${SIGNATURE:-}" ]; then
 else
   annotations+=("aether.dev/signature-")
 fi
+case "${FORMAT:-tar.gz}" in
+  manifest) annotations+=("aether.dev/format=manifest") ;;
+  tar.gz) annotations+=("aether.dev/format-") ;;
+  *) echo "FORMAT must be manifest or tar.gz" >&2; exit 2 ;;
+esac
 
 pods=$(k get pods -l "$selector" -o jsonpath='{.items[*].metadata.name}')
 if [ -z "$pods" ]; then

@@ -47,8 +47,8 @@ until_ok() { # seconds, command…
 restricted=(--read-only --user 65532:65532 --cap-drop ALL --security-opt no-new-privileges
   --label "aether-e2e=$run" --network "$run")
 docker network create "$run" >/dev/null
-mkdir -p "$work/kube" "$work/store" "$work/ws" "$work/bin"
-chown 65532:65532 "$work/store" "$work/ws" "$work/bin"
+mkdir -p "$work/kube" "$work/store" "$work/ws" "$work/bin" "$work/run"
+chown 65532:65532 "$work/store" "$work/ws" "$work/bin" "$work/run"
 
 echo "==> API emulator and aether serve"
 docker run -d --name "$run-api" "${restricted[@]}" -p 127.0.0.1::8080 "aether-kube-emulator:$TAG" >/dev/null
@@ -166,7 +166,9 @@ token_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
 mounts = lambda c: {m["mountPath"]: m for m in c.get("volumeMounts", [])}
 assert token_dir in mounts(init["aether-fetcher"])
 assert token_dir not in mounts(app) and token_dir not in mounts(init["aether-install"])
-assert all(m.get("readOnly") for m in mounts(app).values()), mounts(app)
+# The app writes only the run volume, where the supervisor marks the release it runs from.
+assert all(m.get("readOnly") for p, m in mounts(app).items() if p != "/aether/run"), mounts(app)
+assert "/aether/run" in mounts(init["aether-fetcher"])
 PY
 mapfile -t install_args < "$work/install.args"
 mapfile -t app_cmd < "$work/app.cmd"
@@ -177,11 +179,11 @@ docker run --rm "${restricted[@]}" -v "$work/bin:/aether/bin" "aether-fetcher:$T
 # waits for instead of waiting for time.
 docker run -d --name "$run-fetcher" "${restricted[@]}" --env-file "$work/fetcher.env" \
   -e RUST_LOG=info,aether_fetcher::engine=debug -e KUBECONFIG=/kube/config -v "$work/kube:/kube:ro" -v "$work/ws:/workspace" \
-  -p 127.0.0.1::9180 "aether-fetcher:$TAG" >/dev/null
+  -v "$work/run:/aether/run" -p 127.0.0.1::9180 "aether-fetcher:$TAG" >/dev/null
 fetcher=http://$(hostport "$run-fetcher" 9180)
 until_ok 30 curl -sf "$fetcher/readyz" || fail "the fetcher never became ready"
 docker run -d --name "$run-app" "${restricted[@]}" --env-file "$work/app.env" -e PORT=8080 \
-  -v "$work/ws:/workspace:ro" -v "$work/bin:/aether/bin:ro" -w "$(cat "$work/app.workdir")" \
+  -v "$work/ws:/workspace:ro" -v "$work/bin:/aether/bin:ro" -v "$work/run:/aether/run" -w "$(cat "$work/app.workdir")" \
   -p 127.0.0.1::8080 --entrypoint "${app_cmd[0]}" "aether-example-app:$TAG" "${app_cmd[@]:1}" >/dev/null
 app=http://$(hostport "$run-app" 8080)
 until_ok 30 sh -c "curl -sf $app/ | grep -q 'version 1'" || fail "the app does not serve release 1"

@@ -42,6 +42,16 @@ pub struct Settings {
     #[arg(long, env = "AETHER_APP")]
     pub app: Option<String>,
 
+    /// Refuse tar.gz releases (reason `replay`): they carry no `seq`, so only manifest
+    /// releases are protected against replay.
+    #[arg(long, env = "AETHER_REQUIRE_MANIFEST", value_parser = BoolishValueParser::new(), default_value = "0", num_args = 0..=1, default_missing_value = "1")]
+    pub require_manifest: bool,
+
+    /// Where the supervisor marks the releases its app runs from (default:
+    /// `<workspace>/.aether/in-use`); the fetcher never patches or prunes those.
+    #[arg(long, env = "AETHER_IN_USE_DIR")]
+    pub in_use_dir: Option<PathBuf>,
+
     /// Source of the desired release.
     #[arg(long, env = "AETHER_FETCH_MODE", value_enum, default_value = "watch")]
     pub fetch_mode: FetchMode,
@@ -143,6 +153,15 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Opens the workspace with its in-use directory.
+    pub fn open_workspace(&self) -> std::io::Result<crate::workspace::Workspace> {
+        let ws = crate::workspace::Workspace::open(&self.workspace)?;
+        match &self.in_use_dir {
+            Some(dir) => ws.with_in_use_dir(dir),
+            None => Ok(ws),
+        }
+    }
+
     pub fn interval(&self) -> Duration {
         Duration::from_secs(self.fetch_interval_sec)
     }

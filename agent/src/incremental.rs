@@ -159,7 +159,7 @@ impl Refresher {
 
     /// Removes objects no kept release names, in the background but never beside a
     /// refresh (it takes the objects lock).
-    fn collect_garbage(&self) {
+    pub(crate) fn collect_garbage(&self) {
         let lock = self.objects_lock.clone();
         let ws = self.workspace.clone();
         tokio::spawn(async move {

@@ -88,11 +88,12 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Supervise(args)) = cli.command {
         let workspace = cli.settings.workspace.clone();
+        let in_use_dir = cli.settings.in_use_dir.clone();
         // One thread: the supervisor waits on signals and its child, nothing more.
         let Some(runtime) = runtime(&mut tokio::runtime::Builder::new_current_thread()) else {
             return ExitCode::from(EXIT_SETUP);
         };
-        return match runtime.block_on(supervise::run(workspace, args)) {
+        return match runtime.block_on(supervise::run(workspace, in_use_dir, args)) {
             Ok(code) => code,
             Err(e) => {
                 tracing::error!("supervise: {e:#}");
@@ -143,7 +144,8 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
     let key = settings.public_key()?;
     let pod = settings.pod_name()?;
     let workspace = Arc::new(
-        Workspace::open(&settings.workspace)
+        settings
+            .open_workspace()
             .with_context(|| format!("opening workspace {}", settings.workspace.display()))?,
     );
     let removed = workspace
@@ -172,6 +174,7 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         },
         keep_releases: usize::try_from(settings.keep_releases).unwrap_or(usize::MAX),
         app: settings.app.clone().filter(|a| !a.is_empty()),
+        require_manifest: settings.require_manifest,
         high_water: std::sync::Mutex::new(previous.as_ref().and_then(|s| s.high_water())),
         objects_lock: Arc::default(),
     };

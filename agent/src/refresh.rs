@@ -40,6 +40,8 @@ pub struct Refresher {
     pub keep_releases: usize,
     /// `AETHER_APP`: manifests for another app are refused.
     pub app: Option<String>,
+    /// `AETHER_REQUIRE_MANIFEST`: tar.gz releases are refused.
+    pub require_manifest: bool,
     /// The highest manifest `seq` made live, with its digest (persisted in `state.json`).
     pub high_water: Mutex<Option<(u64, Digest)>>,
     /// Held while objects are brought in or collected: a collection running beside a
@@ -64,6 +66,13 @@ impl Refresher {
         if desired.format == Format::Manifest {
             return self.apply_manifest(desired, url, cancel).await;
         }
+        if self.require_manifest {
+            return Err(RefreshError::new(
+                Reason::Replay,
+                "a tar.gz release carries no seq, and AETHER_REQUIRE_MANIFEST=1 refuses it",
+            )
+            .settled());
+        }
         let digest = desired.digest;
         let applied = if self.workspace.has_release(&digest) {
             Applied {
@@ -84,6 +93,8 @@ impl Refresher {
             }
         };
         self.swap(digest).await?;
+        // Objects of manifest releases this one replaced.
+        self.collect_garbage();
         Ok(applied)
     }
 

@@ -228,7 +228,11 @@ async fn stop_leader(app: &App, grace: Duration) -> Exit {
     }
 }
 
-pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    workspace: PathBuf,
+    in_use_dir: Option<PathBuf>,
+    args: SuperviseArgs,
+) -> anyhow::Result<ExitCode> {
     let grace = Duration::from_secs(args.grace_sec);
     // Orphans of the app are re-parented to us even when we are not PID 1, so they are
     // reaped too.
@@ -249,6 +253,10 @@ pub async fn run(workspace: PathBuf, args: SuperviseArgs) -> anyhow::Result<Exit
     let mut restart_at: Option<Instant> = Some(Instant::now());
     let mut crashed_release: Option<PathBuf> = None;
     let ws = Workspace::open(&workspace)
+        .and_then(|ws| match &in_use_dir {
+            Some(dir) => ws.with_in_use_dir(dir),
+            None => Ok(ws),
+        })
         .and_then(|ws| ws.clear_in_use().map(|()| ws))
         .map_err(|e| tracing::warn!(error = %e, "cannot mark releases in use; the fetcher may patch one under the app"))
         .ok();

@@ -117,6 +117,14 @@ impl Workspace {
         Ok(ws)
     }
 
+    /// Keeps the in-use marks in `dir` instead (a volume the app container may write,
+    /// when the workspace is read-only there).
+    pub fn with_in_use_dir(mut self, dir: &Path) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        self.in_use = dir.to_path_buf();
+        Ok(self)
+    }
+
     pub fn objects_dir(&self) -> &Path {
         &self.objects
     }

@@ -259,3 +259,15 @@ async fn without_aether_app_a_manifest_is_refused_with_replay() {
         "{s}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_require_manifest_a_tar_gz_release_is_refused_as_replay() {
+    let rig = Rig::new().await;
+    let (url, digest) = rig.publish("a.tgz", &[("f", "tar")]);
+    rig.point_at(&url, &digest).await;
+    let fetcher = rig.fetcher(&[("AETHER_REQUIRE_MANIFEST", "1".into())]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let s = wait_failures(addr, 1).await;
+    assert_eq!(s["last_error"]["reason"], "replay", "{s}");
+    assert_eq!(rig.art.requests("a.tgz"), 0, "refused before any request");
+}

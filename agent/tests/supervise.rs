@@ -212,17 +212,31 @@ async fn install_copies_the_binary_for_images_without_a_shell() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("aether-fetcher"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_release_an_app_runs_from_is_marked_in_use_until_the_app_is_gone() {
+/// Runs the in-use check with the marks in `in_use_dir` (default: the workspace's own).
+async fn marks_the_release_in_use(in_use_dir: Option<&str>) {
     let (a, b) = ("a".repeat(64), "b".repeat(64));
-    let (_d, ws) = workspace(&[&a, &b]);
-    let marked = |name: &str| ws.join(".aether/in-use").join(name).exists();
+    let (d, ws) = workspace(&[&a, &b]);
+    let marks = match in_use_dir {
+        Some(sub) => d.path().join(sub),
+        None => ws.join(".aether/in-use"),
+    };
+    let marked = |name: &str| marks.join(name).exists();
+    let mut env = vec![
+        ("AETHER_WORKSPACE", ws.display().to_string()),
+        ("RUST_LOG", "info".into()),
+    ];
+    if in_use_dir.is_some() {
+        env.push(("AETHER_IN_USE_DIR", marks.display().to_string()));
+    }
     // Slow to stop: the mark must outlive the whole grace period the app takes.
-    let sup = supervise(
-        &ws,
-        "5",
-        "trap 'sleep 0.5; exit 0' TERM; echo started $(cat v); while :; do sleep 0.1; done",
-    );
+    let script =
+        "trap 'sleep 0.5; exit 0' TERM; echo started $(cat v); while :; do sleep 0.1; done";
+    let sup = Proc::spawn(
+        FETCHER,
+        &["supervise", "--grace-sec", "5", "--", "sh", "-c", script],
+        &env,
+    )
+    .unwrap();
     sup.wait_for_log(&format!("started {a}"), LONG)
         .await
         .unwrap();
@@ -233,4 +247,14 @@ async fn the_release_an_app_runs_from_is_marked_in_use_until_the_app_is_gone() {
         .unwrap();
     assert!(!marked(&a), "the mark goes once the old app has exited");
     assert!(marked(&b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_release_an_app_runs_from_is_marked_in_use_until_the_app_is_gone() {
+    marks_the_release_in_use(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_use_marks_go_to_aether_in_use_dir_when_set() {
+    marks_the_release_in_use(Some("run/in-use")).await;
 }

@@ -142,6 +142,23 @@ fn fetcher_env(spec: &AppSpec, mode: &str) -> Vec<Value> {
     env
 }
 
+/// The volume where the supervisor marks the release its app runs from and the fetcher
+/// reads the marks: the app container may write it, unlike its read-only `/workspace`.
+const RUN_VOLUME: &str = "aether-run";
+const RUN_DIR: &str = "/aether/run";
+
+/// Mounts the run volume into a container and points `AETHER_IN_USE_DIR` at it.
+fn push_run_dir(container: &mut Value) {
+    if let Some(mounts) = container["volumeMounts"].as_array_mut() {
+        mounts.push(json!({"name": RUN_VOLUME, "mountPath": RUN_DIR}));
+    }
+    let env = json!({"name": "AETHER_IN_USE_DIR", "value": format!("{RUN_DIR}/in-use")});
+    match container["env"].as_array_mut() {
+        Some(list) => list.push(env),
+        None => container["env"] = json!([env]),
+    }
+}
+
 fn resources(cpu_request: &str, mem_request: &str, cpu_limit: &str, mem_limit: &str) -> Value {
     json!({
         "requests": {"cpu": cpu_request, "memory": mem_request},
@@ -176,6 +193,8 @@ pub fn deployment(spec: &AppSpec) -> Value {
         template_annotations = desired;
     }
     let workspace_mount = json!({"name": "workspace", "mountPath": WORKSPACE});
+    // The app runs under the supervisor, which marks the release it runs from in use.
+    let supervised = spec.dev_hot && !spec.command.is_empty();
     let mut fetcher = json!({
         "name": "aether-fetcher",
         "image": spec.fetch_image,
@@ -202,6 +221,9 @@ pub fn deployment(spec: &AppSpec) -> Value {
             {"name": "aether-fetcher-token", "mountPath": SA_DIR, "readOnly": true},
         ]);
         volumes.push(token_volume());
+        if supervised {
+            push_run_dir(&mut fetcher);
+        }
         service_account = json!(fetcher_account(app));
     } else {
         fetcher["args"] = json!(["--once"]);
@@ -222,7 +244,7 @@ pub fn deployment(spec: &AppSpec) -> Value {
         "securityContext": restricted(),
     });
     let mut init_containers = vec![fetcher];
-    if spec.dev_hot && !spec.command.is_empty() {
+    if supervised {
         // The app runs under `aether-fetcher supervise`, copied in by `aether-fetcher
         // install`, so it restarts in each new release even in an image with no shell.
         let bin_mount = json!({"name": "aether-bin", "mountPath": BIN_DIR});
@@ -251,6 +273,8 @@ pub fn deployment(spec: &AppSpec) -> Value {
             app_workspace_mount,
             {"name": "aether-bin", "mountPath": BIN_DIR, "readOnly": true},
         ]);
+        push_run_dir(&mut app_container);
+        volumes.push(json!({"name": RUN_VOLUME, "emptyDir": {"sizeLimit": "1Mi"}}));
     } else if !spec.command.is_empty() {
         app_container["command"] = json!(spec.command);
     }
@@ -415,9 +439,23 @@ mod tests {
         assert!(!mounts_token(&pod["initContainers"][0]));
         let app = &pod["containers"][0];
         assert!(!mounts_token(app));
+        // The app writes only the run volume (the supervisor's in-use marks), which the
+        // fetcher reads from the same place.
         for m in app["volumeMounts"].as_array().unwrap() {
+            if m["name"] == RUN_VOLUME {
+                assert_eq!(m["mountPath"], RUN_DIR);
+                continue;
+            }
             assert_eq!(m["readOnly"], true, "{m}");
         }
+        let in_use = |c: &Value| {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == "AETHER_IN_USE_DIR" && e["value"] == "/aether/run/in-use")
+        };
+        assert!(in_use(app) && in_use(sidecar));
         let token = pod["volumes"]
             .as_array()
             .unwrap()

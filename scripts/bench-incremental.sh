@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Incremental (manifest) releases side by side with tar.gz releases of the same trees: one
+# 10 KB file of a generated app rewritten again and again, save → the app serving the new
+# bytes, through the local loop and through aether serve + the emulator + two fetcher
+# "pods"; bytes each pod downloads per save and the fetchers' apply time. A benchmark, not a
+# test: the figures go into the README (Performance).
+#
+# usage: scripts/bench-incremental.sh
+#   SAVES (30) saves per manifest run, TAR_SAVES (10) per tar.gz run (a 200 MB tar.gz save
+#   takes seconds), TREES (20000000:1000,200000000:5000,200000000:40000) as SIZE:FILES.
+# Prints one JSON line per (tree, format, set-up), then a markdown table.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SAVES=${SAVES:-30}
+TAR_SAVES=${TAR_SAVES:-10}
+TREES=${TREES:-20000000:1000,200000000:5000,200000000:40000}
+
+echo "building release binaries..." >&2
+cargo build --release --locked -q -p aether -p aether-fetcher -p aether-example-server -p aether-testkit --bins >&2
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+AETHER_QUIET_CHILDREN=1 target/release/aether-bench-incremental \
+  --aether target/release/aether --fetcher target/release/aether-fetcher \
+  --app target/release/aether-example-server \
+  --trees "$TREES" --saves "$SAVES" --tar-saves "$TAR_SAVES" | tee "$out"
+
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+def tree(r):
+    return f"{r['tree_bytes'] / 1e6:.0f} MB / {r['files']:,} files"
+print()
+print("| tree | set-up | format | saves | save → served p50 | p99 | downloaded per pod per save (p50) | fetcher apply p50 |")
+print("|---|---|---|---|---|---|---|---|")
+for r in rows:
+    dl = r.get("downloaded_bytes_per_pod_per_save_p50")
+    dl = "" if dl is None else (f"{dl / 1e3:.1f} kB" if dl < 1e6 else f"{dl / 1e6:.1f} MB")
+    ap = r.get("fetcher_apply_ms_p50")
+    ap = "" if ap is None else f"{ap:.0f} ms"
+    print(f"| {tree(r)} | {r['setup']} | {r['format']} | {r['saves']} | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {dl} | {ap} |")
+PY
