@@ -56,10 +56,15 @@ async fn main() -> anyhow::Result<()> {
             other => bail!("unknown argument {other:?}"),
         }
     }
+    // Absolute: the app is started in its release directory.
+    let abs = |p: Option<PathBuf>, what: &str| -> anyhow::Result<PathBuf> {
+        let p = p.with_context(|| format!("--{what} is required"))?;
+        std::fs::canonicalize(&p).with_context(|| format!("--{what} {}", p.display()))
+    };
     let bins = Bins {
-        aether: aether.context("--aether is required")?,
-        fetcher: fetcher.context("--fetcher is required")?,
-        app: app.context("--app is required")?,
+        aether: abs(aether, "aether")?,
+        fetcher: abs(fetcher, "fetcher")?,
+        app: abs(app, "app")?,
     };
     aether_testkit::process::install_crypto();
     let root = std::env::temp_dir().join(format!("aether-bench-inc-{}", std::process::id()));
