@@ -30,12 +30,14 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 def tree(r):
     return f"{r['tree_bytes'] / 1e6:.0f} MB / {r['files']:,} files"
 print()
-print("| tree | set-up | format | saves | save → served p50 | p99 | downloaded per pod per save (p50) | fetcher apply p50 |")
-print("|---|---|---|---|---|---|---|---|")
+print("| tree | set-up | format | saves | save → served p50 | p99 | downloaded per pod per save (p50) | fetcher apply p50 | fetcher peak RSS |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     dl = r.get("downloaded_bytes_per_pod_per_save_p50")
     dl = "" if dl is None else (f"{dl / 1e3:.1f} kB" if dl < 1e6 else f"{dl / 1e6:.1f} MB")
     ap = r.get("fetcher_apply_ms_p50")
     ap = "" if ap is None else f"{ap:.0f} ms"
-    print(f"| {tree(r)} | {r['setup']} | {r['format']} | {r['saves']} | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {dl} | {ap} |")
+    rss = r.get("fetcher_peak_rss_mib")
+    rss = "" if rss is None else f"{rss:.0f} MiB"
+    print(f"| {tree(r)} | {r['setup']} | {r['format']} | {r['saves']} | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {dl} | {ap} | {rss} |")
 PY

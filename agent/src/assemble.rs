@@ -33,13 +33,13 @@ pub struct Delta {
 
 /// The files `new` adds, changes, removes and keeps against `old`.
 pub fn delta(old: &Manifest, new: &Manifest) -> Delta {
-    let files = |m: &'_ Manifest| -> BTreeMap<String, Entry> {
+    fn files(m: &Manifest) -> BTreeMap<&str, &Entry> {
         m.entries
             .iter()
             .filter(|e| e.kind == EntryType::File)
-            .map(|e| (e.path.clone(), e.clone()))
+            .map(|e| (e.path.as_str(), e))
             .collect()
-    };
+    }
     let (old, new) = (files(old), files(new));
     let mut d = Delta::default();
     for (path, after) in &new {
@@ -82,7 +82,8 @@ pub fn empty(like: &Manifest) -> Manifest {
 /// The newest kept manifest release that no one may be using: not live, not marked in
 /// use by the supervisor (an app of it may still be shutting down).
 fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Manifest)> {
-    let in_use = ws.in_use();
+    // Marks that cannot be read protect nothing: then no release is patched.
+    let in_use = ws.in_use().ok()?;
     for digest in ws.releases().ok()? {
         if Some(&digest) == live || in_use.contains(&digest) {
             continue;
@@ -137,6 +138,9 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
         if old.get(path).is_some_and(|b| same(b, after)) {
             continue;
         }
+        // Whatever an app left at this path in the base (it was not in the old manifest)
+        // gives way: the release is exactly its manifest.
+        clear(&target)?;
         match after.kind {
             EntryType::Dir => fs::create_dir(&target)?,
             EntryType::Symlink => symlink(after.target.as_deref().unwrap_or_default(), &target)?,
@@ -159,6 +163,20 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
         }
     }
     Ok(())
+}
+
+/// Removes what is at `path`, if anything (a link is removed, never followed).
+fn clear(path: &Path) -> io::Result<()> {
+    let result = match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+    };
+    match result {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// A hard link to the object; a copy (same mode) where the file system's limit on links
@@ -298,6 +316,24 @@ mod tests {
             "live untouched"
         );
         assert!(r2.join("lib/old.py").exists());
+    }
+
+    #[test]
+    fn what_an_app_left_in_a_base_gives_way_to_the_new_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        store(&ws, &[("f", b"1", 0o644), ("cache", b"c", 0o644)]);
+        let m1 = manifest(1, vec![file("f", b"1", 0o644)]);
+        let (d1, _) = release(&ws, &m1, None);
+        // The app wrote a directory where the next release has a file.
+        fs::create_dir(ws.release_dir(&d1).join("cache")).unwrap();
+        fs::write(ws.release_dir(&d1).join("cache/x.pyc"), b"stray").unwrap();
+        let m2 = manifest(2, vec![file("f", b"1", 0o644)]);
+        let (d2, _) = release(&ws, &m2, Some(&d1));
+        let m3 = manifest(3, vec![file("cache", b"c", 0o644), file("f", b"1", 0o644)]);
+        let (d3, patched) = release(&ws, &m3, Some(&d2));
+        assert!(patched, "built from the first release");
+        assert_eq!(fs::read(ws.release_dir(&d3).join("cache")).unwrap(), b"c");
     }
 
     #[test]

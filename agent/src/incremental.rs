@@ -13,7 +13,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::failure::{Reason, RefreshError};
 use crate::refresh::{Applied, Refresher, blocking};
+use crate::workspace::{State, Workspace};
 use crate::{assemble, fetch, objects, verify};
+
+/// The replay high-water mark at start: the higher of `state.json`'s and the live
+/// release's own (a kill between the swap and the write of `state.json` must not let a
+/// lower `seq` back in).
+pub fn high_water(ws: &Workspace, state: Option<&State>) -> Option<(u64, Digest)> {
+    let saved = state.and_then(State::high_water);
+    let live = ws.live_digest().and_then(|d| {
+        let bytes = fs::read(ws.manifest_path(&d)).ok()?;
+        let m: Manifest = serde_json::from_slice(&bytes).ok()?;
+        Some((m.seq, d))
+    });
+    match (saved, live) {
+        (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
+        (a, b) => a.or(b),
+    }
+}
 
 impl Refresher {
     pub(crate) async fn apply_manifest(
@@ -35,9 +52,15 @@ impl Refresher {
             g = self.objects_lock.clone().lock_owned() => g,
             () = cancel.cancelled() => return Err(RefreshError::Cancelled),
         };
-        let (bytes, manifest_bytes) = match fs::read(self.workspace.manifest_path(&digest)) {
-            Ok(kept) => (kept, 0),
-            Err(_) => {
+        let kept_path = self.workspace.manifest_path(&digest);
+        let kept = fs::read(&kept_path)
+            .ok()
+            .filter(|b| Digest::of(b) == digest);
+        let (bytes, manifest_bytes) = match kept {
+            Some(kept) => (kept, 0),
+            None => {
+                // Absent, or damaged on disk: fetched again, and checked like any download.
+                let _ = fs::remove_file(&kept_path);
                 let fetched = self.download_manifest(url.clone(), cancel).await?;
                 let n = fetched.len() as u64;
                 (fetched, n)
@@ -89,6 +112,11 @@ impl Refresher {
             })
             .await?;
             applied.delta = Some(delta);
+        }
+        // A newer release or the deadline arrived while the release was built: it stays
+        // on disk (a later refresh reuses it) but does not go live.
+        if cancel.is_cancelled() {
+            return Err(RefreshError::Cancelled);
         }
         self.swap(digest).await?;
         if let Ok(mut h) = self.high_water.lock()

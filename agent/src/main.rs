@@ -175,7 +175,7 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         keep_releases: usize::try_from(settings.keep_releases).unwrap_or(usize::MAX),
         app: settings.app.clone().filter(|a| !a.is_empty()),
         require_manifest: settings.require_manifest,
-        high_water: std::sync::Mutex::new(previous.as_ref().and_then(|s| s.high_water())),
+        high_water: std::sync::Mutex::new(incremental::high_water(&workspace, previous.as_ref())),
         objects_lock: Arc::default(),
     };
     let engine = Engine::new(

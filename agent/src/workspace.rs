@@ -136,12 +136,18 @@ impl Workspace {
 
     /// Releases an app may still be running from (the supervisor's markers): never patched
     /// or pruned.
-    pub fn in_use(&self) -> Vec<Digest> {
-        let Ok(dir) = fs::read_dir(&self.in_use) else {
-            return Vec::new();
-        };
-        dir.filter_map(|e| Digest::from_hex(e.ok()?.file_name().to_str()?).ok())
-            .collect()
+    pub fn in_use(&self) -> io::Result<Vec<Digest>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.in_use)? {
+            if let Some(d) = entry?
+                .file_name()
+                .to_str()
+                .and_then(|n| Digest::from_hex(n).ok())
+            {
+                out.push(d);
+            }
+        }
+        Ok(out)
     }
 
     /// Marks a release as in use by an app (the supervisor, before it starts one).
@@ -307,9 +313,10 @@ impl Workspace {
     }
 
     /// Removes releases beyond the newest `keep` (by activation time), with their
-    /// manifests; never the live one, nor one an app still runs from.
+    /// manifests; never the live one, nor one an app still runs from (and nothing while
+    /// the marks cannot be read).
     pub fn prune(&self, keep: usize, live: &Digest) -> io::Result<Vec<Digest>> {
-        let in_use = self.in_use();
+        let in_use = self.in_use()?;
         let mut kept = 1; // the live release always stays
         let mut removed = Vec::new();
         for digest in self.releases()? {

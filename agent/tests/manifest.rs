@@ -271,3 +271,26 @@ async fn with_require_manifest_a_tar_gz_release_is_refused_as_replay() {
     assert_eq!(s["last_error"]["reason"], "replay", "{s}");
     assert_eq!(rig.art.requests("a.tgz"), 0, "refused before any request");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_release_keeps_its_seq_when_state_json_lost_it() {
+    let rig = Rig::new().await;
+    let files = [("f", "seven")];
+    let (url, d7) = rig.publish_manifest(&manifest(APP, 7, &files), &files);
+    rig.point_at_manifest(&url, &d7).await;
+    let mut fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    wait_live(addr, &d7).await;
+    fetcher.sigterm();
+    fetcher.wait_exit(LONG).await.expect("fetcher exits");
+    // As if killed after the swap, before state.json was written.
+    std::fs::remove_file(rig.workspace.join(".aether/state.json")).unwrap();
+    let older = [("f", "six")];
+    let (url, d6) = rig.publish_manifest(&manifest(APP, 6, &older), &older);
+    rig.point_at_manifest(&url, &d6).await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let s = wait_failures(addr, 1).await;
+    assert_eq!(s["last_error"]["reason"], "replay", "{s}");
+    assert_eq!(rig.read_current("f").as_deref(), Some("seven"));
+}

@@ -89,10 +89,17 @@ fn invalid(msg: impl Into<String>) -> ManifestError {
 impl Manifest {
     /// The canonical bytes (what is hashed and signed).
     pub fn to_canonical(&self) -> Vec<u8> {
+        // Serializing plain structs of strings and integers cannot fail.
+        if self.is_sorted() {
+            return serde_json::to_vec(self).unwrap_or_default();
+        }
         let mut sorted = self.clone();
         sorted.entries.sort_by(|a, b| a.path.cmp(&b.path));
-        // Serializing plain structs of strings and integers cannot fail.
         serde_json::to_vec(&sorted).unwrap_or_default()
+    }
+
+    fn is_sorted(&self) -> bool {
+        self.entries.windows(2).all(|w| w[0].path < w[1].path)
     }
 
     /// The sum of the files' sizes (saturating).
@@ -118,7 +125,15 @@ impl Manifest {
         }
         let manifest: Manifest =
             serde_json::from_slice(bytes).map_err(|e| invalid(format!("not a manifest: {e}")))?;
-        if manifest.to_canonical() != bytes {
+        if manifest.entries.len() > MAX_ENTRIES {
+            return Err(invalid(format!("more than {MAX_ENTRIES} entries")));
+        }
+        // Compared as it is written: no second copy of a large manifest in memory.
+        let mut same = SameBytes { rest: bytes };
+        let canonical = manifest.is_sorted()
+            && serde_json::to_writer(&mut same, &manifest).is_ok()
+            && same.rest.is_empty();
+        if !canonical {
             return Err(invalid(
                 "not in canonical form (keys sorted, entries sorted by path, no whitespace)",
             ));
@@ -182,20 +197,24 @@ impl Manifest {
                 return Err(invalid(format!("{}: duplicate path", entry.path)));
             }
         }
-        // Nothing may live below a file or a symlink: writing `a/b` where `a` is a link
-        // would write wherever `a` points.
+        // Every parent is a directory of the manifest: nothing may live below a file or a
+        // symlink (writing `a/b` where `a` is a link would write wherever `a` points), and
+        // a release is exactly its entries (a patch that removes `a` removes `a/b`).
         for path in tree.keys() {
-            let mut prefix = 0;
-            while let Some(slash) = path[prefix..].find('/') {
-                let parent = &path[..prefix + slash];
-                if let Some(e) = tree.get(parent)
-                    && e.kind != EntryType::Dir
-                {
-                    return Err(invalid(format!(
-                        "{path}: below {parent}, which is not a directory"
-                    )));
+            if let Some((parent, _)) = path.rsplit_once('/') {
+                match tree.get(parent) {
+                    Some(e) if e.kind == EntryType::Dir => {}
+                    Some(_) => {
+                        return Err(invalid(format!(
+                            "{path}: below {parent}, which is not a directory"
+                        )));
+                    }
+                    None => {
+                        return Err(invalid(format!(
+                            "{path}: its directory {parent} is not an entry"
+                        )));
+                    }
                 }
-                prefix += slash + 1;
             }
         }
         let mut lookups = 0u64;
@@ -250,6 +269,27 @@ impl Manifest {
                 )));
             }
         }
+        Ok(())
+    }
+}
+
+/// A writer that accepts exactly the bytes it was given, in order (and fails otherwise).
+struct SameBytes<'a> {
+    rest: &'a [u8],
+}
+
+impl std::io::Write for SameBytes<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.rest.strip_prefix(buf) {
+            Some(rest) => {
+                self.rest = rest;
+                Ok(buf.len())
+            }
+            None => Err(std::io::Error::other("differs")),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -418,6 +458,7 @@ mod tests {
         }
         assert!(refused(vec![file("a", b"1"), file("a", b"2")]).contains("duplicate"));
         assert!(refused(vec![file("a", b"1"), file("a/b", b"2")]).contains("not a directory"));
+        assert!(refused(vec![file("a/b", b"2")]).contains("is not an entry"));
         assert!(
             refused(vec![link("a", "d"), dir("d"), file("a/b", b"2")]).contains("not a directory")
         );

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use aether_common::contract::annotations::{
-    ARTIFACT_URL, BUILD_COMMIT, DEV_HOT, DIGEST, FORMAT, PREVIOUS_DIGEST, SIGNATURE,
+    ARTIFACT_URL, BUILD_COMMIT, DEV_HOT, DIGEST, FORMAT, Format, PREVIOUS_DIGEST, SIGNATURE,
 };
 use aether_common::contract::status::StatusReport;
 use aether_common::kube::manifest::{self, AppSpec, FETCHER_PORT};
@@ -114,6 +114,31 @@ pub struct NotManaged {
     pub app: String,
 }
 
+/// A manifest release for a Deployment whose fetcher was deployed before manifest
+/// releases: it has no `AETHER_APP`, so every pod would refuse the release.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "deployment {namespace}/{app} predates manifest releases (its fetcher has no AETHER_APP): \
+     deploy it again with `aether deploy {app} --dev-hot`, or release with --format tar"
+)]
+pub struct NoManifests {
+    pub namespace: String,
+    pub app: String,
+}
+
+/// Whether the Deployment's fetcher sidecar is given `AETHER_APP`.
+fn fetcher_knows_its_app(deploy: &Deployment) -> bool {
+    let Some(spec) = deploy.spec.template.spec.as_ref() else {
+        return false;
+    };
+    spec.init_containers
+        .iter()
+        .flatten()
+        .chain(&spec.containers)
+        .filter(|c| c.name == manifest::FETCHER_CONTAINER)
+        .any(|c| c.env.iter().flatten().any(|e| e.name == "AETHER_APP"))
+}
+
 /// A hot release was asked for an app deployed without dev-hot.
 #[derive(Debug, thiserror::Error)]
 #[error("deployment {namespace}/{app} is not a dev-hot deployment (deploy it with --dev-hot)")]
@@ -174,6 +199,15 @@ pub async fn release(
         .with_context(|| format!("deployment {ns}/{app}"))?;
     if !is_dev_hot(&deploy) {
         return Err(NotDevHot {
+            namespace: ns.to_owned(),
+            app: app.to_owned(),
+        }
+        .into());
+    }
+    if desired.get(FORMAT).map(String::as_str) == Some(Format::Manifest.as_str())
+        && !fetcher_knows_its_app(&deploy)
+    {
+        return Err(NoManifests {
             namespace: ns.to_owned(),
             app: app.to_owned(),
         }

@@ -366,7 +366,12 @@ impl Source {
             }));
         }
         let seq = snapshot::next_seq(self.seq);
-        let snap = snapshot::take(target.dir, &mut self.cache, LOCAL_APP, seq).await?;
+        let release = snapshot::Release {
+            app: LOCAL_APP.to_owned(),
+            seq,
+            expires_at: None,
+        };
+        let snap = snapshot::take(target.dir, &mut self.cache, release).await?;
         if Some(snap.tree) == last {
             return Ok(None);
         }

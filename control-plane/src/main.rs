@@ -75,6 +75,11 @@ enum Command {
         /// or one tar.gz. A `.tar.gz` source is always sent as is.
         #[arg(long, value_enum, default_value = "manifest")]
         format: FormatArg,
+        /// Manifests expire this long after they are made (e.g. `24h`, `30m`): a pod
+        /// refuses an expired release (`expired`), which bounds how long a held-back
+        /// release can be replayed to a pod with no history.
+        #[arg(long, env = "AETHER_EXPIRES_IN", value_parser = parse_duration)]
+        expires_in: Option<jiff::SignedDuration>,
         #[command(flatten)]
         key: KeyArgs,
         /// App command.
@@ -107,6 +112,11 @@ enum Command {
         /// How releases travel: a manifest (only changed files are uploaded) or one tar.gz.
         #[arg(long, value_enum, default_value = "manifest")]
         format: FormatArg,
+        /// Manifests expire this long after they are made (e.g. `24h`, `30m`): a pod
+        /// refuses an expired release (`expired`), which bounds how long a held-back
+        /// release can be replayed to a pod with no history.
+        #[arg(long, env = "AETHER_EXPIRES_IN", value_parser = parse_duration)]
+        expires_in: Option<jiff::SignedDuration>,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -119,6 +129,11 @@ enum Command {
         to: Option<String>,
         #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
         namespace: Option<String>,
+        /// Manifests expire this long after they are made (e.g. `24h`, `30m`): a pod
+        /// refuses an expired release (`expired`), which bounds how long a held-back
+        /// release can be replayed to a pod with no history.
+        #[arg(long, env = "AETHER_EXPIRES_IN", value_parser = parse_duration)]
+        expires_in: Option<jiff::SignedDuration>,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -191,6 +206,17 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_duration(s: &str) -> Result<jiff::SignedDuration, String> {
+    let d: jiff::SignedDuration = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a duration such as 24h or 30m: {e}"))?;
+    if d.is_positive() {
+        Ok(d)
+    } else {
+        Err(format!("{s:?} must be positive"))
+    }
+}
+
 /// Combinations clap cannot express, refused as usage errors before anything is done.
 fn check_usage(cli: &Cli) -> Result<(), clap::Error> {
     use clap::CommandFactory;
@@ -240,11 +266,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             image,
             replicas,
             format,
+            expires_in,
             key,
             command,
         } => {
             let client = Client::new(&cli.client)?;
             let mut publisher = Publisher::new(app.clone(), namespace.clone(), key.load()?, format);
+            publisher.expires_in = expires_in;
             let prepared = publisher
                 .prepare(&client, &source, None)
                 .await?
@@ -277,6 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command,
             namespace,
             format,
+            expires_in,
             key,
         } => {
             if local {
@@ -303,10 +332,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let client = Client::new(&cli.client)?;
             println!("watching {} for {app}; Ctrl-C to stop", dir.display());
+            let mut publisher = Publisher::new(app, namespace, key.load()?, format);
+            publisher.expires_in = expires_in;
             dev::DevLoop {
                 client,
                 dir,
-                publisher: Publisher::new(app, namespace, key.load()?, format),
+                publisher,
             }
             .run()
             .await
@@ -315,6 +346,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app,
             to,
             namespace,
+            expires_in,
             key,
         } => {
             let client = Client::new(&cli.client)?;
@@ -322,8 +354,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map(|d| d.parse::<aether_common::Digest>())
                 .transpose()
                 .context("--to")?;
-            let publisher =
+            let mut publisher =
                 Publisher::new(app.clone(), namespace, key.load()?, FormatArg::Manifest);
+            publisher.expires_in = expires_in;
             let digest = publish::rollback(&client, &publisher, to).await?;
             println!("rolled {app} back: desired release is now {digest}");
             Ok(())

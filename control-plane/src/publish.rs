@@ -42,6 +42,8 @@ pub struct Publisher {
     pub namespace: Option<String>,
     pub key: Option<SigningKey>,
     pub format: FormatArg,
+    /// Manifests expire this long after they are made (`--expires-in`).
+    pub expires_in: Option<jiff::SignedDuration>,
     /// The source directory's hash cache (a publisher serves one directory).
     cache: Option<HashCache>,
     last_seq: Option<u64>,
@@ -59,9 +61,18 @@ impl Publisher {
             namespace,
             key,
             format,
+            expires_in: None,
             cache: None,
             last_seq: None,
         }
+    }
+
+    /// When a manifest made now expires.
+    fn expires_at(&self) -> anyhow::Result<Option<jiff::Timestamp>> {
+        self.expires_in
+            .map(|d| jiff::Timestamp::now().checked_add(d))
+            .transpose()
+            .context("--expires-in is out of range")
     }
 
     /// Builds the release of `source` and uploads what the store lacks; the caller sends
@@ -82,7 +93,12 @@ impl Publisher {
                 .map(|m| m.seq);
         }
         let seq = snapshot::next_seq(self.last_seq);
-        let snap = snapshot::take(source, &mut self.cache, &self.app, seq).await?;
+        let release = snapshot::Release {
+            app: self.app.clone(),
+            seq,
+            expires_at: self.expires_at()?,
+        };
+        let snap = snapshot::take(source, &mut self.cache, release).await?;
         if Some(snap.tree) == unchanged_from {
             return Ok(None);
         }
@@ -157,7 +173,7 @@ pub async fn desired_manifest(
     manifest_of(client, &digest).await.ok().flatten()
 }
 
-/// A stored manifest, checked against its digest.
+/// A stored manifest, checked against its digest; `None` when the store has no such blob.
 pub async fn manifest_of(client: &Client, digest: &Digest) -> anyhow::Result<Option<Manifest>> {
     let Some(bytes) = client.blob(digest).await? else {
         return Ok(None);
@@ -165,7 +181,9 @@ pub async fn manifest_of(client: &Client, digest: &Digest) -> anyhow::Result<Opt
     if Digest::of(&bytes) != *digest {
         anyhow::bail!("the store returned bytes that do not hash to {digest}");
     }
-    Ok(Manifest::parse(&bytes).ok())
+    Manifest::parse(&bytes)
+        .map(Some)
+        .with_context(|| format!("{digest} is stored but is not a release manifest"))
 }
 
 /// `aether rollback`: makes `to` (default: the release before the desired one) the
@@ -228,7 +246,7 @@ pub async fn rollback(
     let manifest = Manifest {
         seq: snapshot::next_seq(current_seq.max(Some(old.seq))),
         created_at: jiff::Timestamp::now().to_string(),
-        expires_at: None,
+        expires_at: publisher.expires_at()?.map(|t| t.to_string()),
         ..old
     };
     let bytes = manifest.to_canonical();

@@ -132,6 +132,7 @@ fn cluster_error(e: anyhow::Error) -> ApiError {
     let msg = format!("{e:#}");
     if e.downcast_ref::<cluster::NotDevHot>().is_some()
         || e.downcast_ref::<cluster::NotManaged>().is_some()
+        || e.downcast_ref::<cluster::NoManifests>().is_some()
     {
         return ApiError(StatusCode::CONFLICT, msg);
     }
@@ -626,7 +627,7 @@ fn namespace(s: &AppState, requested: Option<&str>) -> Result<String, ApiError> 
 /// applies to the app (its own or the global one) the signature must verify, and with
 /// `--require-signature` an app without a key is refused. Returns the digest and the
 /// artifact URL to annotate.
-fn check_release(
+async fn check_release(
     s: &AppState,
     app: &str,
     r: &ReleaseRequest,
@@ -639,7 +640,7 @@ fn check_release(
         .parse()
         .map_err(|e: AnnotationError| unprocessable(e.to_string()))?;
     if format == Format::Manifest && s.store.contains_of(Kind::Blob, &digest) {
-        check_manifest(s, app, &digest)?;
+        check_manifest(s, app, &digest).await?;
     }
     let url = match (r.url.as_deref().filter(|u| !u.is_empty()), format) {
         (Some(url), _) => url.to_owned(),
@@ -684,9 +685,16 @@ fn check_release(
 /// A stored manifest must be one a fetcher of `app` would accept: canonical, safe and
 /// for this app. Refusing it here gives the CLI the reason at once, instead of as a
 /// refusal from every pod.
-fn check_manifest(s: &AppState, app: &str, digest: &Digest) -> Result<(), ApiError> {
-    let bytes = std::fs::read(s.store.path_of(Kind::Blob, digest))
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+async fn check_manifest(s: &AppState, app: &str, digest: &Digest) -> Result<(), ApiError> {
+    let path = s.store.path_of(Kind::Blob, digest);
+    let internal = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let len = tokio::fs::metadata(&path).await.map_err(internal)?.len();
+    if len > aether_common::release::MAX_MANIFEST_BYTES {
+        return Err(unprocessable(format!(
+            "{digest} is {len} bytes, more than a manifest may be"
+        )));
+    }
+    let bytes = tokio::fs::read(&path).await.map_err(internal)?;
     let manifest = Manifest::parse(&bytes)
         .map_err(|e| unprocessable(format!("{digest} is not a valid release manifest: {e}")))?;
     if manifest.app != app {
@@ -715,7 +723,7 @@ async fn deploy(
             .as_deref()
             .or(req.release.namespace.as_deref()),
     )?;
-    let (digest, url) = check_release(&s, &app, &req.release)?;
+    let (digest, url) = check_release(&s, &app, &req.release).await?;
     let key = s
         .app_keys
         .get(&app)
@@ -766,7 +774,7 @@ async fn release(
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
     let ns = namespace(&s, req.namespace.as_deref())?;
-    let (digest, url) = check_release(&s, &app, &req)?;
+    let (digest, url) = check_release(&s, &app, &req).await?;
     let desired = desired_annotations(&digest.to_string(), &url, &req);
     let pods = cluster::release(&s.client, &ns, &app, &desired)
         .await

@@ -182,9 +182,11 @@ fn hash_file(path: &Path) -> anyhow::Result<Digest> {
 }
 
 /// What a snapshot is for.
-pub struct Release<'a> {
-    pub app: &'a str,
+#[derive(Debug, Clone)]
+pub struct Release {
+    pub app: String,
     pub seq: u64,
+    /// After it, fetchers refuse the release (`expired`).
     pub expires_at: Option<jiff::Timestamp>,
 }
 
@@ -250,7 +252,7 @@ pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow:
     let live: std::collections::HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
     cache.entries.retain(|k, _| live.contains(k.as_str()));
     let manifest = Manifest {
-        app: release.app.to_owned(),
+        app: release.app.clone(),
         blobs: BLOBS_BESIDE.to_owned(),
         created_at: jiff::Timestamp::now().to_string(),
         entries,
@@ -279,18 +281,12 @@ pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow:
 pub async fn take(
     dir: &Path,
     cache: &mut Option<HashCache>,
-    app: &str,
-    seq: u64,
+    release: Release,
 ) -> anyhow::Result<Snapshot> {
     let held = cache.take();
-    let (dir, app) = (dir.to_path_buf(), app.to_owned());
+    let dir = dir.to_path_buf();
     let (held, snap) = tokio::task::spawn_blocking(move || {
         let mut held = held.unwrap_or_else(|| HashCache::load(&dir));
-        let release = Release {
-            app: &app,
-            seq,
-            expires_at: None,
-        };
         let snap = snapshot(&dir, &mut held, &release);
         (held, snap)
     })
@@ -314,9 +310,9 @@ pub fn next_seq(previous: Option<u64>) -> u64 {
 mod tests {
     use super::*;
 
-    fn release() -> Release<'static> {
+    fn release() -> Release {
         Release {
-            app: "web",
+            app: "web".into(),
             seq: 1,
             expires_at: None,
         }

@@ -1273,3 +1273,64 @@ async fn deploy_with_format_tar_keeps_the_tar_gz_path() {
         None
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_release_to_a_fetcher_without_aether_app_is_refused_with_a_way_out() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("index.html", "one")]);
+    let (ok, out) = plane
+        .run(
+            &[
+                "deploy",
+                "web",
+                src.to_str().unwrap(),
+                "--dev-hot",
+                "--expires-in",
+                "1h",
+                "--",
+                "./run",
+            ],
+            &[],
+        )
+        .await;
+    assert!(ok, "{out}");
+    let d1 = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    let m = stored_manifest(&plane, &d1).await;
+    let expires: jiff::Timestamp = m.expires_at.as_deref().unwrap().parse().unwrap();
+    assert!(
+        expires > jiff::Timestamp::now(),
+        "--expires-in sets expires_at"
+    );
+    // The Deployment as an earlier aether made it: a fetcher without AETHER_APP.
+    let mut deploy = plane
+        .emu
+        .get("deployments", Some("default"), "web")
+        .unwrap();
+    for c in deploy["spec"]["template"]["spec"]["initContainers"]
+        .as_array_mut()
+        .unwrap()
+    {
+        if let Some(env) = c["env"].as_array_mut() {
+            env.retain(|e| e["name"] != "AETHER_APP");
+        }
+    }
+    plane
+        .emu
+        .merge_patch(
+            "deployments",
+            Some("default"),
+            "web",
+            &json!({"spec": deploy["spec"].clone()}),
+        )
+        .unwrap();
+    let (code, body) = post(
+        &plane,
+        "/v1/apps/web/release",
+        &json!({"digest": d1, "format": "manifest"}),
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("--format tar"), "{body}");
+}

@@ -14,6 +14,8 @@ pub const FETCHER_PORT_NAME: &str = "aether-http";
 pub const WORKSPACE: &str = "/workspace";
 /// Label carrying the app name, also the pod selector.
 pub const APP_LABEL: &str = "app.kubernetes.io/name";
+/// The fetcher's container in an app's pod.
+pub const FETCHER_CONTAINER: &str = "aether-fetcher";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "aether";
 /// UID and GID of the non-root containers (the `nonroot` user of distroless images).
@@ -196,7 +198,7 @@ pub fn deployment(spec: &AppSpec) -> Value {
     // The app runs under the supervisor, which marks the release it runs from in use.
     let supervised = spec.dev_hot && !spec.command.is_empty();
     let mut fetcher = json!({
-        "name": "aether-fetcher",
+        "name": FETCHER_CONTAINER,
         "image": spec.fetch_image,
         "imagePullPolicy": "IfNotPresent",
         "env": fetcher_env(spec, if spec.dev_hot { "watch" } else { "file" }),

@@ -10,7 +10,7 @@
 //!   the example server) and `aether dev --hot app DIR --format F`; a save counts once both
 //!   pods serve it. Bytes downloaded per pod per save come from the fetchers'
 //!   `dev_hot_refresh_bytes_total{source="downloaded"}`, the fetchers' apply time from
-//!   their `REFRESH_OK … ms=` lines.
+//!   their `REFRESH_OK … ms=` lines, their peak RSS from `VmHWM`.
 //!
 //! Prints one JSON object per (tree, format, set-up).
 //!
@@ -88,7 +88,8 @@ async fn main() -> anyhow::Result<()> {
                 json!({"setup": "cluster", "tree_bytes": size, "files": files, "format": format, "saves": n,
                        "p50_ms": pct(&c.latency, 50.0), "p99_ms": pct(&c.latency, 99.0),
                        "downloaded_bytes_per_pod_per_save_p50": pct(&c.bytes, 50.0),
-                       "fetcher_apply_ms_p50": pct(&c.apply, 50.0)})
+                       "fetcher_apply_ms_p50": pct(&c.apply, 50.0),
+                       "fetcher_peak_rss_mib": c.fetcher_rss_mib})
             );
             let _ = std::fs::remove_dir_all(&work);
         }
@@ -222,6 +223,8 @@ struct Cluster {
     latency: Vec<f64>,
     bytes: Vec<f64>,
     apply: Vec<f64>,
+    /// Largest peak RSS of the two fetchers, MiB.
+    fetcher_rss_mib: f64,
 }
 
 async fn cluster(
@@ -382,6 +385,11 @@ async fn cluster(
             }
         }
     }
+    let fetcher_rss_mib = pods
+        .iter()
+        .filter_map(|p| p.0.peak_rss_bytes())
+        .max()
+        .map_or(f64::NAN, |b| (b as f64 / 1048576.0 * 10.0).round() / 10.0);
     drop(dev);
     drop(pods);
     drop(serve);
@@ -390,5 +398,6 @@ async fn cluster(
         latency,
         bytes,
         apply,
+        fetcher_rss_mib,
     })
 }
