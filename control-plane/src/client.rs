@@ -97,6 +97,17 @@ impl Client {
         serde_json::from_str(&text).with_context(|| format!("{what}: unexpected answer {text:?}"))
     }
 
+    /// Whether the store already holds the artifact (`HEAD`): a known digest is answered
+    /// before its body is read, so sending a large body again would end in a broken pipe.
+    pub async fn has_artifact(&self, digest: &Digest) -> anyhow::Result<bool> {
+        let response = self
+            .req(reqwest::Method::HEAD, &format!("/v1/artifacts/{digest}"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {}", self.base))?;
+        Ok(response.status().is_success())
+    }
+
     pub async fn upload(&self, digest: &Digest, bytes: Vec<u8>) -> anyhow::Result<UploadResponse> {
         let len = bytes.len();
         let body =

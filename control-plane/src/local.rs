@@ -140,8 +140,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let podinfo = work.join("podinfo");
     std::fs::create_dir_all(&workspace)?;
     std::fs::create_dir_all(&podinfo)?;
-    let store = Store::open(&work.join("store"), 1 << 30)?;
-    let store_check = Store::open(&work.join("store"), 1 << 30)?;
+    let store = Store::open(&work.join("store"), 1 << 30)?.scratch();
+    let store_check = Store::open(&work.join("store"), 1 << 30)?.scratch();
     let (store_addr, _server) = crate::serve::serve_store_only(store).await?;
     println!(
         "local loop: source {}, workspace {}, store http://{store_addr}",

@@ -141,12 +141,18 @@ impl Publisher {
             return Ok(None);
         }
         let len = packed.bytes.len() as u64;
-        let uploaded = client.upload(&digest, packed.bytes).await?;
+        // Without a URL the control plane names its own copy.
+        let (url, stored) = if client.has_artifact(&digest).await? {
+            (None, false)
+        } else {
+            let uploaded = client.upload(&digest, packed.bytes).await?;
+            (Some(uploaded.url), uploaded.stored)
+        };
         Ok(Some(Prepared {
             request: ReleaseRequest {
                 namespace: self.namespace.clone(),
                 digest: digest.to_string(),
-                url: Some(uploaded.url),
+                url,
                 signature: self.key.as_ref().map(|k| k.sign(&digest).hex()),
                 build_commit: None,
                 format: None,
@@ -154,8 +160,8 @@ impl Publisher {
             digest,
             tree: digest,
             files: packed.files,
-            sent_blobs: usize::from(uploaded.stored),
-            sent_bytes: if uploaded.stored { len } else { 0 },
+            sent_blobs: usize::from(stored),
+            sent_bytes: if stored { len } else { 0 },
             hashed: packed.files,
         }))
     }

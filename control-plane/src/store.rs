@@ -44,6 +44,9 @@ pub struct Store {
     blobs: PathBuf,
     tmp: PathBuf,
     max_bytes: u64,
+    /// fsync each upload before it is renamed into place: the control plane's store must
+    /// survive a node crash; the local loop's, a temporary directory, need not wait for it.
+    durable: bool,
 }
 
 /// Which of the two content-addressed namespaces an upload goes to.
@@ -72,7 +75,14 @@ impl Store {
             blobs,
             tmp,
             max_bytes,
+            durable: true,
         })
+    }
+
+    /// The same store without fsync (the local loop's scratch store).
+    pub fn scratch(mut self) -> Self {
+        self.durable = false;
+        self
     }
 
     /// Where an artifact is (or would be) stored.
@@ -154,7 +164,9 @@ impl Store {
                 hasher.update(&chunk);
                 file.write_all(&chunk).await?;
             }
-            file.sync_all().await?;
+            if self.durable {
+                file.sync_all().await?;
+            }
             let got = hasher.finish();
             if got != claimed {
                 return Err(StoreError::Mismatch { claimed, got });
@@ -232,7 +244,9 @@ impl Store {
                 hasher.update(&buf[..read]);
                 file.write_all(&buf[..read])?;
             }
-            file.sync_all()?;
+            if self.durable {
+                file.sync_all()?;
+            }
             let got = hasher.finish();
             if got != claimed {
                 return Err(bad(&format!("hashes to {got}")));

@@ -1245,25 +1245,35 @@ async fn a_manifest_for_another_app_or_unsafe_is_refused_by_the_release_route() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deploy_with_format_tar_keeps_the_tar_gz_path() {
+async fn deploy_with_format_tar_keeps_the_tar_gz_path_and_never_resends_a_stored_artifact() {
     let plane = Plane::start(&[]).await;
-    let src = plane.source(&[("index.html", "one")]);
-    let (ok, out) = plane
-        .run(
-            &[
-                "deploy",
-                "web",
-                src.to_str().unwrap(),
-                "--format",
-                "tar",
-                "--dev-hot",
-                "--",
-                "./run",
-            ],
-            &[],
-        )
-        .await;
+    // Incompressible, so the artifact is larger than socket buffers: the store answers a
+    // known digest without reading the body, and sending it again broke the pipe.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: String = (0..8 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect();
+    let src = plane.source(&[("index.html", "one"), ("big.bin", &noise)]);
+    let args = [
+        "deploy",
+        "web",
+        src.to_str().unwrap(),
+        "--format",
+        "tar",
+        "--dev-hot",
+        "--",
+        "./run",
+    ];
+    let (ok, out) = plane.run(&args, &[]).await;
     assert!(ok, "{out}");
+    let (ok, again) = plane.run(&args, &[]).await;
+    assert!(ok, "{again}");
+    assert!(again.contains("0 blobs"), "nothing sent twice: {again}");
     let url = plane
         .annotation("deployments", "web", "aether.dev/artifact-url")
         .unwrap();
