@@ -108,7 +108,9 @@ fn main() -> ExitCode {
         tracing::debug!("a rustls crypto provider was already installed");
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.worker_threads(2);
+    // Few blocking threads: each may hold an allocator arena, and thousands of blob writes
+    // through a 512-thread pool grew the fetcher past its 64 MiB limit.
+    builder.worker_threads(2).max_blocking_threads(16);
     let Some(runtime) = runtime(&mut builder) else {
         return ExitCode::from(EXIT_SETUP);
     };

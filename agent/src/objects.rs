@@ -26,6 +26,8 @@ use crate::workspace::Workspace;
 /// Blob downloads in flight at once: enough to hide round trips to the store, few enough
 /// not to swamp it when many pods catch up together.
 pub const CONCURRENCY: usize = 8;
+/// Blobs up to this size are held in memory until complete, then written at once.
+const SMALL_BLOB: u64 = 1 << 20;
 
 /// The mode of an object and of every file linked to it: the manifest's mode without
 /// special bits and without any write bit, so the app cannot change bytes that several
@@ -182,9 +184,16 @@ async fn download(
         () = cancel.cancelled() => return Err(RefreshError::Cancelled),
     };
     let tmp = Temp(ws.temp_path(&format!("obj-{hex}")));
-    let mut file = tokio::fs::File::create(&tmp.0)
-        .await
-        .map_err(|e| RefreshError::new(Reason::Io, format!("creating object file: {e}")))?;
+    let io_error =
+        |e: std::io::Error| RefreshError::new(Reason::Io, format!("writing object: {e}"));
+    // A small blob is written in one blocking call once it is in; a large one streams
+    // through the file as it arrives (at most CONCURRENCY × SMALL_BLOB bytes are held).
+    let mut file = if size > SMALL_BLOB {
+        Some(tokio::fs::File::create(&tmp.0).await.map_err(io_error)?)
+    } else {
+        None
+    };
+    let mut held = Vec::new();
     let mut hasher = Sha256Writer::new();
     let mut total = 0u64;
     loop {
@@ -198,13 +207,21 @@ async fn download(
             return Err(mismatch(hex, "is larger than the manifest says"));
         }
         hasher.update(&bytes);
-        file.write_all(&bytes)
-            .await
-            .map_err(|e| RefreshError::new(Reason::Io, format!("writing object: {e}")))?;
+        match &mut file {
+            Some(f) => f.write_all(&bytes).await.map_err(io_error)?,
+            None => held.extend_from_slice(&bytes),
+        }
     }
-    file.flush()
-        .await
-        .map_err(|e| RefreshError::new(Reason::Io, format!("writing object: {e}")))?;
+    match file {
+        Some(mut f) => f.flush().await.map_err(io_error)?,
+        None => {
+            let path = tmp.0.clone();
+            tokio::task::spawn_blocking(move || std::fs::write(path, held))
+                .await
+                .map_err(|e| RefreshError::new(Reason::Io, e))?
+                .map_err(io_error)?;
+        }
+    }
     if total != size {
         return Err(mismatch(hex, "is shorter than the manifest says"));
     }
