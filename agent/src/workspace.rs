@@ -137,17 +137,7 @@ impl Workspace {
     /// Releases an app may still be running from (the supervisor's markers): never patched
     /// or pruned.
     pub fn in_use(&self) -> io::Result<Vec<Digest>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.in_use)? {
-            if let Some(d) = entry?
-                .file_name()
-                .to_str()
-                .and_then(|n| Digest::from_hex(n).ok())
-            {
-                out.push(d);
-            }
-        }
-        Ok(out)
+        digests_in(&self.in_use)
     }
 
     /// Marks a release as in use by an app (the supervisor, before it starts one).
@@ -179,17 +169,7 @@ impl Workspace {
 
     /// The digests of the manifests kept in `.aether/manifests/`.
     pub fn kept_manifests(&self) -> io::Result<Vec<Digest>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.manifests)? {
-            if let Some(d) = entry?
-                .file_name()
-                .to_str()
-                .and_then(|n| Digest::from_hex(n).ok())
-            {
-                out.push(d);
-            }
-        }
-        Ok(out)
+        digests_in(&self.manifests)
     }
 
     /// Kept releases (not staging), newest activation first.
@@ -347,6 +327,21 @@ impl Workspace {
         file.write_all(b"\n")?;
         fs::rename(&tmp, self.meta.join(STATE))
     }
+}
+
+/// The entries of `dir` named by a 64-hex digest (others are ignored).
+fn digests_in(dir: &Path) -> io::Result<Vec<Digest>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        if let Some(d) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| Digest::from_hex(n).ok())
+        {
+            out.push(d);
+        }
+    }
+    Ok(out)
 }
 
 fn remove_if_present(path: &Path) -> io::Result<()> {

@@ -75,11 +75,8 @@ enum Command {
         /// or one tar.gz. A `.tar.gz` source is always sent as is.
         #[arg(long, value_enum, default_value = "manifest")]
         format: FormatArg,
-        /// Manifests expire this long after they are made (e.g. `24h`, `30m`): a pod
-        /// refuses an expired release (`expired`), which bounds how long a held-back
-        /// release can be replayed to a pod with no history.
-        #[arg(long, env = "AETHER_EXPIRES_IN", value_parser = parse_duration)]
-        expires_in: Option<jiff::SignedDuration>,
+        #[command(flatten)]
+        expiry: ExpiryArgs,
         #[command(flatten)]
         key: KeyArgs,
         /// App command.
@@ -112,11 +109,8 @@ enum Command {
         /// How releases travel: a manifest (only changed files are uploaded) or one tar.gz.
         #[arg(long, value_enum, default_value = "manifest")]
         format: FormatArg,
-        /// Manifests expire this long after they are made (e.g. `24h`, `30m`): a pod
-        /// refuses an expired release (`expired`), which bounds how long a held-back
-        /// release can be replayed to a pod with no history.
-        #[arg(long, env = "AETHER_EXPIRES_IN", value_parser = parse_duration)]
-        expires_in: Option<jiff::SignedDuration>,
+        #[command(flatten)]
+        expiry: ExpiryArgs,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -129,11 +123,8 @@ enum Command {
         to: Option<String>,
         #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
         namespace: Option<String>,
-        /// Manifests expire this long after they are made (e.g. `24h`, `30m`): a pod
-        /// refuses an expired release (`expired`), which bounds how long a held-back
-        /// release can be replayed to a pod with no history.
-        #[arg(long, env = "AETHER_EXPIRES_IN", value_parser = parse_duration)]
-        expires_in: Option<jiff::SignedDuration>,
+        #[command(flatten)]
+        expiry: ExpiryArgs,
         #[command(flatten)]
         key: KeyArgs,
     },
@@ -159,6 +150,15 @@ enum Command {
         #[command(flatten)]
         key: KeyArgs,
     },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+struct ExpiryArgs {
+    /// Manifests expire this long after they are made (e.g. `24h`, `30m`): a pod refuses
+    /// an expired release (`expired`), which bounds how long a held-back release can be
+    /// replayed to a pod with no history.
+    #[arg(long, env = "AETHER_EXPIRES_IN", value_parser = parse_duration)]
+    expires_in: Option<jiff::SignedDuration>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -266,13 +266,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             image,
             replicas,
             format,
-            expires_in,
+            expiry,
             key,
             command,
         } => {
             let client = Client::new(&cli.client)?;
             let mut publisher = Publisher::new(app.clone(), namespace.clone(), key.load()?, format);
-            publisher.expires_in = expires_in;
+            publisher.expires_in = expiry.expires_in;
             let prepared = publisher
                 .prepare(&client, &source, None)
                 .await?
@@ -305,7 +305,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command,
             namespace,
             format,
-            expires_in,
+            expiry,
             key,
         } => {
             if local {
@@ -333,7 +333,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let client = Client::new(&cli.client)?;
             println!("watching {} for {app}; Ctrl-C to stop", dir.display());
             let mut publisher = Publisher::new(app, namespace, key.load()?, format);
-            publisher.expires_in = expires_in;
+            publisher.expires_in = expiry.expires_in;
             dev::DevLoop {
                 client,
                 dir,
@@ -346,7 +346,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app,
             to,
             namespace,
-            expires_in,
+            expiry,
             key,
         } => {
             let client = Client::new(&cli.client)?;
@@ -356,7 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("--to")?;
             let mut publisher =
                 Publisher::new(app.clone(), namespace, key.load()?, FormatArg::Manifest);
-            publisher.expires_in = expires_in;
+            publisher.expires_in = expiry.expires_in;
             let digest = publish::rollback(&client, &publisher, to).await?;
             println!("rolled {app} back: desired release is now {digest}");
             Ok(())
