@@ -88,10 +88,8 @@ fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Manifest)
         if Some(&digest) == live || in_use.contains(&digest) {
             continue;
         }
-        let Ok(bytes) = fs::read(ws.manifest_path(&digest)) else {
-            continue; // a tar.gz release, or one whose manifest was lost
-        };
-        if let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) {
+        // Without one: a tar.gz release, or one whose manifest was lost.
+        if let Ok(m) = ws.kept_manifest(&digest) {
             return Some((digest, m));
         }
     }

@@ -155,11 +155,7 @@ pub struct Settings {
 impl Settings {
     /// Opens the workspace with its in-use directory.
     pub fn open_workspace(&self) -> std::io::Result<crate::workspace::Workspace> {
-        let ws = crate::workspace::Workspace::open(&self.workspace)?;
-        match &self.in_use_dir {
-            Some(dir) => ws.with_in_use_dir(dir),
-            None => Ok(ws),
-        }
+        crate::workspace::Workspace::open_with(&self.workspace, self.in_use_dir.as_deref())
     }
 
     pub fn interval(&self) -> Duration {

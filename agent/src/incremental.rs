@@ -21,11 +21,9 @@ use crate::{assemble, fetch, objects, verify};
 /// lower `seq` back in).
 pub fn high_water(ws: &Workspace, state: Option<&State>) -> Option<(u64, Digest)> {
     let saved = state.and_then(State::high_water);
-    let live = ws.live_digest().and_then(|d| {
-        let bytes = fs::read(ws.manifest_path(&d)).ok()?;
-        let m: Manifest = serde_json::from_slice(&bytes).ok()?;
-        Some((m.seq, d))
-    });
+    let live = ws
+        .live_digest()
+        .and_then(|d| Some((ws.kept_manifest(&d).ok()?.seq, d)));
     match (saved, live) {
         (Some(a), Some(b)) => Some(if b.0 > a.0 { b } else { a }),
         (a, b) => a.or(b),
@@ -95,8 +93,7 @@ impl Refresher {
             let delta = blocking(move || {
                 // What the user changed: the difference from the live release.
                 let before = live
-                    .and_then(|d| fs::read(ws.manifest_path(&d)).ok())
-                    .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+                    .and_then(|d| ws.kept_manifest(&d).ok())
                     .unwrap_or_else(|| assemble::empty(&manifest));
                 let mut delta = assemble::delta(&before, &manifest);
                 // The manifest first: a release on disk always has its manifest, and one

@@ -257,10 +257,7 @@ pub fn collect_garbage(ws: &Workspace) -> io::Result<usize> {
             let _ = fs::remove_file(&path);
             continue;
         }
-        // Our own file, parsed before it was written: no need to re-validate.
-        let bytes = fs::read(&path)?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(io::Error::other)?;
-        for (_, (_, names)) in wanted(&manifest) {
+        for (_, (_, names)) in wanted(&ws.kept_manifest(&digest)?) {
             keep.extend(names);
         }
     }

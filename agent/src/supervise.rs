@@ -252,11 +252,7 @@ pub async fn run(
     let mut backoff = CRASH_BACKOFF_MIN;
     let mut restart_at: Option<Instant> = Some(Instant::now());
     let mut crashed_release: Option<PathBuf> = None;
-    let ws = Workspace::open(&workspace)
-        .and_then(|ws| match &in_use_dir {
-            Some(dir) => ws.with_in_use_dir(dir),
-            None => Ok(ws),
-        })
+    let ws = Workspace::open_with(&workspace, in_use_dir.as_deref())
         .and_then(|ws| ws.clear_in_use().map(|()| ws))
         .map_err(|e| tracing::warn!(error = %e, "cannot mark releases in use; the fetcher may patch one under the app"))
         .ok();

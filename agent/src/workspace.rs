@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use aether_common::Digest;
+use aether_common::release::Manifest;
 use serde::{Deserialize, Serialize};
 
 const CURRENT: &str = "current";
@@ -117,12 +118,21 @@ impl Workspace {
         Ok(ws)
     }
 
-    /// Keeps the in-use marks in `dir` instead (a volume the app container may write,
-    /// when the workspace is read-only there).
-    pub fn with_in_use_dir(mut self, dir: &Path) -> io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        self.in_use = dir.to_path_buf();
-        Ok(self)
+    /// `open`, with the in-use marks in `in_use_dir` when given (a volume the app
+    /// container may write, when the workspace is read-only there).
+    pub fn open_with(root: &Path, in_use_dir: Option<&Path>) -> io::Result<Self> {
+        let mut ws = Self::open(root)?;
+        if let Some(dir) = in_use_dir {
+            fs::create_dir_all(dir)?;
+            ws.in_use = dir.to_path_buf();
+        }
+        Ok(ws)
+    }
+
+    /// The manifest kept for a release: our own file, validated before it was written.
+    pub fn kept_manifest(&self, digest: &Digest) -> io::Result<Manifest> {
+        let bytes = fs::read(self.manifest_path(digest))?;
+        serde_json::from_slice(&bytes).map_err(io::Error::other)
     }
 
     pub fn objects_dir(&self) -> &Path {
