@@ -117,13 +117,19 @@ impl Publisher {
 
     /// The release request of a manifest already in the store.
     pub fn manifest_request(&self, digest: &Digest) -> ReleaseRequest {
+        self.request(digest, None, Format::Manifest)
+    }
+
+    /// A release request of `digest`, signed when a key is configured; without `url` the
+    /// control plane names its own copy.
+    pub fn request(&self, digest: &Digest, url: Option<String>, format: Format) -> ReleaseRequest {
         ReleaseRequest {
             namespace: self.namespace.clone(),
             digest: digest.to_string(),
-            url: None,
+            url,
             signature: self.key.as_ref().map(|k| k.sign(digest).hex()),
             build_commit: None,
-            format: Some(Format::Manifest.as_str().to_owned()),
+            format: (format == Format::Manifest).then(|| format.as_str().to_owned()),
         }
     }
 
@@ -149,14 +155,7 @@ impl Publisher {
             (Some(uploaded.url), uploaded.stored)
         };
         Ok(Some(Prepared {
-            request: ReleaseRequest {
-                namespace: self.namespace.clone(),
-                digest: digest.to_string(),
-                url,
-                signature: self.key.as_ref().map(|k| k.sign(&digest).hex()),
-                build_commit: None,
-                format: None,
-            },
+            request: self.request(&digest, url, Format::TarGz),
             digest,
             tree: digest,
             files: packed.files,
@@ -218,15 +217,9 @@ pub async fn rollback(
     };
     let Some(old) = manifest_of(client, &target).await? else {
         // Not a manifest: a tar.gz artifact of the store, released as it is.
-        let request = ReleaseRequest {
-            namespace: publisher.namespace.clone(),
-            digest: target.to_string(),
-            url: None,
-            signature: publisher.key.as_ref().map(|k| k.sign(&target).hex()),
-            build_commit: None,
-            format: None,
-        };
-        client.release(app, &request).await?;
+        client
+            .release(app, &publisher.request(&target, None, Format::TarGz))
+            .await?;
         return Ok(target);
     };
     if &old.app != app {
