@@ -9,14 +9,21 @@
 //! process ends, crash included, what is left of its group is stopped the same way before
 //! the next start, so no orphan keeps the app's port.
 //!
+//! With `--on-release signal:<SIG>` the app is not restarted: it gets the signal after the
+//! swap and keeps its process (and its working directory, the release it started in, so it
+//! must read new code through `current`). With `--on-release none` it is left alone.
+//!
 //! While an app runs from a release, that release is marked in use
-//! (`.aether/in-use/<hex>`): the fetcher never patches or prunes it under the app.
+//! (`.aether/in-use/<hex>`): the fetcher never patches or prunes it under the app. An app
+//! that is signalled rather than restarted keeps its start release marked (its working
+//! directory) and the release it was last told about.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use aether_common::Digest;
+use aether_common::contract::on_release::OnRelease;
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -35,6 +42,10 @@ pub struct SuperviseArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping the app.
     #[arg(long, env = "AETHER_SUPERVISOR_GRACE_SEC", default_value_t = 3)]
     pub grace_sec: u64,
+    /// What a new release does to the running app: `restart`, `signal:<SIG>` (for
+    /// example `signal:HUP`; the app keeps its process) or `none`.
+    #[arg(long, env = "AETHER_ON_RELEASE", default_value = "restart")]
+    pub on_release: OnRelease,
     /// The app command, run with its working directory in the live release.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
@@ -43,7 +54,11 @@ pub struct SuperviseArgs {
 struct App {
     pid: i32,
     started: Instant,
+    /// The release it started in (its working directory).
     release: PathBuf,
+    /// The release it was last told about: `release`, or a later one it was signalled
+    /// for (or left alone with) under `--on-release signal:…|none`.
+    told: PathBuf,
 }
 
 /// How the app ended.
@@ -191,7 +206,45 @@ fn start(command: &[String], release: &Path) -> anyhow::Result<App> {
         pid,
         started: Instant::now(),
         release: release.to_path_buf(),
+        told: release.to_path_buf(),
     })
+}
+
+/// Tells a running app about the release `live` (already marked in use) without
+/// restarting it: a signal to its process, or nothing. The mark of the release it was told
+/// about before moves to `live`; its start release stays marked.
+fn tell(app: &mut App, live: PathBuf, action: OnRelease, ws: Option<&Workspace>) {
+    let name = live
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // The marks first: whoever sees the app react sees them settled.
+    let before = std::mem::replace(&mut app.told, live);
+    if let Some(ws) = ws {
+        if before != app.release && before != app.told {
+            unmark(ws, &before);
+        }
+        // `mark_live` clears the mark of a release the link moved away from while it
+        // looked, which may have been the start release: the app's working directory
+        // stays marked.
+        if let Some(d) = release_digest(&app.release)
+            && let Err(e) = ws.mark_in_use(&d)
+        {
+            tracing::warn!(error = %e, "could not mark the release in use");
+        }
+    }
+    if let OnRelease::Signal(sig) = action {
+        // The leader only, as a config reloader does: workers the app forked are its own
+        // business, and some die on signals their leader handles.
+        // SAFETY: kill(2) on our own child; no memory is touched.
+        unsafe {
+            libc::kill(app.pid, sig);
+        }
+    }
+    tracing::info!(
+        "SUPERVISE_RELOAD pid={} release={name} action={action}",
+        app.pid
+    );
 }
 
 /// Stops the app: SIGTERM to its group, then SIGKILL after `grace`; returns when the whole
@@ -259,6 +312,9 @@ pub async fn run(
     let done = |app: &App| {
         if let Some(ws) = &ws {
             unmark(ws, &app.release);
+            if app.told != app.release {
+                unmark(ws, &app.told);
+            }
         }
     };
     if live_release(&workspace).is_none() {
@@ -310,14 +366,23 @@ pub async fn run(
         // A new release restarts the app at once, also out of a crash backoff.
         let live = live_release(&workspace);
         if let Some(live) = live {
-            if let Some(a) = app.as_ref().filter(|a| a.release != live) {
-                tracing::info!(pid = a.pid, release = %live.display(), "new release live; restarting the app");
-                let exit = stop(a, grace).await;
-                done(a);
-                tracing::info!(pid = a.pid, ?exit, "app stopped");
-                app = None;
-                backoff = CRASH_BACKOFF_MIN;
-                restart_at = Some(Instant::now());
+            if let Some(a) = app.as_mut().filter(|a| a.told != live) {
+                match args.on_release {
+                    OnRelease::Restart => {
+                        tracing::info!(pid = a.pid, release = %live.display(), "new release live; restarting the app");
+                        let exit = stop(a, grace).await;
+                        done(a);
+                        tracing::info!(pid = a.pid, ?exit, "app stopped");
+                        app = None;
+                        backoff = CRASH_BACKOFF_MIN;
+                        restart_at = Some(Instant::now());
+                    }
+                    action => {
+                        if let Some(now) = mark_live(&workspace, ws.as_ref()) {
+                            tell(a, now, action, ws.as_ref());
+                        }
+                    }
+                }
             } else if app.is_none() && crashed_release.as_ref().is_some_and(|r| r != &live) {
                 crashed_release = None;
                 backoff = CRASH_BACKOFF_MIN;
@@ -353,4 +418,27 @@ fn link_watcher(
     })?;
     watcher.watch(workspace, notify::RecursiveMode::NonRecursive)?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_release_signal_numbers_are_the_platforms() {
+        for (name, sig) in [
+            ("HUP", libc::SIGHUP),
+            ("INT", libc::SIGINT),
+            ("QUIT", libc::SIGQUIT),
+            ("USR1", libc::SIGUSR1),
+            ("USR2", libc::SIGUSR2),
+            ("TERM", libc::SIGTERM),
+            ("WINCH", libc::SIGWINCH),
+        ] {
+            assert_eq!(
+                format!("signal:{name}").parse::<OnRelease>(),
+                Ok(OnRelease::Signal(sig))
+            );
+        }
+    }
 }

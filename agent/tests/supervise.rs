@@ -258,3 +258,90 @@ async fn the_release_an_app_runs_from_is_marked_in_use_until_the_app_is_gone() {
 async fn in_use_marks_go_to_aether_in_use_dir_when_set() {
     marks_the_release_in_use(Some("run/in-use")).await;
 }
+
+fn supervise_on_release(ws: &Path, on_release: &str, script: &str) -> Proc {
+    Proc::spawn(
+        FETCHER,
+        &["supervise", "--grace-sec", "3", "--", "sh", "-c", script],
+        &[
+            ("AETHER_WORKSPACE", ws.display().to_string()),
+            ("AETHER_ON_RELEASE", on_release.into()),
+            ("RUST_LOG", "info".into()),
+        ],
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_release_signal_hup_signals_the_app_which_keeps_its_pid_and_reads_current() {
+    let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+    let (_d, ws) = workspace(&[&a, &b, &c]);
+    let marks = ws.join(".aether/in-use");
+    // Counts SIGHUPs and reads the code through `current`, as such an app must.
+    let script = "n=0; trap 'n=$((n+1)); echo hup $n $(cat ../../../current/v) $$' HUP; \
+                  echo started $(cat v) $$; while :; do sleep 0.05; done";
+    let sup = supervise_on_release(&ws, "signal:HUP", script);
+    let pid = pid_of(
+        &sup.wait_for_log(&format!("started {a}"), LONG)
+            .await
+            .unwrap(),
+    );
+    swap(&ws, &b);
+    let first = sup.wait_for_log(&format!("hup 1 {b}"), LONG).await.unwrap();
+    assert_eq!(pid_of(&first), pid, "the app keeps its process");
+    assert!(
+        marks.join(&a).exists() && marks.join(&b).exists(),
+        "its working directory and the release it was told about are both in use"
+    );
+    swap(&ws, &c);
+    let second = sup.wait_for_log(&format!("hup 2 {c}"), LONG).await.unwrap();
+    assert_eq!(pid_of(&second), pid);
+    assert!(marks.join(&a).exists() && marks.join(&c).exists());
+    assert!(
+        !marks.join(&b).exists(),
+        "a release no longer told about is free"
+    );
+    assert_eq!(sup.lines_with("started ").len(), 1, "never restarted");
+    assert!(alive(pid));
+    let reload = sup.lines_with("SUPERVISE_RELOAD");
+    assert!(
+        reload
+            .iter()
+            .any(|l| l.contains(&format!("pid={pid} release={c} action=signal:HUP"))),
+        "{reload:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_release_none_leaves_the_app_running_untouched() {
+    let (a, b) = ("a".repeat(64), "b".repeat(64));
+    let (_d, ws) = workspace(&[&a, &b]);
+    // A HUP would end this app (no trap): only a signal-free reload keeps it alive.
+    let script = "echo started $(cat v) $$; while :; do sleep 0.05; done";
+    let sup = supervise_on_release(&ws, "none", script);
+    let pid = pid_of(
+        &sup.wait_for_log(&format!("started {a}"), LONG)
+            .await
+            .unwrap(),
+    );
+    swap(&ws, &b);
+    sup.wait_for_log(&format!("pid={pid} release={b} action=none"), LONG)
+        .await
+        .unwrap();
+    assert!(alive(pid));
+    assert_eq!(sup.lines_with("started ").len(), 1, "never restarted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_on_release_action_is_refused_at_start() {
+    let (_d, ws) = workspace(&["a"]);
+    let mut sup = supervise_on_release(&ws, "signal:KILL", "sleep 1000");
+    let status = sup.wait_exit(LONG).await.expect("exits");
+    assert!(!status.success());
+    let logs = sup.logs().join("\n");
+    assert!(
+        logs.contains("signal:KILL") || logs.contains("KILL"),
+        "{logs}"
+    );
+    assert!(sup.lines_with("SUPERVISE_START").is_empty());
+}

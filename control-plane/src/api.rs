@@ -15,6 +15,10 @@ pub struct DeployRequest {
     pub dev_hot: bool,
     #[serde(default = "one")]
     pub replicas: i32,
+    /// What a new release does to the supervised app (`AETHER_ON_RELEASE`): `restart`
+    /// (default), `signal:<SIG>` or `none`. Dev-hot only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_release: Option<String>,
     pub release: ReleaseRequest,
 }
 

@@ -71,6 +71,11 @@ enum Command {
         image: String,
         #[arg(long, default_value_t = 1)]
         replicas: i32,
+        /// --dev-hot: what a new release does to the running app: `restart`, `signal:<SIG>`
+        /// (for example `signal:HUP`: the app keeps its process and reloads) or `none` (it
+        /// watches its files itself). Such apps must read code through /workspace/current.
+        #[arg(long, requires = "dev_hot")]
+        on_release: Option<aether_common::contract::on_release::OnRelease>,
         /// How the release travels: a manifest (only files the store lacks are uploaded)
         /// or one tar.gz. A `.tar.gz` source is always sent as is.
         #[arg(long, value_enum, default_value = "manifest")]
@@ -265,6 +270,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             image,
             replicas,
+            on_release,
             format,
             expiry,
             key,
@@ -283,6 +289,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 command,
                 dev_hot,
                 replicas,
+                on_release: on_release.map(|o| o.to_string()),
                 release: prepared.request,
             };
             let done = client.deploy(&app, &request).await?;

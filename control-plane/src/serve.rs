@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aether_common::contract::annotations::{self, AnnotationError, Format};
+use aether_common::contract::on_release::OnRelease;
 use aether_common::contract::signature::load_public_key;
 use aether_common::kube::manifest::{self, AppSpec};
 use aether_common::release::Manifest;
@@ -717,6 +718,18 @@ async fn deploy(
              which restarts it in each new release",
         ));
     }
+    let on_release = req
+        .on_release
+        .as_deref()
+        .map(str::parse::<OnRelease>)
+        .transpose()
+        .map_err(unprocessable)?;
+    if on_release.is_some() && !req.dev_hot {
+        return Err(unprocessable(
+            "on_release applies to dev-hot deployments only: without dev-hot the app is \
+             never told about a new release",
+        ));
+    }
     let ns = namespace(
         &s,
         req.namespace
@@ -746,6 +759,7 @@ async fn deploy(
             .collect(),
         public_key: key,
         fetcher_env,
+        on_release,
     };
     cluster::apply_app(&s.client, &spec)
         .await

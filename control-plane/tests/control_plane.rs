@@ -871,6 +871,82 @@ async fn deploy_dev_hot_without_a_command_is_a_usage_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_on_release_reaches_the_supervisor_and_bad_values_are_refused_before_anything() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    let src = src.to_str().unwrap();
+    for (args, why) in [
+        (
+            vec![
+                "deploy",
+                "app",
+                src,
+                "--on-release",
+                "signal:HUP",
+                "--",
+                "./run",
+            ],
+            "without --dev-hot",
+        ),
+        (
+            vec![
+                "deploy",
+                "app",
+                src,
+                "--dev-hot",
+                "--on-release",
+                "signal:KILL",
+                "--",
+                "./run",
+            ],
+            "a signal no app reloads on",
+        ),
+    ] {
+        let mut p = plane.cli(&args, &[]);
+        let status = p.wait_exit(LONG).await.unwrap();
+        assert_eq!(status.code(), Some(2), "{why}: {:?}", p.logs());
+    }
+    assert_eq!(plane.emu.stats().create + plane.emu.stats().patch, 0);
+    // The API refuses what the CLI would, for other clients.
+    let (code, body) = post(
+        &plane,
+        "/v1/apps/app/deploy",
+        &json!({"image": "i", "command": ["./run"], "dev_hot": true, "on_release": "reload",
+                "release": {"digest": format!("sha256:{}", "0".repeat(64))}}),
+    )
+    .await;
+    assert_eq!(code, 422, "{body}");
+    assert!(body.contains("signal:<SIG>"), "{body}");
+    let (ok, out) = plane
+        .run(
+            &[
+                "deploy",
+                "app",
+                src,
+                "--dev-hot",
+                "--on-release",
+                "signal:HUP",
+                "--",
+                "./run",
+            ],
+            &[],
+        )
+        .await;
+    assert!(ok, "{out}");
+    let d = plane
+        .emu
+        .get("deployments", Some("default"), "app")
+        .unwrap();
+    let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
+    assert!(
+        env.as_array()
+            .unwrap()
+            .contains(&json!({"name": "AETHER_ON_RELEASE", "value": "signal:HUP"})),
+        "{env}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_on_a_silent_pod_is_gentle_on_the_api_and_a_newer_save_supersedes_it() {
     let plane = Plane::start(&[]).await;
     let src = plane.source(&[("index.html", "one")]);

@@ -3,5 +3,6 @@
 pub mod annotations;
 pub mod digest;
 pub mod metrics;
+pub mod on_release;
 pub mod signature;
 pub mod status;

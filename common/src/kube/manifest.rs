@@ -5,6 +5,7 @@
 use serde_json::{Value, json};
 
 use crate::contract::annotations;
+use crate::contract::on_release::OnRelease;
 
 /// Port of the fetcher's HTTP listener inside the pod.
 pub const FETCHER_PORT: u16 = 9180;
@@ -48,6 +49,9 @@ pub struct AppSpec {
     pub public_key: Option<String>,
     /// Extra env for the fetcher (for example `AETHER_ALLOW_HTTP=1` for a plain store).
     pub fetcher_env: Vec<(String, String)>,
+    /// What a new release does to the supervised app; `None` keeps the supervisor's
+    /// default (restart).
+    pub on_release: Option<OnRelease>,
 }
 
 /// Longest app name: names derived from it (`<app>-aether-fetcher`, 15 more characters)
@@ -270,7 +274,11 @@ pub fn deployment(spec: &AppSpec) -> Value {
         ];
         command.extend(spec.command.iter().cloned());
         app_container["command"] = json!(command);
-        app_container["env"] = json!([{"name": "AETHER_WORKSPACE", "value": WORKSPACE}]);
+        let mut env = vec![json!({"name": "AETHER_WORKSPACE", "value": WORKSPACE})];
+        if let Some(on_release) = spec.on_release {
+            env.push(json!({"name": "AETHER_ON_RELEASE", "value": on_release.to_string()}));
+        }
+        app_container["env"] = json!(env);
         app_container["volumeMounts"] = json!([
             app_workspace_mount,
             {"name": "aether-bin", "mountPath": BIN_DIR, "readOnly": true},
@@ -345,7 +353,28 @@ mod tests {
             desired: vec![(annotations::DIGEST.into(), "sha256:00".into())],
             public_key: Some("ab".repeat(32)),
             fetcher_env: vec![],
+            on_release: None,
         }
+    }
+
+    #[test]
+    fn on_release_reaches_the_supervisor_of_the_app_container() {
+        let mut s = spec(true);
+        let app_env = |d: &Value| d["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+        assert!(
+            !app_env(&deployment(&s))
+                .to_string()
+                .contains("AETHER_ON_RELEASE"),
+            "the supervisor's default is left to it"
+        );
+        s.on_release = Some(OnRelease::Signal(1));
+        let env = app_env(&deployment(&s));
+        assert!(
+            env.as_array()
+                .unwrap()
+                .contains(&json!({"name": "AETHER_ON_RELEASE", "value": "signal:HUP"})),
+            "{env}"
+        );
     }
 
     #[test]
