@@ -147,6 +147,28 @@ pub struct Settings {
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Called after each release goes live (not in `--once` mode), with headers
+    /// `Aether-Digest` and, for a manifest release, `Aether-Seq`; for example an app's
+    /// reload endpoint `http://127.0.0.1:8080/-/reload`.
+    #[arg(long, env = "AETHER_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// Method of the webhook call.
+    #[arg(long, env = "AETHER_WEBHOOK_METHOD", default_value = "POST")]
+    pub webhook_method: String,
+
+    /// The HTTP status that counts as success; 0 means any 2xx.
+    #[arg(long, env = "AETHER_WEBHOOK_SUCCESS_STATUS", default_value_t = 0)]
+    pub webhook_success_status: u16,
+
+    /// Deadline of one webhook call.
+    #[arg(long, env = "AETHER_WEBHOOK_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub webhook_timeout_ms: u64,
+
+    /// First retry delay of a failed webhook call; it doubles (with jitter) up to 60 s.
+    #[arg(long, env = "AETHER_WEBHOOK_BACKOFF_MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub webhook_backoff_ms: u64,
+
     /// Apply the desired release once, then exit (init-container mode).
     #[arg(long)]
     pub once: bool,

@@ -14,6 +14,7 @@ use tokio::time::sleep_until;
 use tokio_util::sync::CancellationToken;
 
 use crate::failure::{Reason, RefreshError};
+use crate::hook::Live;
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
 use crate::source::Observed;
@@ -55,6 +56,8 @@ pub struct Engine {
     pending: Option<Pending>,
     reported_invalid: Option<Instant>,
     backoff: ExponentialBackoff,
+    /// Each release made (or found) live, for the webhook.
+    announced: watch::Sender<Option<Live>>,
 }
 
 enum Plan {
@@ -92,7 +95,24 @@ impl Engine {
             pending: None,
             reported_invalid: None,
             backoff,
+            announced: watch::Sender::new(None),
         }
+    }
+
+    /// The releases this engine makes live (or finds live at start), newest only.
+    pub fn live_releases(&self) -> watch::Receiver<Option<Live>> {
+        self.announced.subscribe()
+    }
+
+    /// Announces `digest` as live unless it already is.
+    fn announce(&self, digest: Digest, seq: Option<u64>) {
+        self.announced.send_if_modified(|last| {
+            if last.is_some_and(|l| l.digest == digest) {
+                return false;
+            }
+            *last = Some(Live { digest, seq });
+            true
+        });
     }
 
     /// Runs until `shutdown`. In-flight work is cancelled and its staging removed before
@@ -230,6 +250,17 @@ impl Engine {
             tracing::debug!(digest = %desired.digest, "desired release is live; nothing to fetch");
             self.pending = None;
             self.set_ready(true).await;
+            // Live from before this process started: its seq is known if it was the
+            // highest made live.
+            let seq = self
+                .refresher
+                .high_water
+                .lock()
+                .ok()
+                .and_then(|h| *h)
+                .filter(|(_, d)| *d == desired.digest)
+                .map(|(s, _)| s);
+            self.announce(desired.digest, seq);
             if self.failures > 0 {
                 self.failures = 0;
                 self.save_state().await;
@@ -342,6 +373,7 @@ impl Engine {
                     s.last_error = None;
                     s.last_refresh_ms = Some(ms);
                 });
+                self.announce(digest, applied.seq);
             }
             Err(RefreshError::Cancelled) => {
                 tracing::debug!(digest = %desired.digest, "refresh superseded");

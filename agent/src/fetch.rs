@@ -12,17 +12,8 @@ use crate::failure::{Reason, RefreshError};
 /// Builds the download client: TLS verified against the public web roots, the cluster CA
 /// (when mounted) and `AETHER_CA_FILE`.
 pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
-    let cluster_ca = Path::new(SA_CA_FILE);
-    let mut bundles: Vec<&Path> = Vec::new();
-    if cluster_ca.exists() {
-        bundles.push(cluster_ca);
-    }
-    if let Some(path) = &settings.ca_file {
-        bundles.push(path);
-    }
-    let tls = aether_common::tls::client_config(&bundles)?;
     reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
+        .tls_backend_preconfigured(tls(settings)?)
         // Without AETHER_ALLOW_HTTP no plain-http request is made at all, redirects
         // included; with it, an https URL still never redirects to http (a downgrade
         // would let anyone on the path serve the bytes).
@@ -33,6 +24,20 @@ pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
         .user_agent(concat!("aether-fetcher/", env!("CARGO_PKG_VERSION")))
         .build()
         .context("building the HTTP client")
+}
+
+/// TLS trusting the public web roots, the cluster CA (when mounted) and `AETHER_CA_FILE`:
+/// for downloads and for the webhook alike.
+pub fn tls(settings: &Settings) -> anyhow::Result<rustls::ClientConfig> {
+    let cluster_ca = Path::new(SA_CA_FILE);
+    let mut bundles: Vec<&Path> = Vec::new();
+    if cluster_ca.exists() {
+        bundles.push(cluster_ca);
+    }
+    if let Some(path) = &settings.ca_file {
+        bundles.push(path);
+    }
+    Ok(aether_common::tls::client_config(&bundles)?)
 }
 
 /// Redirects the fetcher follows: at most `MAX_REDIRECTS`, never from https to http.

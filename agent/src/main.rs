@@ -6,6 +6,7 @@ mod engine;
 mod extract_bridge;
 mod failure;
 mod fetch;
+mod hook;
 mod http;
 mod incremental;
 mod metrics;
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{FetchMode, SA_NAMESPACE_FILE, Settings};
 use crate::engine::{Engine, EngineConfig};
+use crate::hook::HookConfig;
 use crate::metrics::Metrics;
 use crate::refresh::Refresher;
 use crate::source::Observed;
@@ -226,6 +228,15 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         });
     }
 
+    let hook = match HookConfig::from_settings(&settings)? {
+        Some(cfg) => Some(tokio::spawn(hook::run(
+            cfg,
+            hook::client(&settings)?,
+            engine.live_releases(),
+            shutdown.clone(),
+        ))),
+        None => None,
+    };
     let http = http::serve(settings.http_addr, metrics, status, shutdown.clone()).await?;
     let (tx, rx) = watch::channel(None);
     let allow_http = settings.allow_http;
@@ -260,6 +271,9 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         let _ = engine.await;
         let _ = source.await;
         let _ = http.await;
+        if let Some(hook) = hook {
+            let _ = hook.await;
+        }
     })
     .await;
     if stopped.is_err() {

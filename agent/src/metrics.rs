@@ -15,6 +15,7 @@ use crate::refresh::Applied;
 
 const BYTE_SOURCES: [&str; 2] = ["downloaded", "reused"];
 const FILE_CHANGES: [&str; 4] = ["added", "changed", "removed", "reused"];
+const HOOK_RESULTS: [&str; 2] = ["success", "failure"];
 
 pub use aether_common::contract::metrics::*;
 
@@ -74,6 +75,13 @@ impl Metrics {
             REFRESH_FILES_TOTAL,
             "Files of the manifest releases made live, by change against their base"
         );
+        describe_counter!(
+            HOOK_TOTAL,
+            "Webhook calls after a release went live, by result (retries included)"
+        );
+        for result in HOOK_RESULTS {
+            counter!(HOOK_TOTAL, "result" => result).absolute(0);
+        }
         for source in BYTE_SOURCES {
             counter!(REFRESH_BYTES_TOTAL, "source" => source).absolute(0);
         }

@@ -23,3 +23,6 @@ pub const REFRESH_BYTES_TOTAL: &str = "dev_hot_refresh_bytes_total";
 /// Counter of the files of manifest releases made live, by `change`: `added`, `changed`,
 /// `removed` (against the release they were built from) and `reused`.
 pub const REFRESH_FILES_TOTAL: &str = "dev_hot_refresh_files_total";
+/// Counter of webhook calls (`AETHER_WEBHOOK_URL`) by `result`: `success` or `failure`
+/// (each failed attempt counts; retries included).
+pub const HOOK_TOTAL: &str = "dev_hot_hook_total";
