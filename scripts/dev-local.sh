@@ -16,4 +16,4 @@ if [ ! -x target/debug/aether ] || [ ! -x target/debug/aether-fetcher ]; then
 fi
 cargo build --locked -p aether -p aether-fetcher
 echo "serving $dir on http://127.0.0.1:$port/ — edit a file there to hot-reload it (Ctrl-C to stop)"
-exec target/debug/aether dev --hot --local "$dir" -- python3 -m http.server "$port" --bind 127.0.0.1
+exec target/debug/aether dev --hot --local "$dir" --ready-port "$port" -- python3 -m http.server "$port" --bind 127.0.0.1

@@ -41,6 +41,10 @@ pub struct LocalArgs {
     pub work: Option<PathBuf>,
     pub grace_sec: u64,
     pub format: FormatArg,
+    /// Show the fetcher's and the supervisor's info logs (else warnings and errors only).
+    pub verbose: bool,
+    /// Probed after each restart: the loop reports save → app answering.
+    pub ready_url: Option<reqwest::Url>,
 }
 
 /// Where `aether-fetcher` is: `AETHER_FETCHER_BIN`, else beside this binary, else `PATH`.
@@ -85,13 +89,44 @@ fn write_downward(
     Ok(())
 }
 
-/// Spawns a child whose stderr lines are echoed with a prefix and broadcast. The child
-/// gets SIGTERM from the kernel if this process dies without stopping it (SIGKILL).
+/// One log line of our own binaries (`AETHER_LOG_FORMAT=json`), as `LEVEL message k=v…`
+/// with its level; `None` for anything else (the app's own output).
+fn our_log(line: &str) -> Option<(String, String)> {
+    let serde_json::Value::Object(fields) = serde_json::from_str(line).ok()? else {
+        return None;
+    };
+    let level = fields.get("level")?.as_str()?.to_owned();
+    if !fields.get("target")?.as_str()?.starts_with("aether") {
+        return None;
+    }
+    let mut text = format!("{level} ");
+    if let Some(m) = fields.get("message").and_then(|m| m.as_str()) {
+        text.push_str(m);
+    }
+    for (k, v) in &fields {
+        if matches!(k.as_str(), "timestamp" | "level" | "target" | "message") {
+            continue;
+        }
+        match v {
+            serde_json::Value::String(s) => text.push_str(&format!(" {k}={s}")),
+            other => text.push_str(&format!(" {k}={other}")),
+        }
+    }
+    Some((level, text))
+}
+
+/// Spawns one of our binaries (logging JSON), whose stderr lines are broadcast as text.
+/// Its own log lines are echoed as `[name] …` when `verbose` or at warn and above; any
+/// other line is the app's output (the supervisor shares its stderr with the app) and is
+/// always echoed as `[app] …`. The child gets SIGTERM from the kernel if this process
+/// dies without stopping it (SIGKILL).
 fn spawn_logged(
     mut cmd: Command,
-    prefix: &'static str,
+    name: &'static str,
     lines: broadcast::Sender<String>,
+    verbose: bool,
 ) -> anyhow::Result<Child> {
+    cmd.env("AETHER_LOG_FORMAT", "json");
     let parent = std::process::id();
     // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid, raise.
     unsafe {
@@ -111,12 +146,23 @@ fn spawn_logged(
     cmd.stderr(Stdio::piped())
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().with_context(|| format!("starting {prefix}"))?;
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     if let Some(err) = child.stderr.take() {
         tokio::spawn(async move {
             let mut reader = BufReader::new(err).lines();
             while let Ok(Some(line)) = reader.next_line().await {
-                eprintln!("[{prefix}] {line}");
+                let line = match our_log(&line) {
+                    Some((level, text)) => {
+                        if verbose || matches!(level.as_str(), "WARN" | "ERROR") {
+                            eprintln!("[{name}] {text}");
+                        }
+                        text
+                    }
+                    None => {
+                        eprintln!("[app] {line}");
+                        line
+                    }
+                };
                 let _ = lines.send(line);
             }
         });
@@ -163,12 +209,13 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .env("AETHER_APP", LOCAL_APP)
         .env_remove("KUBECONFIG");
     let mut fetch_lines = lines.subscribe();
-    let fetcher = spawn_logged(fetcher_cmd, "fetcher", lines.clone()).with_context(|| {
-        format!(
-            "is {} built? (cargo build -p aether-fetcher, or set AETHER_FETCHER_BIN)",
-            fetcher_path.display()
-        )
-    })?;
+    let fetcher =
+        spawn_logged(fetcher_cmd, "fetcher", lines.clone(), args.verbose).with_context(|| {
+            format!(
+                "is {} built? (cargo build -p aether-fetcher, or set AETHER_FETCHER_BIN)",
+                fetcher_path.display()
+            )
+        })?;
     let status_addr = wait_line(
         &mut fetch_lines,
         "serving /metrics",
@@ -189,7 +236,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .arg("--")
         .args(&args.command)
         .env("AETHER_WORKSPACE", &workspace);
-    let supervisor = spawn_logged(sup_cmd, "app", lines.clone())?;
+    let supervisor = spawn_logged(sup_cmd, "supervisor", lines.clone(), args.verbose)?;
     let http = reqwest::Client::new();
     let status_url = format!("http://{status_addr}/status");
 
@@ -227,6 +274,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                 podinfo: &podinfo,
                 http: &http,
                 status_url: &status_url,
+                ready_url: args.ready_url.as_ref(),
             },
             &mut source,
             &mut generation,
@@ -294,6 +342,7 @@ struct Target<'a> {
     podinfo: &'a Path,
     http: &'a reqwest::Client,
     status_url: &'a str,
+    ready_url: Option<&'a reqwest::Url>,
 }
 
 /// What may cut a refresh's wait short.
@@ -490,16 +539,63 @@ async fn refresh_once(
     if started.is_none() {
         bail!("{} is live but the app did not restart", short(&digest));
     }
-    println!(
-        "live {} and app restarted in {} ms (debounce {} ms, snapshot+store {} ms, fetch→live {} ms, restart {} ms)",
-        short(&digest),
-        (t_app - burst.first).as_millis(),
+    let stages = format!(
+        "debounce {} ms, snapshot+store {} ms, fetch→live {} ms, restart {} ms",
         (burst.quiet - burst.first).as_millis(),
         (t_store - burst.quiet).as_millis(),
         (t_live - t_store).as_millis(),
         (t_app - t_live).as_millis(),
     );
+    let Some(url) = target.ready_url else {
+        println!(
+            "live {} and app restarted in {} ms ({stages}; save → process started, not probed: --ready-url)",
+            short(&digest),
+            (t_app - burst.first).as_millis(),
+        );
+        return Ok(None);
+    };
+    // The supervisor starts the new process only once the old one is gone: whatever
+    // answers now is the new code.
+    let answered = tokio::select! {
+        a = probe(target.http, url, LIVE_TIMEOUT) => a,
+        () = stopping.cancelled() => return Ok(Some(Next::Stop)),
+    };
+    let t_ready = Instant::now();
+    if !answered {
+        bail!(
+            "{} is live and the app restarted, but {} did not answer within {LIVE_TIMEOUT:?}",
+            short(&digest),
+            url
+        );
+    }
+    println!(
+        "live {} and app ready in {} ms ({stages}, ready {} ms; save → {} answered)",
+        short(&digest),
+        (t_ready - burst.first).as_millis(),
+        (t_ready - t_app).as_millis(),
+        url,
+    );
     Ok(None)
+}
+
+/// Polls `url` until the app answers it (any status below 500) or `timeout` passes.
+async fn probe(http: &reqwest::Client, url: &reqwest::Url, timeout: Duration) -> bool {
+    const EVERY: Duration = Duration::from_millis(10);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let answer = http
+            .get(url.clone())
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await;
+        if answer.is_ok_and(|r| r.status().as_u16() < 500) {
+            return true;
+        }
+        if tokio::time::Instant::now() + EVERY >= deadline {
+            return false;
+        }
+        tokio::time::sleep(EVERY).await;
+    }
 }
 
 async fn fetcher_status(http: &reqwest::Client, url: &str) -> Option<StatusReport> {

@@ -109,6 +109,18 @@ enum Command {
         /// --local: the app command.
         #[arg(last = true)]
         command: Vec<String>,
+        /// --local: show the fetcher's and the supervisor's info logs (by default only
+        /// their warnings and errors appear beside the app's output).
+        #[arg(long, short = 'v')]
+        verbose: bool,
+        /// --local: after each restart, poll this URL until the app answers (any status
+        /// below 500) and report save → app ready instead of save → process started.
+        #[arg(long, conflicts_with = "ready_port")]
+        ready_url: Option<reqwest::Url>,
+        /// --local: the same as --ready-url http://127.0.0.1:PORT/ (PORT defaults to 8080,
+        /// the example apps' port).
+        #[arg(long, num_args = 0..=1, default_missing_value = "8080")]
+        ready_port: Option<u16>,
         #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
         namespace: Option<String>,
         /// How releases travel: a manifest (only changed files are uploaded) or one tar.gz.
@@ -310,6 +322,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             work_dir,
             grace_sec,
             command,
+            verbose,
+            ready_url,
+            ready_port,
             namespace,
             format,
             expiry,
@@ -329,6 +344,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     work: work_dir,
                     grace_sec,
                     format,
+                    verbose,
+                    ready_url: match ready_port {
+                        Some(port) => Some(format!("http://127.0.0.1:{port}/").parse()?),
+                        None => ready_url,
+                    },
                 })
                 .await;
             }

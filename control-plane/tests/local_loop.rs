@@ -35,29 +35,35 @@ fn processes_under(dir: &Path) -> Vec<u32> {
 /// Starts the local loop on `src` with `python3 -m http.server` on `port`, releasing in
 /// `format` (`manifest` or `tar`).
 fn local_loop_as(src: &Path, work: &Path, port: u16, format: &str) -> Proc {
+    local_loop_with(src, work, port, &["--format", format])
+}
+
+/// Starts the local loop with `options` before the source directory.
+fn local_loop_with(src: &Path, work: &Path, port: u16, options: &[&str]) -> Proc {
     let fetcher = Path::new(AETHER).with_file_name("aether-fetcher");
     let port_s = port.to_string();
+    let mut args = vec!["dev", "--hot", "--local"];
+    args.extend_from_slice(options);
     Proc::spawn(
         AETHER,
         &[
-            "dev",
-            "--hot",
-            "--local",
-            "--format",
-            format,
-            src.to_str().unwrap(),
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--grace-sec",
-            "1",
-            "--",
-            "python3",
-            "-m",
-            "http.server",
-            &port_s,
-            "--bind",
-            "127.0.0.1",
-        ],
+            args.as_slice(),
+            &[
+                src.to_str().unwrap(),
+                "--work-dir",
+                work.to_str().unwrap(),
+                "--grace-sec",
+                "1",
+                "--",
+                "python3",
+                "-m",
+                "http.server",
+                &port_s,
+                "--bind",
+                "127.0.0.1",
+            ],
+        ]
+        .concat(),
         &[
             ("AETHER_FETCHER_BIN", fetcher.display().to_string()),
             // The hash cache stays with the test's files.
@@ -195,8 +201,15 @@ async fn with_format_tar_an_edit_is_served_and_a_hostile_archive_is_refused_by_t
     std::fs::write(src.join("index.html"), "version one").unwrap();
     let port = free_port();
     let work = dir.path().join("work");
-    let mut dev = local_loop_as(&src, &work, port, "tar");
+    let mut dev = local_loop_with(&src, &work, port, &["--format", "tar", "--verbose"]);
     dev.wait_for_lines("app restarted in", 1, LONG)
+        .await
+        .unwrap();
+    // --verbose shows the fetcher's and the supervisor's info lines.
+    dev.wait_for_log("[fetcher] INFO REFRESH_OK", LONG)
+        .await
+        .unwrap();
+    dev.wait_for_log("[supervisor] INFO SUPERVISE_START", LONG)
         .await
         .unwrap();
     std::fs::write(src.join("index.html"), "version two").unwrap();
@@ -219,6 +232,46 @@ async fn with_format_tar_an_edit_is_served_and_a_hostile_archive_is_refused_by_t
     assert_eq!(page(port).await.as_deref(), Some("version two"));
     std::fs::remove_file(src.join("evil")).unwrap();
     dev.wait_for_log("back on", LONG).await.unwrap();
+    dev.sigterm();
+    dev.wait_exit(LONG).await.expect("the loop exits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probed_loop_reports_save_to_ready_and_shows_the_apps_output_not_ours() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("index.html"), "version one").unwrap();
+    let port = free_port();
+    let work = dir.path().join("work");
+    let port_s = port.to_string();
+    let mut dev = local_loop_with(&src, &work, port, &["--ready-port", &port_s]);
+    let line = dev.wait_for_lines("app ready in", 1, LONG).await.unwrap();
+    assert!(
+        line.contains(&format!("save → http://127.0.0.1:{port}/ answered")),
+        "{line}"
+    );
+    // Ready means answering: the first request after the line gets the new code, no retry.
+    assert_eq!(page(port).await.as_deref(), Some("version one"));
+    std::fs::write(src.join("index.html"), "version two").unwrap();
+    dev.wait_for_lines("app ready in", 2, LONG).await.unwrap();
+    assert_eq!(page(port).await.as_deref(), Some("version two"));
+    // The app's own output (python's access log) is shown; our info lines are not.
+    dev.wait_for_log("[app] ", LONG).await.unwrap();
+    assert!(
+        dev.lines_with("\"GET /index.html")
+            .iter()
+            .any(|l| l.starts_with("[app] ")),
+        "{:?}",
+        dev.logs()
+    );
+    assert!(dev.lines_with("REFRESH_OK").is_empty(), "{:?}", dev.logs());
+    assert!(
+        dev.lines_with("SUPERVISE_START").is_empty(),
+        "{:?}",
+        dev.logs()
+    );
+    assert!(dev.lines_with("app restarted in").is_empty());
     dev.sigterm();
     dev.wait_exit(LONG).await.expect("the loop exits");
 }
