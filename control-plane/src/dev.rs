@@ -74,20 +74,119 @@ pub struct DevLoop {
     pub client: Client,
     pub dir: PathBuf,
     pub publisher: Publisher,
+    /// Push the tree once, wait for every pod, and end: an error unless all run it.
+    pub once: bool,
+    /// End the loop (with an error) at the first release a pod refuses.
+    pub exit_on_failure: bool,
+    pub output: Output,
+}
+
+/// How the loop reports: lines for people, or one JSON object per event for scripts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+/// What `-o json` prints, one object per line, tagged by `event`.
+#[derive(Debug, serde::Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Event<'a> {
+    Watching {
+        app: &'a str,
+        dir: String,
+    },
+    /// The tree is the release already sent: nothing was.
+    Unchanged,
+    Release {
+        digest: String,
+        files: usize,
+        hashed: usize,
+        blobs_sent: usize,
+        bytes_sent: u64,
+    },
+    /// One pod runs the release; latency from the save.
+    Live {
+        pod: &'a str,
+        digest: String,
+        latency_ms: u128,
+    },
+    Refused {
+        pod: &'a str,
+        digest: String,
+        reason: String,
+        message: &'a str,
+    },
+    /// Every pod has answered: `live` of `total` run it.
+    Settled {
+        digest: String,
+        live: usize,
+        total: usize,
+        latency_ms: u128,
+    },
+    Superseded {
+        digest: String,
+        live: usize,
+        total: usize,
+    },
+    Timeout {
+        digest: String,
+        live: usize,
+        total: usize,
+        pending: &'a [String],
+    },
+    Error {
+        message: String,
+    },
+}
+
+impl Output {
+    fn emit(self, event: &Event<'_>) {
+        if self == Output::Json
+            && let Ok(line) = serde_json::to_string(event)
+        {
+            println!("{line}");
+        }
+    }
+
+    fn text(self) -> bool {
+        self == Output::Text
+    }
 }
 
 impl DevLoop {
     /// Runs until the watch ends: one release at start, then one per burst of changes. A
     /// burst that arrives while pods are still taking the previous release supersedes the
-    /// wait (newest wins, as in the fetcher).
+    /// wait (newest wins, as in the fetcher). With `once`, only the first release.
     pub async fn run(mut self) -> anyhow::Result<()> {
-        let (_watcher, mut events) = watch(&self.dir)?;
-        let mut last: Option<Digest> = None;
         let now = Instant::now();
-        let mut next = Some(Burst {
+        let first = Burst {
             first: now,
             quiet: now,
+        };
+        if self.once {
+            // Nothing supersedes the one release: the channel stays open and silent.
+            let (_keep, mut none) = mpsc::channel(1);
+            let sent = self.refresh(first, None, &mut none).await?;
+            return match sent.failed {
+                Some(why) => Err(anyhow::anyhow!(why)),
+                None => Ok(()),
+            };
+        }
+        let (_watcher, mut events) = watch(&self.dir)?;
+        if self.output.text() {
+            println!(
+                "watching {} for {}; Ctrl-C to stop",
+                self.dir.display(),
+                self.publisher.app
+            );
+        }
+        self.output.emit(&Event::Watching {
+            app: &self.publisher.app,
+            dir: self.dir.display().to_string(),
         });
+        let mut last: Option<Digest> = None;
+        let mut next = Some(first);
         loop {
             let burst = match next.take() {
                 Some(b) => b,
@@ -96,32 +195,49 @@ impl DevLoop {
                     None => return Ok(()),
                 },
             };
-            match self.once(burst, last, &mut events).await {
+            match self.refresh(burst, last, &mut events).await {
                 Ok(sent) => {
                     if sent.tree.is_some() {
                         last = sent.tree;
                     }
+                    if self.exit_on_failure
+                        && let Some(why) = sent.refused
+                    {
+                        anyhow::bail!("{why} (--exit-on-failure)");
+                    }
                     next = sent.superseded_by;
                 }
-                Err(e) => eprintln!("aether dev: {e:#} (waiting for the next change)"),
+                Err(e) if self.exit_on_failure => return Err(e.context("--exit-on-failure")),
+                Err(e) => {
+                    if self.output.text() {
+                        eprintln!("aether dev: {e:#} (waiting for the next change)");
+                    }
+                    self.output.emit(&Event::Error {
+                        message: format!("{e:#}"),
+                    });
+                }
             }
         }
     }
 
     /// One refresh: snapshot (or pack), upload what the store lacks, release, wait.
-    async fn once(
+    async fn refresh(
         &mut self,
         burst: Burst,
         last: Option<Digest>,
         events: &mut mpsc::Receiver<Burst>,
     ) -> anyhow::Result<Sent> {
         let t0 = burst.first;
+        let out = self.output;
         let Some(prepared) = self
             .publisher
             .prepare(&self.client, &self.dir, last)
             .await?
         else {
-            println!("unchanged tree (no refresh)");
+            if out.text() {
+                println!("unchanged tree (no refresh)");
+            }
+            out.emit(&Event::Unchanged);
             return Ok(Sent::default());
         };
         let t_upload = Instant::now();
@@ -129,6 +245,13 @@ impl DevLoop {
         let app = self.publisher.app.clone();
         let namespace = self.publisher.namespace.clone();
         self.client.release(&app, &prepared.request).await?;
+        out.emit(&Event::Release {
+            digest: digest.to_string(),
+            files: prepared.files,
+            hashed: prepared.hashed,
+            blobs_sent: prepared.sent_blobs,
+            bytes_sent: prepared.sent_bytes,
+        });
         let t_release = Instant::now();
         let (client, app, namespace) = (&self.client, app.as_str(), namespace.as_deref());
         let observe = |only: Option<Vec<String>>| async move {
@@ -148,83 +271,145 @@ impl DevLoop {
         )
         .await;
         let t_live = Instant::now();
+        let mut sent = Sent {
+            tree: Some(prepared.tree),
+            ..Sent::default()
+        };
         let progress = match outcome {
             live::Outcome::Settled(p) => p,
             live::Outcome::Superseded(next, p) => {
-                println!(
-                    "superseded {} by a newer save ({}/{} pods had it live)",
-                    short(&digest),
-                    p.live,
-                    p.total
-                );
-                return Ok(Sent {
-                    tree: Some(prepared.tree),
-                    superseded_by: next,
-                });
-            }
-            live::Outcome::TimedOut(p) => {
-                report_refusals(&digest, &p);
-                for (pod, e) in &p.retrying {
+                if out.text() {
                     println!(
-                        "pod {pod}: still retrying {}: {} ({})",
+                        "superseded {} by a newer save ({}/{} pods had it live)",
                         short(&digest),
-                        e.reason,
-                        e.message
+                        p.live,
+                        p.total
                     );
                 }
-                println!(
-                    "{} live on {}/{} pods after {} s; not reporting it yet: {}",
+                out.emit(&Event::Superseded {
+                    digest: digest.to_string(),
+                    live: p.live,
+                    total: p.total,
+                });
+                sent.superseded_by = next;
+                return Ok(sent);
+            }
+            live::Outcome::TimedOut(p) => {
+                report(out, &digest, t0, &p);
+                if out.text() {
+                    for (pod, e) in &p.retrying {
+                        println!(
+                            "pod {pod}: still retrying {}: {} ({})",
+                            short(&digest),
+                            e.reason,
+                            e.message
+                        );
+                    }
+                }
+                let why = format!(
+                    "{} live on {}/{} pods after {} s; not live yet: {}",
                     short(&digest),
                     p.live,
                     p.total,
                     LIVE_TIMEOUT.as_secs(),
                     p.pending.join(", ")
                 );
-                return Ok(Sent {
-                    tree: Some(prepared.tree),
-                    superseded_by: None,
+                if out.text() {
+                    println!("{why}");
+                }
+                out.emit(&Event::Timeout {
+                    digest: digest.to_string(),
+                    live: p.live,
+                    total: p.total,
+                    pending: &p.pending,
                 });
+                sent.refused = refusals(&digest, &p);
+                sent.failed = Some(sent.refused.clone().unwrap_or(why));
+                return Ok(sent);
             }
         };
-        report_refusals(&digest, &progress);
-        println!(
-            "live {} on {}/{} pods in {} ms (debounce {} ms, hash+upload {} ms: {} files hashed, {} blobs {} sent; release {} ms, patch→live {} ms)",
-            short(&digest),
-            progress.live,
-            progress.total,
-            ms(t_live - t0),
-            ms(burst.quiet - t0),
-            ms(t_upload - burst.quiet),
-            prepared.hashed,
-            prepared.sent_blobs,
-            human_bytes(prepared.sent_bytes),
-            ms(t_release - t_upload),
-            ms(t_live - t_release),
-        );
-        Ok(Sent {
-            tree: Some(prepared.tree),
-            superseded_by: None,
-        })
+        report(out, &digest, t0, &progress);
+        if progress.total == 0 && out.text() {
+            println!("{app} has no pods yet: the release waits in the Deployment's annotations");
+        }
+        if out.text() {
+            println!(
+                "live {} on {}/{} pods in {} ms (debounce {} ms, hash+upload {} ms: {} files hashed, {} blobs {} sent; release {} ms, patch→live {} ms)",
+                short(&digest),
+                progress.live,
+                progress.total,
+                ms(t_live - t0),
+                ms(burst.quiet - t0),
+                ms(t_upload - burst.quiet),
+                prepared.hashed,
+                prepared.sent_blobs,
+                human_bytes(prepared.sent_bytes),
+                ms(t_release - t_upload),
+                ms(t_live - t_release),
+            );
+        }
+        out.emit(&Event::Settled {
+            digest: digest.to_string(),
+            live: progress.live,
+            total: progress.total,
+            latency_ms: ms(t_live - t0),
+        });
+        sent.refused = refusals(&digest, &progress);
+        sent.failed = sent.refused.clone();
+        Ok(sent)
     }
 }
 
-/// What one refresh sent (the tree, to spot an unchanged one), and the save that cut its
-/// wait short, if any.
+/// What one refresh sent (the tree, to spot an unchanged one), the save that cut its
+/// wait short, and why it fell short of every pod, if it did.
 #[derive(Default)]
 struct Sent {
     tree: Option<Digest>,
     superseded_by: Option<Burst>,
+    /// Pods refused the release for good (the refusals, one per pod).
+    refused: Option<String>,
+    /// Not every pod runs it: refused, or still pending at the timeout.
+    failed: Option<String>,
 }
 
-fn report_refusals(digest: &Digest, progress: &live::Progress) {
-    for (pod, e) in &progress.refused {
-        println!(
-            "pod {pod}: refused {}: {} ({})",
-            short(digest),
-            e.reason,
-            e.message
-        );
+/// Prints each pod that runs the release (`-o json`) and each refusal.
+fn report(out: Output, digest: &Digest, t0: Instant, progress: &live::Progress) {
+    for (pod, at) in &progress.live_since {
+        out.emit(&Event::Live {
+            pod,
+            digest: digest.to_string(),
+            latency_ms: ms(at.saturating_duration_since(t0)),
+        });
     }
+    for (pod, e) in &progress.refused {
+        if out.text() {
+            println!(
+                "pod {pod}: refused {}: {} ({})",
+                short(digest),
+                e.reason,
+                e.message
+            );
+        }
+        out.emit(&Event::Refused {
+            pod,
+            digest: digest.to_string(),
+            reason: e.reason.to_string(),
+            message: &e.message,
+        });
+    }
+}
+
+/// The refusals as one message, if any pod refused.
+fn refusals(digest: &Digest, progress: &live::Progress) -> Option<String> {
+    if progress.refused.is_empty() {
+        return None;
+    }
+    let each: Vec<String> = progress
+        .refused
+        .iter()
+        .map(|(pod, e)| format!("pod {pod}: {} ({})", e.reason, e.message))
+        .collect();
+    Some(format!("{} refused: {}", short(digest), each.join("; ")))
 }
 
 pub fn short(d: &Digest) -> String {

@@ -65,6 +65,8 @@ pub struct Progress {
     /// Of the pending pods, those whose last attempt at this release failed and is being
     /// retried, with that failure.
     pub retrying: Vec<(String, LastError)>,
+    /// The pods seen running this release, with when that was first seen.
+    pub live_since: BTreeMap<String, Instant>,
 }
 
 impl Progress {
@@ -154,7 +156,16 @@ where
                     }
                     _ => pods,
                 };
+                let seen = Instant::now();
+                let mut live_since = std::mem::take(&mut last.live_since);
+                live_since.retain(|pod, _| all.contains_key(pod));
+                for (pod, status) in &all {
+                    if status.as_ref().and_then(|s| s.current_digest.as_ref()) == Some(digest) {
+                        live_since.entry(pod.clone()).or_insert(seen);
+                    }
+                }
                 last = Progress::of(digest, &all.clone().into_iter().collect());
+                last.live_since = live_since;
                 known = Some(all);
                 if last.settled() {
                     return Outcome::Settled(last);

@@ -20,11 +20,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::DeployRequest;
 use crate::client::{Client, ClientArgs};
+use crate::dev::Output;
 use crate::publish::{FormatArg, Publisher};
 
 /// Exit codes, documented in the README.
@@ -42,12 +43,6 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     client: ClientArgs,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Output {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +121,23 @@ enum Command {
         /// How releases travel: a manifest (only changed files are uploaded) or one tar.gz.
         #[arg(long, value_enum, default_value = "manifest")]
         format: FormatArg,
+        /// Push the tree once, wait until every pod runs it, and exit: 0 when all do, 1
+        /// with the refusals (or the pods still pending after 60 s). For CI and scripts.
+        #[arg(long, conflicts_with = "local")]
+        once: bool,
+        /// End the loop with exit code 1 at the first release a pod refuses.
+        #[arg(long, conflicts_with = "local")]
+        exit_on_failure: bool,
+        /// `json`: one JSON object per event on stdout (watching, release, live per pod,
+        /// refused, settled, superseded, timeout, error).
+        #[arg(
+            long,
+            short = 'o',
+            value_enum,
+            default_value = "text",
+            conflicts_with = "local"
+        )]
+        output: Output,
         #[command(flatten)]
         expiry: ExpiryArgs,
         #[command(flatten)]
@@ -327,6 +339,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ready_port,
             namespace,
             format,
+            once,
+            exit_on_failure,
+            output,
             expiry,
             key,
         } => {
@@ -358,13 +373,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 _ => anyhow::bail!("usage: aether dev --hot APP [DIR]  (or --local [DIR] -- CMD…)"),
             };
             let client = Client::new(&cli.client)?;
-            println!("watching {} for {app}; Ctrl-C to stop", dir.display());
             let mut publisher = Publisher::new(app, namespace, key.load()?, format);
             publisher.expires_in = expiry.expires_in;
             dev::DevLoop {
                 client,
                 dir,
                 publisher,
+                once,
+                exit_on_failure,
+                output,
             }
             .run()
             .await

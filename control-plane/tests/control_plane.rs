@@ -118,6 +118,39 @@ impl Plane {
             .unwrap();
     }
 
+    /// A real fetcher process for pod `pod` of `app` (which must exist), serving its
+    /// status on `port`, with its own workspace; `extra` env overrides.
+    fn hot_fetcher(
+        &self,
+        app: &str,
+        pod: &str,
+        port: u16,
+        extra: &[(&'static str, String)],
+    ) -> (Proc, PathBuf) {
+        let workspace = self.dir.path().join(format!("workspace-{pod}"));
+        std::fs::create_dir_all(&workspace).unwrap();
+        let mut env = vec![
+            ("KUBECONFIG", self.kubeconfig.display().to_string()),
+            ("POD_NAME", pod.into()),
+            ("AETHER_APP", app.into()),
+            ("POD_NAMESPACE", "default".into()),
+            ("AETHER_WORKSPACE", workspace.display().to_string()),
+            ("AETHER_HTTP_ADDR", format!("127.0.0.1:{port}")),
+            ("AETHER_ALLOW_HTTP", "1".into()),
+            ("AETHER_MIN_REFRESH_INTERVAL_MS", "100".into()),
+        ];
+        env.extend(extra.iter().cloned());
+        (Proc::spawn(fetcher_bin(), &[], &env).unwrap(), workspace)
+    }
+
+    /// Pod `pod` of `app` in the emulator, reached through the pod proxy at `port`.
+    fn proxied_pod(&self, app: &str, pod: &str, port: u16) {
+        self.pod(pod, app);
+        self.emu
+            .merge_patch("pods", Some("default"), pod, &json!({"metadata": {"annotations": {PROXY_ADDRESS_ANNOTATION: format!("127.0.0.1:{port}")}}}))
+            .unwrap();
+    }
+
     fn annotation(&self, kind: &str, name: &str, key: &str) -> Option<String> {
         self.emu
             .get(kind, Some("default"), name)?
@@ -650,28 +683,8 @@ async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
     plane.deploy_dev_hot("web", &src).await;
     // The "pod": an emulated Pod object plus a real fetcher process watching it.
     let port = free_port();
-    plane.pod("web-0", "web");
-    plane
-        .emu
-        .merge_patch("pods", Some("default"), "web-0", &json!({"metadata": {"annotations": {PROXY_ADDRESS_ANNOTATION: format!("127.0.0.1:{port}")}}}))
-        .unwrap();
-    let workspace = plane.dir.path().join("workspace");
-    std::fs::create_dir_all(&workspace).unwrap();
-    let _fetcher = Proc::spawn(
-        fetcher_bin(),
-        &[],
-        &[
-            ("KUBECONFIG", plane.kubeconfig.display().to_string()),
-            ("POD_NAME", "web-0".into()),
-            ("AETHER_APP", "web".into()),
-            ("POD_NAMESPACE", "default".into()),
-            ("AETHER_WORKSPACE", workspace.display().to_string()),
-            ("AETHER_HTTP_ADDR", format!("127.0.0.1:{port}")),
-            ("AETHER_ALLOW_HTTP", "1".into()),
-            ("AETHER_MIN_REFRESH_INTERVAL_MS", "100".into()),
-        ],
-    )
-    .unwrap();
+    plane.proxied_pod("web", "web-0", port);
+    let (_fetcher, workspace) = plane.hot_fetcher("web", "web-0", port, &[]);
     let read = |f: &str| std::fs::read_to_string(workspace.join("current").join(f)).ok();
     assert!(
         wait_until(LONG, || async {
@@ -704,6 +717,99 @@ async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
         .join("\n");
     let s: Value = serde_json::from_str(&json_text).unwrap_or_else(|e| panic!("{e}: {status}"));
     assert_eq!(s["pods"][0]["live_digest"], s["desired_digest"]);
+}
+
+/// The JSON events `aether dev -o json` printed.
+fn events(p: &Proc) -> Vec<Value> {
+    p.logs()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("event").is_some())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_once_exits_0_when_every_pod_runs_the_tree_and_1_with_the_refusal() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("index.html", "version one")]);
+    plane.deploy_dev_hot("web", &src).await;
+    let port = free_port();
+    plane.proxied_pod("web", "web-0", port);
+    // A small extraction limit lets a large file be refused for good (`too_large`).
+    let (_fetcher, workspace) = plane.hot_fetcher(
+        "web",
+        "web-0",
+        port,
+        &[("AETHER_MAX_EXTRACT_BYTES", "4096".into())],
+    );
+    let read = |f: &str| std::fs::read_to_string(workspace.join("current").join(f)).ok();
+    std::fs::write(src.join("index.html"), "version two").unwrap();
+    let dir = src.to_str().unwrap();
+    let mut once = plane.cli(&["dev", "--hot", "web", dir, "--once", "-o", "json"], &[]);
+    let status = once.wait_exit(LONG).await.unwrap();
+    assert!(status.success(), "{:?}", once.logs());
+    assert_eq!(
+        read("index.html").as_deref(),
+        Some("version two"),
+        "live when it exits"
+    );
+    let ev = events(&once);
+    let release = ev
+        .iter()
+        .find(|e| e["event"] == "release")
+        .expect("release event");
+    let digest = release["digest"].as_str().unwrap();
+    let live = ev
+        .iter()
+        .find(|e| e["event"] == "live")
+        .expect("live event");
+    assert_eq!(live["pod"], "web-0");
+    assert_eq!(live["digest"], digest);
+    assert!(live["latency_ms"].as_u64().is_some(), "{live}");
+    let settled = ev
+        .iter()
+        .find(|e| e["event"] == "settled")
+        .expect("settled");
+    assert_eq!(
+        (settled["live"].as_u64(), settled["total"].as_u64()),
+        (Some(1), Some(1))
+    );
+
+    std::fs::write(src.join("big.bin"), "x".repeat(10_000)).unwrap();
+    let mut refused = plane.cli(&["dev", "--hot", "web", dir, "--once", "-o", "json"], &[]);
+    let status = refused.wait_exit(LONG).await.unwrap();
+    assert_eq!(status.code(), Some(1), "{:?}", refused.logs());
+    let ev = events(&refused);
+    let r = ev
+        .iter()
+        .find(|e| e["event"] == "refused")
+        .expect("refused event");
+    assert_eq!(
+        (r["pod"].as_str(), r["reason"].as_str()),
+        (Some("web-0"), Some("too_large"))
+    );
+    assert!(
+        refused
+            .logs()
+            .iter()
+            .any(|l| l.starts_with("aether: ") && l.contains("too_large"))
+    );
+    assert_eq!(
+        read("index.html").as_deref(),
+        Some("version two"),
+        "the live release stays"
+    );
+
+    // The loop with --exit-on-failure ends at the same refusal (text output).
+    let mut looped = plane.cli(&["dev", "--hot", "web", dir, "--exit-on-failure"], &[]);
+    let status = looped.wait_exit(LONG).await.unwrap();
+    assert_eq!(status.code(), Some(1), "{:?}", looped.logs());
+    assert!(
+        !looped.lines_with("pod web-0: refused").is_empty(),
+        "{:?}",
+        looped.logs()
+    );
+    assert!(!looped.lines_with("--exit-on-failure").is_empty());
 }
 
 /// Uploads `bytes` and returns its digest.
