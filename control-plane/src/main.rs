@@ -14,6 +14,7 @@ mod publish;
 mod reconcile;
 mod serve;
 mod snapshot;
+mod status;
 mod store;
 
 use std::path::PathBuf;
@@ -164,6 +165,10 @@ enum Command {
         namespace: Option<String>,
         #[arg(long, short = 'o', value_enum, default_value = "text")]
         output: Output,
+        /// Watch: print the status again whenever it changes (read every second) until
+        /// interrupted; with `-o json`, one compact object per change.
+        #[arg(long, short = 'w')]
+        watch: bool,
     },
     /// Print the installation of the control plane as YAML, for `| kubectl apply
     /// --server-side -f -` (or, with --monitoring, the Prometheus Operator objects).
@@ -409,44 +414,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app,
             namespace,
             output,
+            watch,
         } => {
             let client = Client::new(&cli.client)?;
-            let status = client.status(&app, namespace.as_deref()).await?;
-            match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-                Output::Text => {
-                    println!(
-                        "app {} in {}: desired {}",
-                        status.app,
-                        status.namespace,
-                        status.desired_digest.as_deref().unwrap_or("-")
-                    );
-                    println!(
-                        "{:<32} {:<20} {:<20} LAST ERROR",
-                        "POD", "ANNOTATED", "LIVE"
-                    );
-                    for p in &status.pods {
-                        let short = |d: Option<&str>| {
-                            d.map(|d| d.chars().take(19).collect::<String>())
-                                .unwrap_or_else(|| "-".into())
-                        };
-                        let err = match &p.fetcher {
-                            None => "fetcher unreachable".to_owned(),
-                            Some(f) => f
-                                .last_error
-                                .as_ref()
-                                .map_or_else(|| "-".to_owned(), |e| e.reason.to_string()),
-                        };
-                        println!(
-                            "{:<32} {:<20} {:<20} {}",
-                            p.name,
-                            short(p.annotated_digest.as_deref()),
-                            short(p.live_digest.as_deref()),
-                            err
-                        );
-                    }
-                }
+            if watch {
+                return status::watch(&client, &app, namespace.as_deref(), output).await;
             }
+            let status = client.status(&app, namespace.as_deref()).await?;
+            print!("{}", status::render(&status, output, false)?);
             Ok(())
         }
         Command::Install(args) => {

@@ -743,6 +743,9 @@ async fn dev_once_exits_0_when_every_pod_runs_the_tree_and_1_with_the_refusal() 
         &[("AETHER_MAX_EXTRACT_BYTES", "4096".into())],
     );
     let read = |f: &str| std::fs::read_to_string(workspace.join("current").join(f)).ok();
+    // `status -w` prints one line per change: first the state before the save.
+    let watch = plane.cli(&["status", "web", "-w", "-o", "json"], &[]);
+    watch.wait_for_lines("\"pods\"", 1, LONG).await.unwrap();
     std::fs::write(src.join("index.html"), "version two").unwrap();
     let dir = src.to_str().unwrap();
     let mut once = plane.cli(&["dev", "--hot", "web", dir, "--once", "-o", "json"], &[]);
@@ -773,6 +776,17 @@ async fn dev_once_exits_0_when_every_pod_runs_the_tree_and_1_with_the_refusal() 
     assert_eq!(
         (settled["live"].as_u64(), settled["total"].as_u64()),
         (Some(1), Some(1))
+    );
+    let seen = watch
+        .wait_for_log(&format!("\"live_digest\":\"{digest}\""), LONG)
+        .await
+        .unwrap();
+    let seen: Value = serde_json::from_str(&seen).unwrap();
+    assert_eq!(seen["desired_digest"], digest, "{seen}");
+    let lines = watch.lines_with("\"pods\"");
+    assert!(
+        lines.windows(2).all(|w| w[0] != w[1]),
+        "only changes are printed: {lines:?}"
     );
 
     std::fs::write(src.join("big.bin"), "x".repeat(10_000)).unwrap();
