@@ -48,6 +48,7 @@ pub struct ClientArgs {
     pub api_token: Option<String>,
 }
 
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     base: String,
@@ -306,6 +307,79 @@ impl Client {
         }
         self.send(self.req(reqwest::Method::GET, &path), "status")
             .await
+    }
+}
+
+impl Client {
+    /// Opens `GET /v1/apps/{app}/logs` (NDJSON); read it with [`LogLines::next`].
+    pub async fn logs(
+        &self,
+        app: &str,
+        namespace: Option<&str>,
+        q: &crate::logs::LogQuery,
+    ) -> anyhow::Result<LogLines> {
+        let mut encoder = reqwest::Url::parse("http://query.invalid/")?;
+        {
+            let mut query = encoder.query_pairs_mut();
+            if let Some(ns) = namespace {
+                query.append_pair("namespace", ns);
+            }
+            query.append_pair("follow", if q.follow { "true" } else { "false" });
+            if let Some(s) = q.since_seconds {
+                query.append_pair("since_seconds", &s.to_string());
+            }
+            if let Some(t) = q.tail_lines {
+                query.append_pair("tail_lines", &t.to_string());
+            }
+        }
+        let path = format!("/v1/apps/{app}/logs?{}", encoder.query().unwrap_or(""));
+        let response = self
+            .req(reqwest::Method::GET, &path)
+            .send()
+            .await
+            .with_context(|| format!("logs: cannot reach {}", self.base))?;
+        let status = response.status();
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            let msg = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_owned))
+                .unwrap_or(text);
+            bail!("logs: {status}: {msg}");
+        }
+        Ok(LogLines {
+            response,
+            buf: Vec::new(),
+        })
+    }
+}
+
+/// The lines of an open logs stream.
+pub struct LogLines {
+    response: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl LogLines {
+    /// The next line; `None` when the stream ends.
+    pub async fn next(&mut self) -> anyhow::Result<Option<crate::logs::LogLine>> {
+        // The server cuts lines at MAX_LINE; JSON escaping at most sextuples them.
+        const MAX_RECORD: usize = crate::logs::MAX_LINE * 6 + 1024;
+        loop {
+            if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
+                let record: Vec<u8> = self.buf.drain(..=i).collect();
+                return Ok(Some(
+                    serde_json::from_slice(&record).context("logs: a line that is not JSON")?,
+                ));
+            }
+            if self.buf.len() > MAX_RECORD {
+                bail!("logs: a record longer than {MAX_RECORD} bytes");
+            }
+            match self.response.chunk().await.context("logs: reading")? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk),
+                None => return Ok(None),
+            }
+        }
     }
 }
 

@@ -79,6 +79,8 @@ pub struct DevLoop {
     /// End the loop (with an error) at the first release a pod refuses.
     pub exit_on_failure: bool,
     pub output: Output,
+    /// Stream the app's logs (every pod, new pods joining) between the sync lines.
+    pub logs: bool,
 }
 
 /// How the loop reports: lines for people, or one JSON object per event for scripts.
@@ -138,6 +140,11 @@ enum Event<'a> {
     Error {
         message: String,
     },
+    /// A line of the app container of a pod.
+    Log {
+        pod: &'a str,
+        line: &'a str,
+    },
 }
 
 impl Output {
@@ -174,6 +181,14 @@ impl DevLoop {
             };
         }
         let (_watcher, mut events) = watch(&self.dir)?;
+        let _logs = self.logs.then(|| {
+            AbortOnDrop(tokio::spawn(follow_logs(
+                self.client.clone(),
+                self.publisher.app.clone(),
+                self.publisher.namespace.clone(),
+                self.output,
+            )))
+        });
         if self.output.text() {
             println!(
                 "watching {} for {}; Ctrl-C to stop",
@@ -357,6 +372,56 @@ impl DevLoop {
         sent.refused = refusals(&digest, &progress);
         sent.failed = sent.refused.clone();
         Ok(sent)
+    }
+}
+
+/// Stops a background task when the loop ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How long the log stream waits before it reconnects (the control plane restarting).
+const LOGS_RECONNECT: Duration = Duration::from_secs(2);
+
+/// Prints the app's new log lines (pods that start later from their first line) for as
+/// long as the loop runs, reconnecting when the stream breaks.
+async fn follow_logs(client: Client, app: String, namespace: Option<String>, output: Output) {
+    let q = crate::logs::LogQuery {
+        follow: true,
+        tail_lines: Some(0),
+        ..Default::default()
+    };
+    let mut printer = crate::logs::Printer::default();
+    let mut told = false;
+    loop {
+        match client.logs(&app, namespace.as_deref(), &q).await {
+            Ok(mut lines) => {
+                told = false;
+                while let Ok(Some(l)) = lines.next().await {
+                    if output.text() {
+                        println!("{}", printer.format(&l));
+                    }
+                    output.emit(&Event::Log {
+                        pod: &l.pod,
+                        line: &l.line,
+                    });
+                }
+            }
+            Err(e) if !told => {
+                told = true;
+                if output.text() {
+                    eprintln!(
+                        "aether dev: app logs unavailable: {e:#} (retrying; --no-logs turns them off)"
+                    );
+                }
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(LOGS_RECONNECT).await;
     }
 }
 

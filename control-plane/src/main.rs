@@ -8,6 +8,7 @@ mod install;
 mod keys;
 mod live;
 mod local;
+mod logs;
 mod metrics;
 mod pack;
 mod publish;
@@ -126,6 +127,10 @@ enum Command {
         /// with the refusals (or the pods still pending after 60 s). For CI and scripts.
         #[arg(long, conflicts_with = "local")]
         once: bool,
+        /// Do not stream the app's logs (by default every pod's app container output is
+        /// shown between the sync lines, new pods joining).
+        #[arg(long, conflicts_with = "local")]
+        no_logs: bool,
         /// End the loop with exit code 1 at the first release a pod refuses.
         #[arg(long, conflicts_with = "local")]
         exit_on_failure: bool,
@@ -169,6 +174,21 @@ enum Command {
         /// interrupted; with `-o json`, one compact object per change.
         #[arg(long, short = 'w')]
         watch: bool,
+    },
+    /// The app container's output of every pod of the app, each line prefixed with its pod.
+    Logs {
+        app: String,
+        /// Keep printing new lines, and lines of pods that start later.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only lines newer than this (e.g. `10m`, `1h`).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<jiff::SignedDuration>,
+        /// Only the last N lines of each pod.
+        #[arg(long)]
+        tail: Option<u32>,
+        #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
+        namespace: Option<String>,
     },
     /// Print the installation of the control plane as YAML, for `| kubectl apply
     /// --server-side -f -` (or, with --monitoring, the Prometheus Operator objects).
@@ -346,6 +366,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             format,
             once,
             exit_on_failure,
+            no_logs,
             output,
             expiry,
             key,
@@ -387,6 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 once,
                 exit_on_failure,
                 output,
+                logs: !no_logs,
             }
             .run()
             .await
@@ -423,6 +445,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let status = client.status(&app, namespace.as_deref()).await?;
             print!("{}", status::render(&status, output, false)?);
             Ok(())
+        }
+        Command::Logs {
+            app,
+            follow,
+            since,
+            tail,
+            namespace,
+        } => {
+            let client = Client::new(&cli.client)?;
+            let q = logs::LogQuery {
+                namespace: None,
+                follow,
+                // Whole seconds, rounded up: `--since 1500ms` keeps the last 2 s.
+                since_seconds: since.map(|d| d.as_secs() + i64::from(d.subsec_nanos() > 0)),
+                tail_lines: tail.map(i64::from),
+            };
+            logs::print(&client, &app, namespace.as_deref(), &q).await
         }
         Command::Install(args) => {
             print!("{}", install::render(&args)?);

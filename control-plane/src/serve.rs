@@ -326,6 +326,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
         .route("/v1/apps/{app}/deploy", post(deploy))
         .route("/v1/apps/{app}/release", post(release))
         .route("/v1/apps/{app}/status", get(status))
+        .route("/v1/apps/{app}/logs", get(app_logs))
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     let app = Router::new()
@@ -831,6 +832,30 @@ async fn status(
         .await
         .map_err(cluster_error)?;
     Ok(Json(status).into_response())
+}
+
+/// The app container's logs of every pod of the app, as NDJSON (`{"pod", "line"}`).
+async fn app_logs(
+    State(s): State<Shared>,
+    AppName(app): AppName,
+    Query(q): Query<crate::logs::LogQuery>,
+) -> Result<Response, ApiError> {
+    let ns = namespace(&s, q.namespace.as_deref())?;
+    let deployments =
+        kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(s.client.clone(), &ns);
+    if deployments
+        .get_opt(&app)
+        .await
+        .map_err(|e| cluster_error(e.into()))?
+        .is_none()
+    {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no app {app:?} in namespace {ns:?}"),
+        ));
+    }
+    let body = Body::from_stream(crate::logs::stream(s.client.clone(), &ns, &app, q));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
 #[cfg(test)]

@@ -1540,3 +1540,108 @@ async fn a_manifest_release_to_a_fetcher_without_aether_app_is_refused_with_a_wa
     assert_eq!(code, 409, "{body}");
     assert!(body.contains("--format tar"), "{body}");
 }
+
+/// Pod `name` of `app` whose app container is named like the app, as the Deployment
+/// aether applies names it (the logs route reads that container).
+fn app_pod(plane: &Plane, app: &str, name: &str) {
+    plane
+        .emu
+        .create("pods", Some("default"), json!({
+            "metadata": {"name": name, "labels": {"app.kubernetes.io/name": app, "app.kubernetes.io/managed-by": "aether"}},
+            "spec": {"containers": [{"name": app, "image": "i"}]},
+        }))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_of_every_pod_are_prefixed_and_while_following_new_lines_and_new_pods_join() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    plane.deploy_dev_hot("web", &src).await;
+    app_pod(&plane, "web", "web-0");
+    app_pod(&plane, "web", "web-1");
+    plane.emu.append_log("default", "web-0", "web", "zero: old");
+    plane
+        .emu
+        .append_log("default", "web-0", "web", "zero: newer");
+    plane.emu.append_log("default", "web-1", "web", "one: old");
+
+    let (ok, out) = plane.run(&["logs", "web"], &[]).await;
+    assert!(ok, "{out}");
+    for line in [
+        "[web-0] zero: old",
+        "[web-0] zero: newer",
+        "[web-1] one: old",
+    ] {
+        assert!(out.lines().any(|l| l == line), "{line:?} in {out}");
+    }
+    let (ok, out) = plane.run(&["logs", "web", "--tail", "1"], &[]).await;
+    assert!(ok, "{out}");
+    assert!(
+        !out.contains("zero: old") && out.contains("zero: newer"),
+        "{out}"
+    );
+
+    let follow = plane.cli(&["logs", "web", "-f"], &[]);
+    follow.wait_for_log("[web-1] one: old", LONG).await.unwrap();
+    plane.emu.append_log("default", "web-1", "web", "one: live");
+    follow
+        .wait_for_log("[web-1] one: live", LONG)
+        .await
+        .unwrap();
+    // A pod that starts later joins, from its first line.
+    app_pod(&plane, "web", "web-2");
+    plane
+        .emu
+        .append_log("default", "web-2", "web", "two: first");
+    follow
+        .wait_for_log("[web-2] two: first", LONG)
+        .await
+        .unwrap();
+
+    let (ok, out) = plane.run(&["logs", "nope"], &[]).await;
+    assert!(!ok && out.contains("no app \"nope\""), "{out}");
+    let (code, _) = http(
+        "GET",
+        &format!("{}/v1/apps/web/logs", plane.url),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        code, 401,
+        "app output may hold secrets: the token is required"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_hot_streams_the_apps_logs_between_its_events() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    plane.deploy_dev_hot("web", &src).await;
+    app_pod(&plane, "web", "web-0");
+    let dev = plane.cli(
+        &["dev", "--hot", "web", src.to_str().unwrap(), "-o", "json"],
+        &[],
+    );
+    dev.wait_for_log("\"event\":\"watching\"", LONG)
+        .await
+        .unwrap();
+    // Only new lines are shown: write until the stream (which connects on its own
+    // schedule) has passed one on.
+    let mut n = 0;
+    let seen = wait_until(LONG, || {
+        n += 1;
+        plane
+            .emu
+            .append_log("default", "web-0", "web", &format!("tick {n}"));
+        let found = !dev.lines_with("\"event\":\"log\"").is_empty();
+        async move { found }
+    })
+    .await;
+    assert!(seen, "{:?}", dev.logs());
+    let line = &dev.lines_with("\"event\":\"log\"")[0];
+    let ev: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(ev["pod"], "web-0");
+    assert!(ev["line"].as_str().unwrap().starts_with("tick "), "{ev}");
+}

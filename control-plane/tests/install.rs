@@ -341,6 +341,15 @@ async fn install_applies_with_real_kubectl_and_the_installed_control_plane_deplo
             .expect("status exits")
             .success()
     );
+    emu.append_log(NS, "web-0", "web", "hello from web-0");
+    let mut logs = Proc::spawn(AETHER, &["logs", "web", "-n", NS], &cli_env).unwrap();
+    let exit = logs.wait_exit(LONG).await.expect("logs exits");
+    assert!(exit.success(), "{:?}", logs.logs());
+    assert!(
+        logs.logs().contains(&"[web-0] hello from web-0".to_owned()),
+        "{:?}",
+        logs.logs()
+    );
     let release = reqwest::Client::new()
         .post(format!("{url}/v1/apps/web/release"))
         .bearer_auth(TOKEN)

@@ -18,6 +18,9 @@
 //! a test waits for, instead of racing the client's backoff). The same hooks are reachable
 //! over HTTP: `POST /_emulator/drop-watches`, `POST /_emulator/compact`,
 //! `GET /_emulator/stats`.
+//!
+//! Pods have a `log` subresource (`container`, `follow`, `tailLines`, `sinceSeconds`) fed
+//! by the test through [`Emulator::append_log`]: emulated pods run no containers.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -229,6 +232,9 @@ struct Counters {
     proxy: AtomicU64,
 }
 
+/// A container's log: (namespace, pod, container).
+type LogKey = (String, String, String);
+
 struct Shared {
     inner: Mutex<Inner>,
     events: broadcast::Sender<Arc<WatchEvent>>,
@@ -249,6 +255,10 @@ struct Shared {
     /// Every kind of resource request served, as RBAC would authorize it.
     accesses: Mutex<BTreeSet<Access>>,
     bookmark_every: Duration,
+    /// Container logs by (namespace, pod, container): when each line was written, and it.
+    logs: Mutex<BTreeMap<LogKey, Vec<(std::time::Instant, String)>>>,
+    /// Ticks on every appended log line and every pod deletion, for followers.
+    log_ticks: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -311,6 +321,8 @@ impl Emulator {
             counters: Counters::default(),
             accesses: Mutex::new(BTreeSet::new()),
             bookmark_every: options.bookmark_every,
+            logs: Mutex::new(BTreeMap::new()),
+            log_ticks: watch::channel(0).0,
         });
         for ns in ["default", "kube-system", "kube-public"] {
             let _ = create(&shared, 0, None, json!({"metadata": {"name": ns}}));
@@ -441,6 +453,19 @@ impl Emulator {
         let idx = type_index(plural)?;
         let key = (idx, namespace.unwrap_or("").to_owned(), name.to_owned());
         self.shared.lock().objects.get(&key).cloned()
+    }
+
+    /// Appends `line` to the log of `container` in pod `pod`, as if the container had
+    /// written it; followers of that log get it at once.
+    pub fn append_log(&self, namespace: &str, pod: &str, container: &str, line: &str) {
+        self.shared
+            .logs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((namespace.to_owned(), pod.to_owned(), container.to_owned()))
+            .or_default()
+            .push((std::time::Instant::now(), line.to_owned()));
+        self.shared.log_ticks.send_modify(|t| *t += 1);
     }
 
     /// Applies a JSON merge patch directly.
@@ -785,6 +810,10 @@ fn resource_list(group: &str, version: &str) -> Value {
         if t.plural == "pods" {
             resources.push(json!({"name": "pods/proxy", "singularName": "", "namespaced": true,
                 "kind": "PodProxyOptions", "verbs": ["create", "delete", "get", "patch", "update"]}));
+            resources.push(
+                json!({"name": "pods/log", "singularName": "", "namespaced": true,
+                "kind": "Pod", "verbs": ["get"]}),
+            );
         }
         if matches!(t.plural, "pods" | "deployments") {
             resources.push(
@@ -899,6 +928,10 @@ async fn resource(
             c.get.fetch_add(1, Ordering::Relaxed);
             pod_proxy(shared, ns, name, rest).await
         }
+        (Method::GET, Some(name), ["log"]) if rt.plural == "pods" => {
+            c.get.fetch_add(1, Ordering::Relaxed);
+            pod_log(shared, idx, ns, name, query)
+        }
         (Method::GET, Some(name), ["status"]) => {
             c.get.fetch_add(1, Ordering::Relaxed);
             let key = (idx, ns.to_owned(), name.to_owned());
@@ -956,6 +989,122 @@ async fn resource(
             format!("{m} is not supported on this path"),
         )),
     }
+}
+
+/// `GET /api/v1/namespaces/{ns}/pods/{name}/log`: the lines [`Emulator::append_log`] wrote
+/// for the container (`container`, or the pod's only container), after `sinceSeconds`,
+/// the last `tailLines`; with `follow=true` the response stays open for new lines until the
+/// pod is deleted or the client goes.
+fn pod_log(
+    shared: &Arc<Shared>,
+    idx: usize,
+    ns: &str,
+    name: &str,
+    query: &BTreeMap<String, String>,
+) -> Result<Response, ApiError> {
+    let pod = shared
+        .lock()
+        .objects
+        .get(&(idx, ns.to_owned(), name.to_owned()))
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("pods", name))?;
+    let containers: Vec<String> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| c.get("name")?.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let container = match query.get("container") {
+        Some(c) if containers.contains(c) => c.clone(),
+        Some(c) => {
+            return Err(ApiError::bad_request(format!(
+                "container {c} is not valid for pod {name}"
+            )));
+        }
+        None if containers.len() == 1 => containers[0].clone(),
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {name}, choose one of: {containers:?}"
+            )));
+        }
+    };
+    let number = |key: &str| -> Result<Option<u64>, ApiError> {
+        query
+            .get(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| ApiError::bad_request(format!("invalid {key} {v:?}")))
+            })
+            .transpose()
+    };
+    let since = number("sinceSeconds")?.map(Duration::from_secs);
+    let tail = number("tailLines")?;
+    let follow = query.get("follow").is_some_and(|f| f == "true" || f == "1");
+    let key = (ns.to_owned(), name.to_owned(), container);
+    let shared = shared.clone();
+    let pod_key = (idx, ns.to_owned(), name.to_owned());
+    // Lines up to `sent` are out; the first read applies sinceSeconds and tailLines.
+    let backlog = |shared: &Shared| -> (Vec<String>, usize) {
+        let logs = shared.logs.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = logs.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+        let now = std::time::Instant::now();
+        let mut picked: Vec<String> = lines
+            .iter()
+            .filter(|(at, _)| since.is_none_or(|s| now.duration_since(*at) <= s))
+            .map(|(_, l)| l.clone())
+            .collect();
+        if let Some(t) = tail {
+            let skip = picked
+                .len()
+                .saturating_sub(usize::try_from(t).unwrap_or(usize::MAX));
+            picked.drain(..skip);
+        }
+        (picked, lines.len())
+    };
+    let mut ticks = shared.log_ticks.subscribe();
+    ticks.borrow_and_update();
+    let (first, mut sent) = backlog(&shared);
+    let mut body: String = first.iter().map(|l| format!("{l}\n")).collect();
+    if !follow {
+        return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], body).into_response());
+    }
+    let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let key = (key.0.clone(), key.1.clone(), key.2.clone());
+    tokio::spawn(async move {
+        loop {
+            if !body.is_empty()
+                && tx
+                    .send(Ok(Bytes::from(std::mem::take(&mut body))))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            if !shared.lock().objects.contains_key(&pod_key) {
+                return;
+            }
+            if ticks.changed().await.is_err() {
+                return;
+            }
+            let logs = shared.logs.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(lines) = logs.get(&key) {
+                body = lines[sent.min(lines.len())..]
+                    .iter()
+                    .map(|(_, l)| format!("{l}\n"))
+                    .collect();
+                sent = lines.len();
+            }
+        }
+    });
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain")],
+        Body::from_stream(rx),
+    )
+        .into_response())
 }
 
 /// Pod annotation telling the emulator where a pod's ports really listen (`host:port`),
@@ -1432,6 +1581,8 @@ fn delete(shared: &Shared, idx: usize, ns: &str, name: &str) -> Result<Value, Ap
         .objects
         .remove(&key)
         .ok_or_else(|| ApiError::not_found(rt.plural, name))?;
+    // Log followers of a deleted pod end (they look under the lock held here).
+    shared.log_ticks.send_modify(|t| *t += 1);
     let mut removed = vec![(idx, obj.clone())];
     if rt.plural == "namespaces" {
         let keys: Vec<Key> = inner

@@ -116,6 +116,12 @@ pub const PERMISSIONS: &[Permission] = &[
     },
     Permission {
         api_group: "",
+        resource: "pods/log",
+        verbs: &["get"],
+        why: "aether logs and aether dev --hot stream the app container's output of each pod",
+    },
+    Permission {
+        api_group: "",
         resource: "serviceaccounts",
         verbs: &["create", "patch"],
         why: "deploy --dev-hot applies each app's fetcher ServiceAccount",
