@@ -342,6 +342,9 @@ async fn install_applies_with_real_kubectl_and_the_installed_control_plane_deplo
             .success()
     );
     emu.append_log(NS, "web-0", "web", "hello from web-0");
+    // The emulator's log subresource is the one the real kubectl reads.
+    let via_kubectl = kubectl(&kubeconfig, &["logs", "-n", NS, "web-0", "-c", "web"], None).await;
+    assert_eq!(via_kubectl.trim(), "hello from web-0");
     let mut logs = Proc::spawn(AETHER, &["logs", "web", "-n", NS], &cli_env).unwrap();
     let exit = logs.wait_exit(LONG).await.expect("logs exits");
     assert!(exit.success(), "{:?}", logs.logs());
