@@ -150,7 +150,7 @@ pub struct Settings {
     /// Called after each release goes live (not in `--once` mode), with headers
     /// `Aether-Digest` and, for a manifest release, `Aether-Seq`; for example an app's
     /// reload endpoint `http://127.0.0.1:8080/-/reload`.
-    #[arg(long, env = "AETHER_WEBHOOK_URL")]
+    #[arg(long, env = "AETHER_WEBHOOK_URL", hide_env_values = true)]
     pub webhook_url: Option<String>,
 
     /// Method of the webhook call.

@@ -56,9 +56,30 @@ struct App {
     started: Instant,
     /// The release it started in (its working directory).
     release: PathBuf,
-    /// The release it was last told about: `release`, or a later one it was signalled
-    /// for (or left alone with) under `--on-release signal:…|none`.
-    told: PathBuf,
+    /// The releases it was last told about, newest last (at most [`TOLD_KEPT`]): `release`,
+    /// then later ones it was signalled for (or left alone with) under
+    /// `--on-release signal:…|none`. All stay marked in use: an app still reloading from
+    /// the one before the newest must not see it patched.
+    told: Vec<PathBuf>,
+    /// The signal last sent for a new release, to recognise an app it killed.
+    signalled: Option<i32>,
+}
+
+/// Releases told about that stay marked in use (besides the start release).
+const TOLD_KEPT: usize = 2;
+
+impl App {
+    /// The release it was last told about.
+    fn current(&self) -> &Path {
+        self.told.last().unwrap_or(&self.release)
+    }
+
+    /// Every release it may be using: its working directory and what it was told about.
+    fn held(&self) -> Vec<&Path> {
+        let mut held: Vec<&Path> = vec![&self.release];
+        held.extend(self.told.iter().map(PathBuf::as_path));
+        held
+    }
 }
 
 /// How the app ended.
@@ -153,8 +174,9 @@ fn release_digest(release: &Path) -> Option<Digest> {
 
 /// Marks the live release in use before anything runs from it, and returns it. The link
 /// is read again after the mark: had it moved in between, the fetcher may have looked for
-/// marks before this one was made, so the mark moves to the newer release.
-fn mark_live(workspace: &Path, ws: Option<&Workspace>) -> Option<PathBuf> {
+/// marks before this one was made, so the mark moves to the newer release — except from
+/// the releases in `keep`, which a running app holds.
+fn mark_live(workspace: &Path, ws: Option<&Workspace>, keep: &[&Path]) -> Option<PathBuf> {
     let mut release = live_release(workspace)?;
     let Some(ws) = ws else {
         return Some(release);
@@ -170,7 +192,9 @@ fn mark_live(workspace: &Path, ws: Option<&Workspace>) -> Option<PathBuf> {
         if now == release {
             return Some(release);
         }
-        unmark(ws, &release);
+        if !keep.contains(&release.as_path()) {
+            unmark(ws, &release);
+        }
         release = now;
     }
 }
@@ -206,31 +230,27 @@ fn start(command: &[String], release: &Path) -> anyhow::Result<App> {
         pid,
         started: Instant::now(),
         release: release.to_path_buf(),
-        told: release.to_path_buf(),
+        told: vec![release.to_path_buf()],
+        signalled: None,
     })
 }
 
 /// Tells a running app about the release `live` (already marked in use) without
-/// restarting it: a signal to its process, or nothing. The mark of the release it was told
-/// about before moves to `live`; its start release stays marked.
+/// restarting it: a signal to its process, or nothing. The oldest release it was told
+/// about beyond [`TOLD_KEPT`] loses its mark (unless the app still holds it otherwise).
 fn tell(app: &mut App, live: PathBuf, action: OnRelease, ws: Option<&Workspace>) {
     let name = live
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     // The marks first: whoever sees the app react sees them settled.
-    let before = std::mem::replace(&mut app.told, live);
-    if let Some(ws) = ws {
-        if before != app.release && before != app.told {
-            unmark(ws, &before);
-        }
-        // `mark_live` clears the mark of a release the link moved away from while it
-        // looked, which may have been the start release: the app's working directory
-        // stays marked.
-        if let Some(d) = release_digest(&app.release)
-            && let Err(e) = ws.mark_in_use(&d)
+    app.told.push(live);
+    if app.told.len() > TOLD_KEPT {
+        let dropped = app.told.remove(0);
+        if let Some(ws) = ws
+            && !app.held().contains(&dropped.as_path())
         {
-            tracing::warn!(error = %e, "could not mark the release in use");
+            unmark(ws, &dropped);
         }
     }
     if let OnRelease::Signal(sig) = action {
@@ -240,6 +260,7 @@ fn tell(app: &mut App, live: PathBuf, action: OnRelease, ws: Option<&Workspace>)
         unsafe {
             libc::kill(app.pid, sig);
         }
+        app.signalled = Some(sig);
     }
     tracing::info!(
         "SUPERVISE_RELOAD pid={} release={name} action={action}",
@@ -311,9 +332,8 @@ pub async fn run(
         .ok();
     let done = |app: &App| {
         if let Some(ws) = &ws {
-            unmark(ws, &app.release);
-            if app.told != app.release {
-                unmark(ws, &app.told);
+            for release in app.held() {
+                unmark(ws, release);
             }
         }
     };
@@ -323,7 +343,7 @@ pub async fn run(
     loop {
         if app.is_none()
             && restart_at.is_some_and(|t| Instant::now() >= t)
-            && let Some(release) = mark_live(&workspace, ws.as_ref())
+            && let Some(release) = mark_live(&workspace, ws.as_ref(), &[])
         {
             restart_at = None;
             match start(&args.command, &release) {
@@ -353,10 +373,20 @@ pub async fn run(
                     if ran >= HEALTHY_RUN {
                         backoff = CRASH_BACKOFF_MIN;
                     }
+                    if let (Exit::Signal(sig), Some(sent)) = (exit, a.signalled)
+                        && sig == sent
+                    {
+                        // Not a crash: it cannot take the reload signal (a shell wrapper as
+                        // the leader, or no handler yet). Start it in the new release now.
+                        tracing::warn!(pid = a.pid, "the app died of SIG{} sent for the new release: its leader does not handle it (run the app itself, e.g. with exec, not through a wrapper); starting it again", OnRelease::signal_name(sig));
+                        backoff = CRASH_BACKOFF_MIN;
+                        restart_at = Some(Instant::now());
+                        continue;
+                    }
                     tracing::warn!(pid = a.pid, ?exit, ran_ms = ran.as_millis() as u64, "app exited; restarting in {backoff:?}");
                     restart_at = Some(Instant::now() + backoff);
                     backoff = (backoff * 2).min(CRASH_BACKOFF_MAX);
-                    crashed_release = Some(a.release);
+                    crashed_release = Some(a.current().to_path_buf());
                 }
             }
             Some(()) = link_rx.recv() => {}
@@ -366,7 +396,7 @@ pub async fn run(
         // A new release restarts the app at once, also out of a crash backoff.
         let live = live_release(&workspace);
         if let Some(live) = live {
-            if let Some(a) = app.as_mut().filter(|a| a.told != live) {
+            if let Some(a) = app.as_mut().filter(|a| a.current() != live) {
                 match args.on_release {
                     OnRelease::Restart => {
                         tracing::info!(pid = a.pid, release = %live.display(), "new release live; restarting the app");
@@ -378,7 +408,9 @@ pub async fn run(
                         restart_at = Some(Instant::now());
                     }
                     action => {
-                        if let Some(now) = mark_live(&workspace, ws.as_ref()) {
+                        let held: Vec<PathBuf> = a.held().iter().map(|p| p.to_path_buf()).collect();
+                        let held: Vec<&Path> = held.iter().map(PathBuf::as_path).collect();
+                        if let Some(now) = mark_live(&workspace, ws.as_ref(), &held) {
                             tell(a, now, action, ws.as_ref());
                         }
                     }

@@ -274,8 +274,13 @@ fn supervise_on_release(ws: &Path, on_release: &str, script: &str) -> Proc {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_release_signal_hup_signals_the_app_which_keeps_its_pid_and_reads_current() {
-    let (a, b, c) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
-    let (_d, ws) = workspace(&[&a, &b, &c]);
+    let (a, b, c, d) = (
+        "a".repeat(64),
+        "b".repeat(64),
+        "c".repeat(64),
+        "d".repeat(64),
+    );
+    let (_d, ws) = workspace(&[&a, &b, &c, &d]);
     let marks = ws.join(".aether/in-use");
     // Counts SIGHUPs and reads the code through `current`, as such an app must.
     let script = "n=0; trap 'n=$((n+1)); echo hup $n $(cat ../../../current/v) $$' HUP; \
@@ -296,10 +301,16 @@ async fn on_release_signal_hup_signals_the_app_which_keeps_its_pid_and_reads_cur
     swap(&ws, &c);
     let second = sup.wait_for_log(&format!("hup 2 {c}"), LONG).await.unwrap();
     assert_eq!(pid_of(&second), pid);
-    assert!(marks.join(&a).exists() && marks.join(&c).exists());
+    assert!(
+        [&a, &b, &c].iter().all(|r| marks.join(r).exists()),
+        "the release told about before stays in use while the app may still reload from it"
+    );
+    swap(&ws, &d);
+    sup.wait_for_log(&format!("hup 3 {d}"), LONG).await.unwrap();
+    assert!([&a, &c, &d].iter().all(|r| marks.join(r).exists()));
     assert!(
         !marks.join(&b).exists(),
-        "a release no longer told about is free"
+        "an older release told about is free"
     );
     assert_eq!(sup.lines_with("started ").len(), 1, "never restarted");
     assert!(alive(pid));
@@ -307,8 +318,29 @@ async fn on_release_signal_hup_signals_the_app_which_keeps_its_pid_and_reads_cur
     assert!(
         reload
             .iter()
-            .any(|l| l.contains(&format!("pid={pid} release={c} action=signal:HUP"))),
+            .any(|l| l.contains(&format!("pid={pid} release={d} action=signal:HUP"))),
         "{reload:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_killed_by_the_reload_signal_starts_again_at_once_with_a_hint() {
+    let (_d, ws) = workspace(&["a", "b"]);
+    // No HUP handler: the signal ends it, as it would a shell wrapper's leader.
+    let sup = supervise_on_release(
+        &ws,
+        "signal:HUP",
+        "echo started $(cat v) $$; exec sleep 1000",
+    );
+    sup.wait_for_log("started a", LONG).await.unwrap();
+    swap(&ws, "b");
+    sup.wait_for_log("started b", LONG).await.unwrap();
+    let hint = sup.lines_with("does not handle it");
+    assert_eq!(hint.len(), 1, "{:?}", sup.logs());
+    assert!(hint[0].contains("SIGHUP"), "{hint:?}");
+    assert!(
+        sup.lines_with("restarting in").is_empty(),
+        "not a crash: no backoff"
     );
 }
 
