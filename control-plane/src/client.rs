@@ -305,8 +305,14 @@ impl Client {
             path.push('?');
             path.push_str(q);
         }
-        self.send(self.req(reqwest::Method::GET, &path), "status")
-            .await
+        // Bounded: `status -w` and the live wait must notice a control plane that stopped
+        // answering rather than hang on it.
+        self.send(
+            self.req(reqwest::Method::GET, &path)
+                .timeout(STATUS_TIMEOUT),
+            "status",
+        )
+        .await
     }
 }
 
@@ -361,13 +367,18 @@ pub struct LogLines {
 }
 
 impl LogLines {
-    /// The next line; `None` when the stream ends.
+    /// The next record; `None` when the stream ends. Heartbeats (empty lines) are
+    /// skipped; a stream silent for several heartbeats is a dead connection, an error.
     pub async fn next(&mut self) -> anyhow::Result<Option<crate::logs::LogLine>> {
         // The server cuts lines at MAX_LINE; JSON escaping at most sextuples them.
         const MAX_RECORD: usize = crate::logs::MAX_LINE * 6 + 1024;
+        let idle = crate::logs::HEARTBEAT * 4;
         loop {
             if let Some(i) = self.buf.iter().position(|b| *b == b'\n') {
                 let record: Vec<u8> = self.buf.drain(..=i).collect();
+                if record.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
                 return Ok(Some(
                     serde_json::from_slice(&record).context("logs: a line that is not JSON")?,
                 ));
@@ -375,13 +386,21 @@ impl LogLines {
             if self.buf.len() > MAX_RECORD {
                 bail!("logs: a record longer than {MAX_RECORD} bytes");
             }
-            match self.response.chunk().await.context("logs: reading")? {
+            let chunk = tokio::time::timeout(idle, self.response.chunk())
+                .await
+                .map_err(|_| anyhow::anyhow!("logs: nothing from the control plane for {idle:?}"))?
+                .context("logs: reading")?;
+            match chunk {
                 Some(chunk) => self.buf.extend_from_slice(&chunk),
                 None => return Ok(None),
             }
         }
     }
 }
+
+/// Longest a status read may take (the control plane reads every pod's fetcher, each
+/// through the API server's proxy with its own 5 s bound).
+const STATUS_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Uploads larger than this show a progress line on a terminal.
 const PROGRESS_MIN_BYTES: usize = 4 << 20;

@@ -140,10 +140,12 @@ enum Event<'a> {
     Error {
         message: String,
     },
-    /// A line of the app container of a pod.
+    /// A line of the app container of a pod, or why its log cannot be read.
     Log {
         pod: &'a str,
         line: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a str>,
     },
 }
 
@@ -177,6 +179,12 @@ impl DevLoop {
             let sent = self.refresh(first, None, &mut none).await?;
             return match sent.failed {
                 Some(why) => Err(anyhow::anyhow!(why)),
+                // Nothing runs it: a CI step right after a deploy must not pass on that.
+                None if sent.pods == 0 && sent.tree.is_some() => Err(anyhow::anyhow!(
+                    "{} has no pods: the release waits in the Deployment's annotations, \
+                     but nothing runs it yet",
+                    self.publisher.app
+                )),
                 None => Ok(()),
             };
         }
@@ -371,6 +379,7 @@ impl DevLoop {
         });
         sent.refused = refusals(&digest, &progress);
         sent.failed = sent.refused.clone();
+        sent.pods = progress.total;
         Ok(sent)
     }
 }
@@ -390,9 +399,10 @@ const LOGS_RECONNECT: Duration = Duration::from_secs(2);
 /// Prints the app's new log lines (pods that start later from their first line) for as
 /// long as the loop runs, reconnecting when the stream breaks.
 async fn follow_logs(client: Client, app: String, namespace: Option<String>, output: Output) {
+    // Lines written from now on: also what pods that start later print first.
     let q = crate::logs::LogQuery {
         follow: true,
-        tail_lines: Some(0),
+        since_seconds: Some(0),
         ..Default::default()
     };
     let mut printer = crate::logs::Printer::default();
@@ -403,21 +413,26 @@ async fn follow_logs(client: Client, app: String, namespace: Option<String>, out
                 told = false;
                 while let Ok(Some(l)) = lines.next().await {
                     if output.text() {
-                        println!("{}", printer.format(&l));
+                        match &l.error {
+                            Some(e) => eprintln!("[{}] log unavailable: {e}", l.pod),
+                            None => println!("{}", printer.format(&l)),
+                        }
                     }
                     output.emit(&Event::Log {
                         pod: &l.pod,
                         line: &l.line,
+                        error: l.error.as_deref(),
                     });
                 }
             }
             Err(e) if !told => {
                 told = true;
+                let message =
+                    format!("app logs unavailable: {e:#} (retrying; --no-logs turns them off)");
                 if output.text() {
-                    eprintln!(
-                        "aether dev: app logs unavailable: {e:#} (retrying; --no-logs turns them off)"
-                    );
+                    eprintln!("aether dev: {message}");
                 }
+                output.emit(&Event::Error { message });
             }
             Err(_) => {}
         }
@@ -435,6 +450,8 @@ struct Sent {
     refused: Option<String>,
     /// Not every pod runs it: refused, or still pending at the timeout.
     failed: Option<String>,
+    /// Pods of the app when the release settled.
+    pods: usize,
 }
 
 /// Prints each pod that runs the release (`-o json`) and each refusal.

@@ -235,7 +235,10 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         .arg(args.grace_sec.to_string())
         .arg("--")
         .args(&args.command)
-        .env("AETHER_WORKSPACE", &workspace);
+        .env("AETHER_WORKSPACE", &workspace)
+        // The loop measures restarts: a reload mode from the user's shell would leave
+        // the old process answering.
+        .env_remove("AETHER_ON_RELEASE");
     let supervisor = spawn_logged(sup_cmd, "supervisor", lines.clone(), args.verbose)?;
     let http = reqwest::Client::new();
     let status_url = format!("http://{status_addr}/status");

@@ -108,15 +108,15 @@ enum Command {
         command: Vec<String>,
         /// --local: show the fetcher's and the supervisor's info logs (by default only
         /// their warnings and errors appear beside the app's output).
-        #[arg(long, short = 'v')]
+        #[arg(long, short = 'v', requires = "local")]
         verbose: bool,
         /// --local: after each restart, poll this URL until the app answers (any status
         /// below 500) and report save → app ready instead of save → process started.
-        #[arg(long, conflicts_with = "ready_port")]
+        #[arg(long, conflicts_with = "ready_port", requires = "local")]
         ready_url: Option<reqwest::Url>,
         /// --local: the same as --ready-url http://127.0.0.1:PORT/ (PORT defaults to 8080,
         /// the example apps' port).
-        #[arg(long, num_args = 0..=1, default_missing_value = "8080")]
+        #[arg(long, num_args = 0..=1, default_missing_value = "8080", requires = "local")]
         ready_port: Option<u16>,
         #[arg(long, short = 'n', env = "AETHER_NAMESPACE")]
         namespace: Option<String>,

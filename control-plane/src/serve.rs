@@ -104,6 +104,8 @@ struct AppState {
     metrics: PrometheusHandle,
     /// The reconcile loop's caches of the managed Deployments and pods.
     cache: reconcile::Cache,
+    /// Bounds the app log streams served at once.
+    log_streams: crate::logs::Limiter,
 }
 
 type Shared = Arc<AppState>;
@@ -303,6 +305,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
         global_key,
         app_keys,
         metrics,
+        log_streams: crate::logs::Limiter::default(),
     });
     // JSON bodies are small; only artifact uploads may be large (up to the store's cap,
     // enforced while streaming).
@@ -854,8 +857,23 @@ async fn app_logs(
             format!("no app {app:?} in namespace {ns:?}"),
         ));
     }
-    let body = Body::from_stream(crate::logs::stream(s.client.clone(), &ns, &app, q));
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    let slot = s.log_streams.try_acquire().ok_or_else(|| {
+        ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{} log streams are open on this control plane; try again when one ends",
+                crate::logs::MAX_STREAMS
+            ),
+        )
+    })?;
+    let records = crate::logs::stream(s.client.clone(), &ns, &app, q, slot)
+        .await
+        .map_err(|e| cluster_error(anyhow::Error::new(e)))?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(records),
+    )
+        .into_response())
 }
 
 #[cfg(test)]

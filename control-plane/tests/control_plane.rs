@@ -1645,3 +1645,81 @@ async fn dev_hot_streams_the_apps_logs_between_its_events() {
     assert_eq!(ev["pod"], "web-0");
     assert!(ev["line"].as_str().unwrap().starts_with("tick "), "{ev}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_log_stream_is_read_again_from_the_last_line_and_unreadable_pods_say_why() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    plane.deploy_dev_hot("web", &src).await;
+    app_pod(&plane, "web", "web-0");
+    plane.emu.append_log("default", "web-0", "web", "before");
+    let follow = plane.cli(&["logs", "web", "-f"], &[]);
+    follow.wait_for_log("[web-0] before", LONG).await.unwrap();
+    // The API server ends the stream while the pod lives (a restart, a timeout).
+    plane.emu.drop_log_streams();
+    plane.emu.append_log("default", "web-0", "web", "after");
+    follow.wait_for_log("[web-0] after", LONG).await.unwrap();
+    plane.emu.append_log("default", "web-0", "web", "later");
+    follow.wait_for_log("[web-0] later", LONG).await.unwrap();
+    assert_eq!(
+        follow.lines_with("[web-0] before").len(),
+        1,
+        "nothing is repeated: {:?}",
+        follow.logs()
+    );
+    assert_eq!(follow.lines_with("[web-0] after").len(), 1);
+
+    // A pod whose app container cannot be read is named with the reason, not skipped.
+    plane.pod("web-odd", "web");
+    let (ok, out) = plane.run(&["logs", "web"], &[]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("[web-odd] log unavailable:")),
+        "{out}"
+    );
+    assert!(out.contains("[web-0] later"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_streams_beyond_the_cap_are_refused_with_429_until_one_ends() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    plane.deploy_dev_hot("web", &src).await;
+    app_pod(&plane, "web", "web-0");
+    let url = format!("{}/v1/apps/web/logs?follow=true", plane.url);
+    aether_testkit::process::install_crypto();
+    let client = reqwest::Client::new();
+    let open = || client.get(&url).bearer_auth(TOKEN).send();
+    let mut streams = Vec::new();
+    // The cap (MAX_STREAMS in control-plane/src/logs.rs).
+    for _ in 0..16 {
+        let r = open().await.unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(r);
+    }
+    let refused = open().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    drop(streams.pop());
+    let freed = wait_until(LONG, || async { open().await.unwrap().status() == 200 }).await;
+    assert!(freed, "a slot comes back when a stream ends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_once_fails_when_the_app_has_no_pods_to_run_the_tree() {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    plane.deploy_dev_hot("lonely", &src).await;
+    std::fs::write(src.join("f"), "2").unwrap();
+    let mut once = plane.cli(
+        &["dev", "--hot", "lonely", src.to_str().unwrap(), "--once"],
+        &[],
+    );
+    let status = once.wait_exit(LONG).await.unwrap();
+    assert_eq!(status.code(), Some(1), "{:?}", once.logs());
+    assert!(
+        !once.lines_with("has no pods").is_empty(),
+        "{:?}",
+        once.logs()
+    );
+}

@@ -19,8 +19,9 @@
 //! over HTTP: `POST /_emulator/drop-watches`, `POST /_emulator/compact`,
 //! `GET /_emulator/stats`.
 //!
-//! Pods have a `log` subresource (`container`, `follow`, `tailLines`, `sinceSeconds`) fed
-//! by the test through [`Emulator::append_log`]: emulated pods run no containers.
+//! Pods have a `log` subresource (`container`, `follow`, `tailLines`, `sinceSeconds`,
+//! `sinceTime`, `timestamps`) fed by the test through [`Emulator::append_log`]: emulated
+//! pods run no containers.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -256,9 +257,11 @@ struct Shared {
     accesses: Mutex<BTreeSet<Access>>,
     bookmark_every: Duration,
     /// Container logs by (namespace, pod, container): when each line was written, and it.
-    logs: Mutex<BTreeMap<LogKey, Vec<(std::time::Instant, String)>>>,
+    logs: Mutex<BTreeMap<LogKey, Vec<(jiff::Timestamp, String)>>>,
     /// Ticks on every appended log line and every pod deletion, for followers.
     log_ticks: watch::Sender<u64>,
+    /// Ticks to end every open log follow (as an API server restart would).
+    drop_logs: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -323,6 +326,7 @@ impl Emulator {
             bookmark_every: options.bookmark_every,
             logs: Mutex::new(BTreeMap::new()),
             log_ticks: watch::channel(0).0,
+            drop_logs: watch::channel(0).0,
         });
         for ns in ["default", "kube-system", "kube-public"] {
             let _ = create(&shared, 0, None, json!({"metadata": {"name": ns}}));
@@ -464,8 +468,13 @@ impl Emulator {
             .unwrap_or_else(|p| p.into_inner())
             .entry((namespace.to_owned(), pod.to_owned(), container.to_owned()))
             .or_default()
-            .push((std::time::Instant::now(), line.to_owned()));
+            .push((jiff::Timestamp::now(), line.to_owned()));
         self.shared.log_ticks.send_modify(|t| *t += 1);
+    }
+
+    /// Ends every open log follow, as an API server restart would; the pods live on.
+    pub fn drop_log_streams(&self) {
+        self.shared.drop_logs.send_modify(|t| *t += 1);
     }
 
     /// Applies a JSON merge patch directly.
@@ -1040,8 +1049,36 @@ fn pod_log(
             })
             .transpose()
     };
-    let since = number("sinceSeconds")?.map(Duration::from_secs);
+    let since = match (number("sinceSeconds")?, query.get("sinceTime")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "at most one of sinceTime or sinceSeconds may be specified",
+            ));
+        }
+        (Some(s), None) => Some(
+            jiff::Timestamp::now()
+                .checked_sub(jiff::SignedDuration::from_secs(
+                    i64::try_from(s).unwrap_or(0),
+                ))
+                .unwrap_or(jiff::Timestamp::MIN),
+        ),
+        (None, Some(t)) => Some(
+            t.parse::<jiff::Timestamp>()
+                .map_err(|e| ApiError::bad_request(format!("invalid sinceTime {t:?}: {e}")))?,
+        ),
+        (None, None) => None,
+    };
     let tail = number("tailLines")?;
+    let timestamps = query
+        .get("timestamps")
+        .is_some_and(|f| f == "true" || f == "1");
+    let render = move |(at, line): &(jiff::Timestamp, String)| {
+        if timestamps {
+            format!("{at} {line}\n")
+        } else {
+            format!("{line}\n")
+        }
+    };
     let follow = query.get("follow").is_some_and(|f| f == "true" || f == "1");
     let key = (ns.to_owned(), name.to_owned(), container);
     let shared = shared.clone();
@@ -1050,11 +1087,10 @@ fn pod_log(
     let backlog = |shared: &Shared| -> (Vec<String>, usize) {
         let logs = shared.logs.lock().unwrap_or_else(|p| p.into_inner());
         let lines = logs.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-        let now = std::time::Instant::now();
         let mut picked: Vec<String> = lines
             .iter()
-            .filter(|(at, _)| since.is_none_or(|s| now.duration_since(*at) <= s))
-            .map(|(_, l)| l.clone())
+            .filter(|(at, _)| since.is_none_or(|s| *at >= s))
+            .map(render)
             .collect();
         if let Some(t) = tail {
             let skip = picked
@@ -1066,8 +1102,10 @@ fn pod_log(
     };
     let mut ticks = shared.log_ticks.subscribe();
     ticks.borrow_and_update();
+    let mut drops = shared.drop_logs.subscribe();
+    drops.borrow_and_update();
     let (first, mut sent) = backlog(&shared);
-    let mut body: String = first.iter().map(|l| format!("{l}\n")).collect();
+    let mut body: String = first.concat();
     if !follow {
         return Ok((StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], body).into_response());
     }
@@ -1086,15 +1124,13 @@ fn pod_log(
             if !shared.lock().objects.contains_key(&pod_key) {
                 return;
             }
-            if ticks.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = ticks.changed() => if changed.is_err() { return },
+                _ = drops.changed() => return,
             }
             let logs = shared.logs.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(lines) = logs.get(&key) {
-                body = lines[sent.min(lines.len())..]
-                    .iter()
-                    .map(|(_, l)| format!("{l}\n"))
-                    .collect();
+                body = lines[sent.min(lines.len())..].iter().map(render).collect();
                 sent = lines.len();
             }
         }
