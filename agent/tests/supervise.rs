@@ -64,6 +64,15 @@ async fn a_new_release_restarts_the_app_there_and_the_old_process_is_gone() {
     let sup = supervise(&ws, "3", "echo started $(cat v) $$; exec sleep 1000");
     let first = sup.wait_for_log("started a", LONG).await.unwrap();
     let old = pid_of(&first);
+    let marker = sup.wait_for_log("SUPERVISE_START", LONG).await.unwrap();
+    assert_eq!(
+        (
+            marker.matches("pid=").count(),
+            marker.matches("release=").count()
+        ),
+        (1, 1),
+        "each field once: {marker}"
+    );
     swap(&ws, "b");
     let second = sup.wait_for_log("started b", LONG).await.unwrap();
     assert_ne!(pid_of(&second), old);

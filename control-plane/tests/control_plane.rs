@@ -1581,6 +1581,19 @@ async fn logs_of_every_pod_are_prefixed_and_while_following_new_lines_and_new_po
         !out.contains("zero: old") && out.contains("zero: newer"),
         "{out}"
     );
+    // A line written an hour ago is left out by --since 10m.
+    let hour_ago = jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1);
+    app_pod(&plane, "web", "web-9");
+    plane
+        .emu
+        .append_log_at("default", "web-9", "web", hour_ago, "nine: an hour ago");
+    plane.emu.append_log("default", "web-9", "web", "nine: now");
+    let (ok, out) = plane.run(&["logs", "web", "--since", "10m"], &[]).await;
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("[web-9] nine: now") && !out.contains("an hour ago"),
+        "{out}"
+    );
 
     let follow = plane.cli(&["logs", "web", "-f"], &[]);
     follow.wait_for_log("[web-1] one: old", LONG).await.unwrap();

@@ -462,13 +462,25 @@ impl Emulator {
     /// Appends `line` to the log of `container` in pod `pod`, as if the container had
     /// written it; followers of that log get it at once.
     pub fn append_log(&self, namespace: &str, pod: &str, container: &str, line: &str) {
+        self.append_log_at(namespace, pod, container, jiff::Timestamp::now(), line);
+    }
+
+    /// [`Emulator::append_log`] with the time the container wrote the line.
+    pub fn append_log_at(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+        at: jiff::Timestamp,
+        line: &str,
+    ) {
         self.shared
             .logs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry((namespace.to_owned(), pod.to_owned(), container.to_owned()))
             .or_default()
-            .push((jiff::Timestamp::now(), line.to_owned()));
+            .push((at, line.to_owned()));
         self.shared.log_ticks.send_modify(|t| *t += 1);
     }
 
