@@ -193,6 +193,18 @@ async fn call(
     Ok(status)
 }
 
+/// The client of the hook: TLS as for downloads, plain http allowed (the URL comes from
+/// the pod spec, not from an annotation), no redirects (a reload endpoint answers itself).
+pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(crate::fetch::tls(settings)?)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        .user_agent(concat!("aether-fetcher/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .context("building the webhook client")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,16 +222,4 @@ mod tests {
         };
         assert_eq!(cfg.shown(), "https://hooks.example.com:8443/…");
     }
-}
-
-/// The client of the hook: TLS as for downloads, plain http allowed (the URL comes from
-/// the pod spec, not from an annotation), no redirects (a reload endpoint answers itself).
-pub fn client(settings: &Settings) -> anyhow::Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(crate::fetch::tls(settings)?)
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
-        .user_agent(concat!("aether-fetcher/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .context("building the webhook client")
 }
