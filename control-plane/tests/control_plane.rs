@@ -1541,6 +1541,16 @@ async fn a_manifest_release_to_a_fetcher_without_aether_app_is_refused_with_a_wa
     assert!(body.contains("--format tar"), "{body}");
 }
 
+/// A control plane with dev-hot app `web` deployed from a one-file tree (returned) and
+/// its pod `web-0`.
+async fn web_with_a_pod() -> (Plane, PathBuf) {
+    let plane = Plane::start(&[]).await;
+    let src = plane.source(&[("f", "1")]);
+    plane.deploy_dev_hot("web", &src).await;
+    app_pod(&plane, "web", "web-0");
+    (plane, src)
+}
+
 /// Pod `name` of `app` whose app container is named like the app, as the Deployment
 /// aether applies names it (the logs route reads that container).
 fn app_pod(plane: &Plane, app: &str, name: &str) {
@@ -1555,10 +1565,7 @@ fn app_pod(plane: &Plane, app: &str, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_of_every_pod_are_prefixed_and_while_following_new_lines_and_new_pods_join() {
-    let plane = Plane::start(&[]).await;
-    let src = plane.source(&[("f", "1")]);
-    plane.deploy_dev_hot("web", &src).await;
-    app_pod(&plane, "web", "web-0");
+    let (plane, _) = web_with_a_pod().await;
     app_pod(&plane, "web", "web-1");
     plane.emu.append_log("default", "web-0", "web", "zero: old");
     plane
@@ -1629,10 +1636,7 @@ async fn logs_of_every_pod_are_prefixed_and_while_following_new_lines_and_new_po
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_hot_streams_the_apps_logs_between_its_events() {
-    let plane = Plane::start(&[]).await;
-    let src = plane.source(&[("f", "1")]);
-    plane.deploy_dev_hot("web", &src).await;
-    app_pod(&plane, "web", "web-0");
+    let (plane, src) = web_with_a_pod().await;
     let dev = plane.cli(
         &["dev", "--hot", "web", src.to_str().unwrap(), "-o", "json"],
         &[],
@@ -1661,10 +1665,7 @@ async fn dev_hot_streams_the_apps_logs_between_its_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_log_stream_is_read_again_from_the_last_line_and_unreadable_pods_say_why() {
-    let plane = Plane::start(&[]).await;
-    let src = plane.source(&[("f", "1")]);
-    plane.deploy_dev_hot("web", &src).await;
-    app_pod(&plane, "web", "web-0");
+    let (plane, _) = web_with_a_pod().await;
     plane.emu.append_log("default", "web-0", "web", "before");
     let follow = plane.cli(&["logs", "web", "-f"], &[]);
     follow.wait_for_log("[web-0] before", LONG).await.unwrap();
@@ -1696,10 +1697,7 @@ async fn a_dropped_log_stream_is_read_again_from_the_last_line_and_unreadable_po
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_streams_beyond_the_cap_are_refused_with_429_until_one_ends() {
-    let plane = Plane::start(&[]).await;
-    let src = plane.source(&[("f", "1")]);
-    plane.deploy_dev_hot("web", &src).await;
-    app_pod(&plane, "web", "web-0");
+    let (plane, _) = web_with_a_pod().await;
     let url = format!("{}/v1/apps/web/logs?follow=true", plane.url);
     aether_testkit::process::install_crypto();
     let client = reqwest::Client::new();

@@ -1,7 +1,7 @@
 //! `aether dev --hot --local` end to end: the real CLI, store, fetcher and supervisor on
 //! one machine, serving the example-style app with `python3 -m http.server`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aether_testkit::process::{Proc, free_port, http_get, wait_until};
@@ -80,12 +80,7 @@ fn local_loop(src: &Path, work: &Path, port: u16) -> Proc {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopping_or_killing_the_loop_leaves_no_process_behind() {
     for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGKILL] {
-        let dir = tempfile::tempdir().unwrap();
-        let src = dir.path().join("src");
-        std::fs::create_dir_all(&src).unwrap();
-        std::fs::write(src.join("index.html"), "up").unwrap();
-        let work = dir.path().join("work");
-        let port = free_port();
+        let (_dir, src, work, port) = site("up");
         let mut dev = local_loop(&src, &work, port);
         dev.wait_for_lines("app restarted in", 1, LONG)
             .await
@@ -114,6 +109,17 @@ async fn stopping_or_killing_the_loop_leaves_no_process_behind() {
     }
 }
 
+/// A temporary directory with the app's source (`index.html` holding `index`), the loop's
+/// work directory and a free port.
+fn site(index: &str) -> (tempfile::TempDir, PathBuf, PathBuf, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("index.html"), index).unwrap();
+    let work = dir.path().join("work");
+    (dir, src, work, free_port())
+}
+
 async fn page(port: u16) -> Option<String> {
     http_get(&format!("http://127.0.0.1:{port}/index.html"))
         .await
@@ -124,12 +130,7 @@ async fn page(port: u16) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edit_is_served_by_the_restarted_app_and_bad_edits_keep_the_old_app() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("index.html"), "version one").unwrap();
-    let port = free_port();
-    let work = dir.path().join("work");
+    let (_dir, src, work, port) = site("version one");
     let mut dev = local_loop(&src, &work, port);
     dev.wait_for_lines("app restarted in", 1, LONG)
         .await
@@ -195,12 +196,7 @@ async fn an_edit_is_served_by_the_restarted_app_and_bad_edits_keep_the_old_app()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_format_tar_an_edit_is_served_and_a_hostile_archive_is_refused_by_the_fetcher() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("index.html"), "version one").unwrap();
-    let port = free_port();
-    let work = dir.path().join("work");
+    let (_dir, src, work, port) = site("version one");
     let mut dev = local_loop_with(&src, &work, port, &["--format", "tar", "--verbose"]);
     dev.wait_for_lines("app restarted in", 1, LONG)
         .await
@@ -238,12 +234,7 @@ async fn with_format_tar_an_edit_is_served_and_a_hostile_archive_is_refused_by_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probed_loop_reports_save_to_ready_and_shows_the_apps_output_not_ours() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("index.html"), "version one").unwrap();
-    let port = free_port();
-    let work = dir.path().join("work");
+    let (_dir, src, work, port) = site("version one");
     let port_s = port.to_string();
     let mut dev = local_loop_with(&src, &work, port, &["--ready-port", &port_s]);
     let line = dev.wait_for_lines("app ready in", 1, LONG).await.unwrap();

@@ -1012,6 +1012,16 @@ async fn resource(
     }
 }
 
+/// The pod `ns/name` (`idx`: the pods' type index), or 404.
+fn pod_object(shared: &Shared, idx: usize, ns: &str, name: &str) -> Result<Value, ApiError> {
+    shared
+        .lock()
+        .objects
+        .get(&(idx, ns.to_owned(), name.to_owned()))
+        .cloned()
+        .ok_or_else(|| ApiError::not_found("pods", name))
+}
+
 /// `GET /api/v1/namespaces/{ns}/pods/{name}/log`: the lines [`Emulator::append_log`] wrote
 /// for the container (`container`, or the pod's only container), after `sinceSeconds`,
 /// the last `tailLines`; with `follow=true` the response stays open for new lines until the
@@ -1023,12 +1033,7 @@ fn pod_log(
     name: &str,
     query: &BTreeMap<String, String>,
 ) -> Result<Response, ApiError> {
-    let pod = shared
-        .lock()
-        .objects
-        .get(&(idx, ns.to_owned(), name.to_owned()))
-        .cloned()
-        .ok_or_else(|| ApiError::not_found("pods", name))?;
+    let pod = pod_object(shared, idx, ns, name)?;
     let containers: Vec<String> = pod
         .pointer("/spec/containers")
         .and_then(Value::as_array)
@@ -1168,12 +1173,7 @@ async fn pod_proxy(
 ) -> Result<Response, ApiError> {
     let name = name_port.split(':').next().unwrap_or(name_port);
     let idx = type_index("pods").unwrap_or(1);
-    let pod = shared
-        .lock()
-        .objects
-        .get(&(idx, ns.to_owned(), name.to_owned()))
-        .cloned()
-        .ok_or_else(|| ApiError::not_found("pods", name))?;
+    let pod = pod_object(shared, idx, ns, name)?;
     let addr = pod
         .pointer("/metadata/annotations")
         .and_then(|a| a.get(PROXY_ADDRESS_ANNOTATION))
