@@ -1076,7 +1076,11 @@ async fn a_wait_on_a_silent_pod_is_gentle_on_the_api_and_a_newer_save_supersedes
     let deployed = plane
         .annotation("deployments", "web", "aether.dev/digest")
         .unwrap();
-    let dev = plane.cli(&["dev", "--hot", "web", src.to_str().unwrap()], &[]);
+    // Without the log stream: its requests (a pod watch, log reads) are not the wait's.
+    let dev = plane.cli(
+        &["dev", "--hot", "web", src.to_str().unwrap(), "--no-logs"],
+        &[],
+    );
     // `dev` releases the tree as a new manifest (a new seq, so a new digest): the wait
     // starts once the pod carries it and the CLI has asked for status.
     let annotated = wait_until(LONG, || async {
