@@ -210,12 +210,29 @@ fn unmark(ws: &Workspace, release: &Path) {
 fn start(command: &[String], release: &Path) -> anyhow::Result<App> {
     use std::os::unix::process::CommandExt;
     let (program, args) = command.split_first().context("empty command")?;
-    let child = std::process::Command::new(program)
-        .args(args)
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
         .current_dir(release)
         .env("AETHER_RELEASE_DIR", release)
         // Its own process group, so a restart stops the app and everything it started.
-        .process_group(0)
+        .process_group(0);
+    let supervisor = std::process::id();
+    // SAFETY: between fork and exec only async-signal-safe calls: prctl, getppid, raise.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A supervisor killed outright (SIGKILL, OOM) takes the app with it, as the
+            // end of a container's PID 1 would: no orphan keeps the app's port. The
+            // supervisor runs on one thread, the one that forks, for its whole life.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != supervisor {
+                libc::raise(libc::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
         .spawn()
         .with_context(|| format!("starting {program:?} in {}", release.display()))?;
     let pid = i32::try_from(child.id()).context("pid out of range")?;

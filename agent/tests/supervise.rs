@@ -386,3 +386,21 @@ async fn an_unknown_on_release_action_is_refused_at_start() {
     );
     assert!(sup.lines_with("SUPERVISE_START").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisor_killed_outright_takes_its_app_with_it() {
+    let (_d, ws) = workspace(&["a"]);
+    // Ignores SIGTERM: only the kernel's SIGKILL on the supervisor's death ends it.
+    let mut sup = supervise(
+        &ws,
+        "3",
+        "trap '' TERM; echo started $(cat v) $$; while :; do sleep 0.05; done",
+    );
+    let app = pid_of(&sup.wait_for_log("started a", LONG).await.unwrap());
+    sup.sigkill();
+    sup.wait_exit(LONG).await.expect("the supervisor exits");
+    assert!(
+        wait_until(LONG, || async move { !alive(app) }).await,
+        "the app outlived its supervisor"
+    );
+}
