@@ -89,11 +89,7 @@ impl Client {
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         if !status.is_success() {
-            let msg = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
-                .unwrap_or(text);
-            bail!("{what}: {status}: {msg}");
+            bail!("{what}: {status}: {}", error_message(text));
         }
         serde_json::from_str(&text).with_context(|| format!("{what}: unexpected answer {text:?}"))
     }
@@ -288,23 +284,14 @@ impl Client {
         namespace: Option<&str>,
         only: Option<&[String]>,
     ) -> anyhow::Result<AppStatus> {
-        // Only the query string is built here (percent-encoded by the URL parser); the base
-        // URL may carry a path prefix of its own.
-        let mut encoder = reqwest::Url::parse("http://query.invalid/")?;
-        {
-            let mut query = encoder.query_pairs_mut();
-            if let Some(ns) = namespace {
-                query.append_pair("namespace", ns);
-            }
-            if let Some(pods) = only {
-                query.append_pair("pods", &pods.join(","));
-            }
+        let mut query = Vec::new();
+        if let Some(ns) = namespace {
+            query.push(("namespace", ns.to_owned()));
         }
-        let mut path = format!("/v1/apps/{app}/status");
-        if let Some(q) = encoder.query().filter(|q| !q.is_empty()) {
-            path.push('?');
-            path.push_str(q);
+        if let Some(pods) = only {
+            query.push(("pods", pods.join(",")));
         }
+        let path = with_query(&format!("/v1/apps/{app}/status"), &query)?;
         // Bounded: `status -w` and the live wait must notice a control plane that stopped
         // answering rather than hang on it.
         self.send(
@@ -324,21 +311,17 @@ impl Client {
         namespace: Option<&str>,
         q: &crate::logs::LogQuery,
     ) -> anyhow::Result<LogLines> {
-        let mut encoder = reqwest::Url::parse("http://query.invalid/")?;
-        {
-            let mut query = encoder.query_pairs_mut();
-            if let Some(ns) = namespace {
-                query.append_pair("namespace", ns);
-            }
-            query.append_pair("follow", if q.follow { "true" } else { "false" });
-            if let Some(s) = q.since_seconds {
-                query.append_pair("since_seconds", &s.to_string());
-            }
-            if let Some(t) = q.tail_lines {
-                query.append_pair("tail_lines", &t.to_string());
-            }
+        let mut query = vec![("follow", q.follow.to_string())];
+        if let Some(ns) = namespace {
+            query.push(("namespace", ns.to_owned()));
         }
-        let path = format!("/v1/apps/{app}/logs?{}", encoder.query().unwrap_or(""));
+        if let Some(s) = q.since_seconds {
+            query.push(("since_seconds", s.to_string()));
+        }
+        if let Some(t) = q.tail_lines {
+            query.push(("tail_lines", t.to_string()));
+        }
+        let path = with_query(&format!("/v1/apps/{app}/logs"), &query)?;
         let response = self
             .req(reqwest::Method::GET, &path)
             .send()
@@ -347,17 +330,34 @@ impl Client {
         let status = response.status();
         if !status.is_success() {
             let text = response.text().await.unwrap_or_default();
-            let msg = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error"].as_str().map(str::to_owned))
-                .unwrap_or(text);
-            bail!("logs: {status}: {msg}");
+            bail!("logs: {status}: {}", error_message(text));
         }
         Ok(LogLines {
             response,
             buf: Vec::new(),
         })
     }
+}
+
+/// `path` with `query` percent-encoded by the URL parser. Only the query string is built
+/// here: the base URL may carry a path prefix of its own.
+fn with_query(path: &str, query: &[(&str, String)]) -> anyhow::Result<String> {
+    let mut encoder = reqwest::Url::parse("http://query.invalid/")?;
+    encoder
+        .query_pairs_mut()
+        .extend_pairs(query.iter().map(|(k, v)| (*k, v.as_str())));
+    Ok(match encoder.query().filter(|q| !q.is_empty()) {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    })
+}
+
+/// The `error` of the API's JSON error body, else the body as it is.
+fn error_message(body: String) -> String {
+    serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or(body)
 }
 
 /// The lines of an open logs stream.
