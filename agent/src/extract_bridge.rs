@@ -29,12 +29,8 @@ pub type Extractor = JoinHandle<(Staging, Result<Stats, ExtractError>)>;
 /// that yields the staging directory back with the outcome. The thread checks `cancel`
 /// before every entry and chunk, so a deadline or shutdown stops it promptly.
 pub fn spawn(staging: Staging, limits: Limits, cancel: CancellationToken) -> (Feed, Extractor) {
-    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let (tx, reader) = channel();
     let handle = tokio::task::spawn_blocking(move || {
-        let reader = ChannelReader {
-            rx,
-            current: Bytes::new(),
-        };
         let cancelled = || cancel.is_cancelled();
         let result =
             extract::unpack_tar_gz_cancellable(reader, staging.path(), &limits, &cancelled);
@@ -54,7 +50,20 @@ pub fn classify(e: ExtractError) -> RefreshError {
     RefreshError::new(reason, e)
 }
 
-struct ChannelReader {
+/// A feed and the blocking reader of what it sends (EOF once the feed is dropped), for
+/// other blocking consumers of a download (the batched blob download's tar).
+pub fn channel() -> (Feed, ChannelReader) {
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    (
+        tx,
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+        },
+    )
+}
+
+pub struct ChannelReader {
     rx: mpsc::Receiver<Bytes>,
     current: Bytes,
 }

@@ -66,19 +66,29 @@ pub async fn start(
     max_bytes: u64,
 ) -> Result<reqwest::Response, RefreshError> {
     let response = client.get(url.clone()).send().await.map_err(classify)?;
-    let status = response.status();
-    if !status.is_success() {
-        return Err(RefreshError::new(
-            Reason::Download,
-            format!("GET {} answered {status}", redact(&url)),
-        ));
-    }
+    let response = check_status(response, "GET", &url)?;
     if let Some(len) = response.content_length()
         && len > max_bytes
     {
         return Err(RefreshError::new(
             Reason::TooLarge,
             format!("artifact is {len} bytes, limit is {max_bytes} (AETHER_MAX_ARTIFACT_BYTES)"),
+        ));
+    }
+    Ok(response)
+}
+
+/// A response that is not a success is a download failure, named by method and URL.
+pub fn check_status(
+    response: reqwest::Response,
+    method: &str,
+    url: &reqwest::Url,
+) -> Result<reqwest::Response, RefreshError> {
+    let status = response.status();
+    if !status.is_success() {
+        return Err(RefreshError::new(
+            Reason::Download,
+            format!("{method} {} answered {status}", redact(url)),
         ));
     }
     Ok(response)

@@ -197,7 +197,8 @@ async fn sigkill_while_blobs_download_keeps_current_complete_and_a_restart_compl
     let addr = fetcher.http_addr().await.unwrap();
     wait_live(addr, &d_old).await;
 
-    let big = noise(1 << 20);
+    // Over the batched downloads' size: this blob travels alone.
+    let big = noise((1 << 20) + 1);
     let new = [("f", "new"), ("big", big.as_str())];
     let (url, d_new) = rig.publish_manifest(&manifest(APP, 2, &new), &new);
     let big_blob = blob_name(&Digest::of(big.as_bytes()));
@@ -225,7 +226,10 @@ async fn sigkill_while_blobs_download_keeps_current_complete_and_a_restart_compl
     let addr = fetcher.http_addr().await.unwrap();
     wait_live(addr, &d_new).await;
     assert_eq!(rig.read_current("f").as_deref(), Some("new"));
-    assert_eq!(rig.read_current("big").map(|b| b.len()), Some(1 << 20));
+    assert_eq!(
+        rig.read_current("big").map(|b| b.len()),
+        Some((1 << 20) + 1)
+    );
     assert_eq!(rig.staging_entries(), 0, "start-up removes stale staging");
 }
 
@@ -293,4 +297,133 @@ async fn the_live_release_keeps_its_seq_when_state_json_lost_it() {
     let s = wait_failures(addr, 1).await;
     assert_eq!(s["last_error"]["reason"], "replay", "{s}");
     assert_eq!(rig.read_current("f").as_deref(), Some("seven"));
+}
+
+/// `count` small files of distinct contents.
+fn small_files(count: usize, version: &str) -> Vec<(String, String)> {
+    (0..count)
+        .map(|i| {
+            (
+                format!("node_modules/m{i}/index.js"),
+                format!("{version} {i}"),
+            )
+        })
+        .collect()
+}
+
+fn as_refs(files: &[(String, String)]) -> Vec<(&str, &str)> {
+    files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_str()))
+        .collect()
+}
+
+const BATCH: &str = "blobs/download";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_small_files_travel_in_one_batched_download_and_a_store_without_it_serves_them_one_by_one()
+ {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let v1 = small_files(60, "v1");
+    let (url, d1) = rig.publish_manifest(&manifest(APP, 1, &as_refs(&v1)), &as_refs(&v1));
+    rig.point_at_manifest(&url, &d1).await;
+    wait_live(addr, &d1).await;
+    assert_eq!(rig.art.requests(BATCH), 1, "one request for 60 blobs");
+    for (path, content) in &v1 {
+        assert_eq!(rig.read_current(path).as_ref(), Some(content));
+        assert_eq!(
+            rig.art
+                .requests(&blob_name(&Digest::of(content.as_bytes()))),
+            1
+        );
+    }
+
+    // A store without the route (a plain file server): the same blobs, one request each.
+    rig.art.fail_always(BATCH, Some(Fault::Status(404)));
+    let v2 = small_files(60, "v2");
+    let (url, d2) = rig.publish_manifest(&manifest(APP, 2, &as_refs(&v2)), &as_refs(&v2));
+    rig.point_at_manifest(&url, &d2).await;
+    wait_live(addr, &d2).await;
+    assert_eq!(rig.art.requests(BATCH), 2, "asked once, refused");
+    for (path, content) in &v2 {
+        assert_eq!(rig.read_current(path).as_ref(), Some(content));
+        assert_eq!(
+            rig.art
+                .requests(&blob_name(&Digest::of(content.as_bytes()))),
+            1
+        );
+    }
+    let s = status(addr).await;
+    assert_eq!(s["consecutive_failures"], 0, "{s}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_batch_is_asked_again_and_a_wrong_blob_in_a_batch_never_becomes_an_object() {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let v1 = small_files(3, "v1");
+    let (url, d1) = rig.publish_manifest(&manifest(APP, 1, &as_refs(&v1)), &as_refs(&v1));
+    rig.art.fail_next(BATCH, Fault::Truncate(700));
+    rig.point_at_manifest(&url, &d1).await;
+    wait_live(addr, &d1).await;
+    assert_eq!(rig.art.requests(BATCH), 2, "the cut batch was asked again");
+    let m = metrics(addr).await;
+    let failures = metric(&m, "dev_hot_refresh_failure_total", "reason=\"download\"");
+    assert_eq!(failures, Some(1.0), "{m}");
+
+    // One blob of the batch has the wrong bytes: checksum, nothing of it stored, the live
+    // release untouched; once the store is right the retry succeeds.
+    let v2 = small_files(3, "v2");
+    let (url, d2) = rig.publish_manifest(&manifest(APP, 2, &as_refs(&v2)), &as_refs(&v2));
+    let wrong = Digest::of(v2[1].1.as_bytes());
+    rig.art
+        .fail_always(&blob_name(&wrong), Some(Fault::WrongBytes));
+    rig.point_at_manifest(&url, &d2).await;
+    let s = wait_failures(addr, 2).await;
+    assert_eq!(s["last_error"]["reason"], "checksum", "{s}");
+    assert_eq!(rig.read_current(&v1[1].0).as_ref(), Some(&v1[1].1));
+    assert!(!rig.objects().iter().any(|o| o.starts_with(&wrong.hex())));
+    rig.art.fail_always(&blob_name(&wrong), None);
+    wait_live(addr, &d2).await;
+    assert_eq!(rig.read_current(&v2[1].0).as_ref(), Some(&v2[1].1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_batched_download_keeps_current_complete_and_a_restart_completes() {
+    let rig = Rig::new().await;
+    let old = [("f", "old")];
+    let (url, d_old) = rig.publish_manifest(&manifest(APP, 1, &old), &old);
+    rig.point_at_manifest(&url, &d_old).await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    wait_live(addr, &d_old).await;
+
+    let mut new = small_files(20, "new");
+    new.push(("f".into(), "new".into()));
+    let (url, d_new) = rig.publish_manifest(&manifest(APP, 2, &as_refs(&new)), &as_refs(&new));
+    rig.art.fail_next(
+        BATCH,
+        Fault::Stall {
+            after: 2048,
+            pause: Duration::from_secs(60),
+        },
+    );
+    rig.point_at_manifest(&url, &d_new).await;
+    let started = wait_until(LONG, || async { rig.art.requests(BATCH) >= 1 }).await;
+    assert!(started, "the batched download never started");
+    fetcher.sigkill();
+    let mut fetcher = fetcher;
+    fetcher.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(rig.read_current("f").as_deref(), Some("old"));
+
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    wait_live(addr, &d_new).await;
+    for (path, content) in &new {
+        assert_eq!(rig.read_current(path).as_ref(), Some(content));
+    }
+    assert_eq!(rig.staging_entries(), 0, "start-up removes stale staging");
 }

@@ -25,6 +25,24 @@ const MAX_FOLLOWS: u32 = 40;
 /// Path lookups for resolving every symlink of one manifest.
 const MAX_LOOKUPS: u64 = 1_000_000;
 
+/// The batched blob download, relative to a manifest's `blobs` prefix: `POST` a
+/// [`BlobBatchRequest`], get back an uncompressed tar whose entries are the blobs, in the
+/// order asked, each a regular file named `sha256:<hex>`. One request for many small files
+/// instead of one each: a first release of a `node_modules`-like tree is tens of thousands
+/// of blobs. Stores without it (a plain file server) answer 404 or 405, and the fetcher
+/// then fetches those blobs one by one.
+pub const BLOB_BATCH_PATH: &str = "download";
+/// Most blobs in one batched download.
+pub const MAX_BLOB_BATCH: usize = 4096;
+/// Most bytes of blob content in one batched download (the store refuses more, 413).
+pub const MAX_BLOB_BATCH_BYTES: u64 = 256 << 20;
+
+/// The body of a batched blob download: digests (`sha256:<hex>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlobBatchRequest {
+    pub digests: Vec<String>,
+}
+
 /// What one entry is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -11,7 +11,7 @@ use aether_common::contract::annotations::{self, AnnotationError, Format};
 use aether_common::contract::on_release::OnRelease;
 use aether_common::contract::signature::load_public_key;
 use aether_common::kube::manifest::{self, AppSpec};
-use aether_common::release::Manifest;
+use aether_common::release::{BlobBatchRequest, MAX_BLOB_BATCH, MAX_BLOB_BATCH_BYTES, Manifest};
 use aether_common::{Digest, PublicKey};
 use anyhow::{Context, bail};
 use axum::Router;
@@ -32,9 +32,13 @@ use crate::api::{
     ReleaseResponse, UploadResponse, desired_annotations,
 };
 use crate::metrics as m;
-use crate::store::{BatchReport, Kind, Store, StoreError};
+use crate::store::{BatchReport, Kind, Store, StoreError, batch_tar_len};
 use crate::{cluster, reconcile};
 
+/// Read size of downloads, and the pipe of a batched download.
+const STREAM_CHUNK: usize = 256 * 1024;
+/// The batched blob download's route (`BLOB_BATCH_PATH` under the blobs prefix).
+const BLOB_BATCH_ROUTE: &str = "/v1/blobs/download";
 /// Largest JSON request body.
 const JSON_BODY_LIMIT: usize = 1 << 20;
 /// Largest missing-blobs query: 16 MiB holds about 230,000 digests.
@@ -93,7 +97,7 @@ pub struct ServeArgs {
 
 struct AppState {
     args: ServeArgs,
-    store: Store,
+    store: Arc<Store>,
     client: kube::Client,
     public_url: String,
     /// Whether releases may name `http://` artifact URLs (and fetchers get
@@ -298,7 +302,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
     let state = Arc::new(AppState {
         cache,
         args: args.clone(),
-        store,
+        store: Arc::new(store),
         client: client.clone(),
         public_url,
         allow_http,
@@ -335,6 +339,10 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
     let app = Router::new()
         .route("/v1/artifacts/{digest}", get(download))
         .route("/v1/blobs/{digest}", get(download_blob))
+        .route(
+            BLOB_BATCH_ROUTE,
+            post(download_blob_batch).layer(DefaultBodyLimit::max(JSON_BODY_LIMIT)),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
@@ -372,6 +380,15 @@ pub async fn serve_store_only(
                     serve_stored(&store, Kind::Blob, &digest, &headers).await
                 },
             ),
+        )
+        .route(
+            BLOB_BATCH_ROUTE,
+            post(
+                |State(store): State<Arc<Store>>, Json(req): Json<BlobBatchRequest>| async move {
+                    serve_blob_batch(store, req).await
+                },
+            )
+            .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT)),
         )
         .with_state(store);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -562,6 +579,69 @@ async fn download_blob(
     serve_stored(&s.store, Kind::Blob, &digest, &headers).await
 }
 
+/// `POST /v1/blobs/download`: many blobs in one uncompressed tar (see
+/// `aether_common::release::BLOB_BATCH_PATH`). Unauthenticated like single blob downloads.
+async fn download_blob_batch(
+    State(s): State<Shared>,
+    Json(req): Json<BlobBatchRequest>,
+) -> Result<Response, ApiError> {
+    serve_blob_batch(s.store.clone(), req).await
+}
+
+/// Answers a batched download: every blob is checked to be stored before the first byte
+/// is sent (404 names a missing one), so the tar's length is known; the tar is then
+/// written by a blocking thread into a bounded pipe that the response streams from.
+async fn serve_blob_batch(store: Arc<Store>, req: BlobBatchRequest) -> Result<Response, ApiError> {
+    if req.digests.len() > MAX_BLOB_BATCH {
+        return Err(bad_request(format!(
+            "at most {MAX_BLOB_BATCH} blobs per batched download; send several"
+        )));
+    }
+    let wanted = req
+        .digests
+        .iter()
+        .map(|d| parse_digest(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sizes = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.blob_sizes(&wanted))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    };
+    let blobs = sizes.map_err(|d| ApiError(StatusCode::NOT_FOUND, format!("no blob {d}")))?;
+    let content: u64 = blobs.iter().map(|(_, size)| size).sum();
+    if content > MAX_BLOB_BATCH_BYTES {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the blobs asked for total {content} bytes, at most {MAX_BLOB_BATCH_BYTES} \
+                 per batched download; send several"
+            ),
+        ));
+    }
+    counter!(m::BLOB_DOWNLOADS_TOTAL).increment(blobs.len() as u64);
+    let len = batch_tar_len(&blobs);
+    let (reader, writer) = tokio::io::duplex(STREAM_CHUNK);
+    let writer = tokio_util::io::SyncIoBridge::new(writer);
+    tokio::task::spawn_blocking(move || {
+        // A client that goes away closes the pipe and ends the writer with an error.
+        if let Err(e) = store.write_blob_batch(&blobs, writer) {
+            tracing::debug!(error = %e, "batched blob download ended early");
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_TYPE, "application/x-tar".to_owned()),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
+            reader,
+            STREAM_CHUNK,
+        )),
+    )
+        .into_response())
+}
+
 /// Streams a stored artifact with Content-Length and its digest as ETag.
 async fn serve_artifact(
     store: &Store,
@@ -611,7 +691,7 @@ async fn serve_stored(
         ],
         Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
             file,
-            256 * 1024,
+            STREAM_CHUNK,
         )),
     )
         .into_response())
@@ -891,5 +971,13 @@ mod tests {
         assert!(err.contains("is empty"), "{err}");
         let missing = read_token_file(&dir.path().join("nope")).unwrap_err();
         assert!(format!("{missing:#}").contains("reading the API token file"));
+    }
+
+    #[test]
+    fn the_batched_download_route_is_the_contract_path_under_the_blobs_prefix() {
+        assert_eq!(
+            BLOB_BATCH_ROUTE,
+            format!("/v1/blobs/{}", aether_common::release::BLOB_BATCH_PATH)
+        );
     }
 }

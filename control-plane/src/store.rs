@@ -258,6 +258,42 @@ impl Store {
         Ok(report)
     }
 
+    /// The stored sizes of the blobs of a batched download, in order and once each;
+    /// `Err` names the first one the store lacks.
+    pub fn blob_sizes(&self, wanted: &[Digest]) -> Result<Vec<(Digest, u64)>, Digest> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(wanted.len());
+        for d in wanted.iter().filter(|d| seen.insert(**d)) {
+            match std::fs::metadata(self.path_of(Kind::Blob, d)) {
+                Ok(meta) if meta.is_file() => out.push((*d, meta.len())),
+                _ => return Err(*d),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a batched download (see `aether_common::release::BLOB_BATCH_PATH`): an
+    /// uncompressed tar of `blobs` in order, each a regular file named `sha256:<hex>`, of
+    /// exactly [`batch_tar_len`] bytes. Blocking. A blob that changed size since
+    /// [`Store::blob_sizes`] (it cannot: blobs are immutable once renamed in) ends it with
+    /// an error rather than a stream that would not match its announced length.
+    pub fn write_blob_batch<W: Write>(&self, blobs: &[(Digest, u64)], out: W) -> io::Result<()> {
+        let mut tar = tar::Builder::new(out);
+        for (digest, size) in blobs {
+            let file = std::fs::File::open(self.path_of(Kind::Blob, digest))?;
+            if file.metadata()?.len() != *size {
+                return Err(io::Error::other(format!("blob {digest} changed size")));
+            }
+            let mut header = tar::Header::new_ustar();
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(*size);
+            header.set_mode(0o444);
+            header.set_mtime(0);
+            tar.append_data(&mut header, digest.to_string(), file.take(*size))?;
+        }
+        tar.into_inner()?.flush()
+    }
+
     /// A read error inside a batch: the body ended early or broke.
     fn batch_read_error(&self, e: io::Error) -> StoreError {
         StoreError::Body(format!(
@@ -265,6 +301,16 @@ impl Store {
             self.max_bytes
         ))
     }
+}
+
+/// The exact length of the tar [`Store::write_blob_batch`] writes: a 512-byte header per
+/// blob, its bytes padded to 512, and the two zero blocks that end an archive.
+pub fn batch_tar_len(blobs: &[(Digest, u64)]) -> u64 {
+    blobs
+        .iter()
+        .map(|(_, size)| 512 + size.div_ceil(512) * 512)
+        .sum::<u64>()
+        + 1024
 }
 
 /// An upload's temporary file, removed when dropped unless it was renamed into place. A
@@ -326,5 +372,50 @@ mod tests {
         assert!(matches!(err, StoreError::Mismatch { .. }), "{err}");
         assert_eq!(tmp_entries(dir.path()), 0);
         assert!(!store.contains(&Digest::of(b"xyz")));
+    }
+
+    #[test]
+    fn a_batched_download_is_a_tar_of_the_blobs_in_order_of_its_announced_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 1 << 20).unwrap().scratch();
+        let blobs: Vec<Vec<u8>> = vec![b"".to_vec(), b"x".repeat(512), b"y".repeat(1000)];
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut digests = Vec::new();
+        for b in &blobs {
+            let d = Digest::of(b);
+            let body = futures::stream::iter([Ok::<_, io::Error>(Bytes::from(b.clone()))]);
+            rt.block_on(store.put_of(Kind::Blob, d, body)).unwrap();
+            digests.push(d);
+        }
+        // Asked twice, sent once; asked in this order, sent in it.
+        digests.reverse();
+        digests.push(digests[0]);
+        let sizes = store.blob_sizes(&digests).unwrap();
+        assert_eq!(sizes.len(), 3);
+        let mut out = Vec::new();
+        store.write_blob_batch(&sizes, &mut out).unwrap();
+        assert_eq!(out.len() as u64, batch_tar_len(&sizes));
+        let mut archive = tar::Archive::new(out.as_slice());
+        let got: Vec<(String, Vec<u8>)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let name = e.path().unwrap().to_string_lossy().into_owned();
+                let mut bytes = Vec::new();
+                e.read_to_end(&mut bytes).unwrap();
+                (name, bytes)
+            })
+            .collect();
+        let want: Vec<(String, Vec<u8>)> = blobs
+            .iter()
+            .rev()
+            .map(|b| (Digest::of(b).to_string(), b.clone()))
+            .collect();
+        assert_eq!(got, want);
+        let absent = Digest::of(b"absent");
+        assert_eq!(store.blob_sizes(&[digests[0], absent]), Err(absent));
     }
 }

@@ -1194,7 +1194,8 @@ async fn the_missing_blobs_query_names_only_unknown_digests_once_each() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batched_upload_stores_many_small_blobs_and_refuses_a_bad_entry() {
+async fn a_batched_upload_stores_many_small_blobs_a_batched_download_returns_them_and_bad_entries_are_refused()
+ {
     let plane = Plane::start(&[]).await;
     let url = format!("{}/v1/blobs/batch", plane.url);
     let files: Vec<(String, Vec<u8>)> = (0..300)
@@ -1226,6 +1227,66 @@ async fn a_batched_upload_stores_many_small_blobs_and_refuses_a_bad_entry() {
         serde_json::from_str::<Value>(&body).unwrap(),
         json!({"stored": 0, "known": 300})
     );
+
+    // Pods download many of them in one request, without a token, as a tar in the order
+    // asked (each once).
+    let download = format!(
+        "{}/v1/blobs/{}",
+        plane.url,
+        aether_common::release::BLOB_BATCH_PATH
+    );
+    let asked = [&files[9].0, &files[3].0, &files[9].0];
+    let response = reqwest::Client::new()
+        .post(&download)
+        .header("content-type", "application/json")
+        .body(json!({ "digests": asked }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let announced = response.content_length();
+    let tar_bytes = response.bytes().await.unwrap();
+    assert_eq!(announced, Some(tar_bytes.len() as u64));
+    let mut archive = tar::Archive::new(&tar_bytes[..]);
+    let got: Vec<(String, String)> = archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text).unwrap();
+            (name, text)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (files[9].0.clone(), "small file 9".to_owned()),
+            (files[3].0.clone(), "small file 3".to_owned()),
+        ]
+    );
+    let absent = aether_common::Digest::of(b"absent").to_string();
+    let (code, body) = http(
+        "POST",
+        &download,
+        None,
+        json!({ "digests": [files[0].0, absent] })
+            .to_string()
+            .into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 404, "{body}");
+    assert!(body.contains(&absent), "{body}");
+    let too_many = vec![files[0].0.clone(); aether_common::release::MAX_BLOB_BATCH + 1];
+    let (code, body) = http(
+        "POST",
+        &download,
+        None,
+        json!({ "digests": too_many }).to_string().into_bytes(),
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
 
     // An entry whose bytes do not hash to its name ends the batch; it is not stored.
     let good = b"good".to_vec();

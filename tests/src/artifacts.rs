@@ -1,5 +1,7 @@
 //! An HTTP artifact server for tests: serves named blobs on loopback, counts requests, and
-//! injects faults (error statuses, truncation, stalls, wrong bytes, slow bodies).
+//! injects faults (error statuses, truncation, stalls, wrong bytes, slow bodies). It also
+//! answers the content store's batched blob download (`POST <prefix>download`, a tar of
+//! the blobs stored as `<prefix>sha256:<hex>`), so fetchers use it as they use the store.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -74,7 +76,7 @@ impl ArtifactServer {
         let addr = listener.local_addr()?;
         let shared = Shared::default();
         let app = Router::new()
-            .route("/{*name}", get(serve))
+            .route("/{*name}", get(serve).post(serve_batch))
             .with_state(shared.clone());
         let stop = CancellationToken::new();
         let token = stop.clone();
@@ -122,7 +124,8 @@ impl ArtifactServer {
         };
     }
 
-    /// Requests received for `name` so far.
+    /// Requests received for `name` so far (a batched download counts one for each blob it
+    /// carries, and one for its own name, `<prefix>download`).
     pub fn requests(&self, name: &str) -> u64 {
         self.shared.lock().requests.get(name).copied().unwrap_or(0)
     }
@@ -131,17 +134,93 @@ impl ArtifactServer {
 async fn serve(State(shared): State<Shared>, Path(name): Path<String>) -> Response {
     let (blob, fault) = {
         let mut inner = shared.lock();
-        *inner.requests.entry(name.clone()).or_default() += 1;
-        let fault = inner
-            .faults
-            .get_mut(&name)
-            .and_then(VecDeque::pop_front)
-            .or_else(|| inner.standing.get(&name).cloned());
+        let fault = inner.take_fault(&name);
         (inner.blobs.get(&name).cloned(), fault)
     };
     let Some(blob) = blob else {
         return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
     };
+    respond(blob, fault, "application/gzip")
+}
+
+impl Inner {
+    /// Counts a request of `name` and takes the fault it gets.
+    fn take_fault(&mut self, name: &str) -> Option<Fault> {
+        *self.requests.entry(name.to_owned()).or_default() += 1;
+        self.faults
+            .get_mut(name)
+            .and_then(VecDeque::pop_front)
+            .or_else(|| self.standing.get(name).cloned())
+    }
+}
+
+/// `POST <prefix>download`: the blobs asked for as a tar. Faults of the batch's own name
+/// apply to the tar's bytes; a blob's `WrongBytes` fault corrupts that blob inside it.
+async fn serve_batch(
+    State(shared): State<Shared>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Some(prefix) = name.strip_suffix("download") else {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    };
+    let Ok(req) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return (StatusCode::BAD_REQUEST, "not JSON\n").into_response();
+    };
+    let digests: Vec<String> = req["digests"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut tar = tar::Builder::new(Vec::new());
+    let fault = {
+        let mut inner = shared.lock();
+        let fault = inner.take_fault(&name);
+        if let Some(Fault::Status(code)) = fault {
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return (code, "injected fault\n").into_response();
+        }
+        for digest in &digests {
+            let blob_name = format!("{prefix}{digest}");
+            let blob_fault = inner.take_fault(&blob_name);
+            let Some(blob) = inner.blobs.get(&blob_name) else {
+                return (StatusCode::NOT_FOUND, format!("no blob {digest}\n")).into_response();
+            };
+            let mut bytes = blob.to_vec();
+            if let Some(Fault::WrongBytes) = blob_fault {
+                corrupt(&mut bytes);
+            }
+            let mut header = tar::Header::new_ustar();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o444);
+            header.set_entry_type(tar::EntryType::Regular);
+            if tar
+                .append_data(&mut header, digest, bytes.as_slice())
+                .is_err()
+            {
+                return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            }
+        }
+        fault
+    };
+    let Ok(bytes) = tar.into_inner() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    respond(Bytes::from(bytes), fault, "application/x-tar")
+}
+
+/// Flips bits along the bytes, keeping their length.
+fn corrupt(bytes: &mut [u8]) {
+    for b in bytes.iter_mut().step_by(97) {
+        *b ^= 0x5a;
+    }
+}
+
+/// Sends `blob` as the fault says.
+fn respond(blob: Bytes, fault: Option<Fault>, content_type: &str) -> Response {
     let len = blob.len();
     let (mut tx, rx) = futures::channel::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let body_fault = match fault {
@@ -151,9 +230,7 @@ async fn serve(State(shared): State<Shared>, Path(name): Path<String>) -> Respon
         }
         Some(Fault::WrongBytes) => {
             let mut wrong = blob.to_vec();
-            for b in wrong.iter_mut().step_by(97) {
-                *b ^= 0x5a;
-            }
+            corrupt(&mut wrong);
             return ([(header::CONTENT_LENGTH, len.to_string())], wrong).into_response();
         }
         other => other,
@@ -201,7 +278,7 @@ async fn serve(State(shared): State<Shared>, Path(name): Path<String>) -> Respon
     (
         [
             (header::CONTENT_LENGTH, len.to_string()),
-            (header::CONTENT_TYPE, "application/gzip".to_owned()),
+            (header::CONTENT_TYPE, content_type.to_owned()),
         ],
         Body::from_stream(rx),
     )

@@ -381,4 +381,43 @@ mod tests {
             assert!(labels.get(manifest::MANAGED_BY_LABEL).is_none(), "{o}");
         }
     }
+
+    #[test]
+    fn the_chosen_public_url_images_and_token_secret_are_the_ones_installed() {
+        let s = InstallSpec {
+            public_url: Some("https://aether.example.com".into()),
+            token_secret: "team-token".into(),
+            image: "registry.local/aether:1.2".into(),
+            fetch_image: "registry.local/aether-fetcher:1.2".into(),
+            ..spec(StoreVolume::EmptyDir)
+        };
+        let all = objects(&s);
+        let pod = &find(&all, "Deployment").unwrap()["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        let env = |name: &str| {
+            c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .map(|e| e["value"].clone())
+        };
+        assert_eq!(c["image"], "registry.local/aether:1.2");
+        assert_eq!(
+            env("AETHER_FETCH_IMAGE"),
+            Some(json!("registry.local/aether-fetcher:1.2"))
+        );
+        assert_eq!(
+            env("AETHER_PUBLIC_URL"),
+            Some(json!("https://aether.example.com"))
+        );
+        let secrets: Vec<&Value> = pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.get("secret"))
+            .collect();
+        assert_eq!(secrets.len(), 1);
+        assert_eq!(secrets[0]["secretName"], "team-token");
+    }
 }
