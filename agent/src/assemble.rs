@@ -13,6 +13,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
+use std::sync::Arc;
 
 use aether_common::Digest;
 use aether_common::release::{Entry, EntryType, Manifest, dir_mode};
@@ -81,7 +82,7 @@ pub fn empty(like: &Manifest) -> Manifest {
 
 /// The newest kept manifest release that no one may be using: not live, not marked in
 /// use by the supervisor (an app of it may still be shutting down).
-fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Manifest)> {
+fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Arc<Manifest>)> {
     // Marks that cannot be read protect nothing: then no release is patched.
     let in_use = ws.in_use().ok()?;
     for digest in ws.releases().ok()? {

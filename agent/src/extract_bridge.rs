@@ -29,7 +29,7 @@ pub type Extractor = JoinHandle<(Staging, Result<Stats, ExtractError>)>;
 /// that yields the staging directory back with the outcome. The thread checks `cancel`
 /// before every entry and chunk, so a deadline or shutdown stops it promptly.
 pub fn spawn(staging: Staging, limits: Limits, cancel: CancellationToken) -> (Feed, Extractor) {
-    let (tx, reader) = channel();
+    let (tx, reader) = channel(CHANNEL_DEPTH);
     let handle = tokio::task::spawn_blocking(move || {
         let cancelled = || cancel.is_cancelled();
         let result =
@@ -52,8 +52,8 @@ pub fn classify(e: ExtractError) -> RefreshError {
 
 /// A feed and the blocking reader of what it sends (EOF once the feed is dropped), for
 /// other blocking consumers of a download (the batched blob download's tar).
-pub fn channel() -> (Feed, ChannelReader) {
-    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+pub fn channel(depth: usize) -> (Feed, ChannelReader) {
+    let (tx, rx) = mpsc::channel(depth);
     (
         tx,
         ChannelReader {

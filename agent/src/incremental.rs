@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::sync::Arc;
 
 use aether_common::Digest;
 use aether_common::contract::annotations::DesiredRelease;
@@ -65,7 +66,7 @@ impl Refresher {
             }
         };
         verify::digest(&digest, &Digest::of(&bytes))?;
-        let manifest = Manifest::parse(&bytes).map_err(refused)?;
+        let manifest = Arc::new(Manifest::parse(&bytes).map_err(refused)?);
         let high_water = self.high_water.lock().ok().and_then(|h| *h);
         manifest
             .check_fresh(app, high_water, jiff::Timestamp::now())
@@ -94,7 +95,7 @@ impl Refresher {
                 // What the user changed: the difference from the live release.
                 let before = live
                     .and_then(|d| ws.kept_manifest(&d).ok())
-                    .unwrap_or_else(|| assemble::empty(&manifest));
+                    .unwrap_or_else(|| Arc::new(assemble::empty(&manifest)));
                 let mut delta = assemble::delta(&before, &manifest);
                 // The manifest first: a release on disk always has its manifest, and one
                 // left without a release (killed here) is removed by the next collection.
@@ -102,6 +103,7 @@ impl Refresher {
                 let mut file = fs::File::create(&tmp)?;
                 file.write_all(&bytes)?;
                 fs::rename(&tmp, ws.manifest_path(&digest))?;
+                ws.remember_manifest(digest, manifest.clone());
                 let (staging, patched) = assemble::build(&ws, &manifest, &digest, live.as_ref())?;
                 delta.patched = patched;
                 ws.commit(staging, &digest)?;

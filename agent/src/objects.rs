@@ -35,6 +35,11 @@ const SMALL_BLOB: u64 = 1 << 20;
 /// batches keep the connections busy and a broken one costs little to ask again.
 const BATCH_FILES: usize = 1024;
 const BATCH_BYTES: u64 = 8 << 20;
+/// Chunks buffered between a batched download and its receiver thread: with up to
+/// CONCURRENCY batches at once, hyper's chunks of up to ~400 KiB stay a few MiB in all.
+const BATCH_CHANNEL_DEPTH: usize = 2;
+/// Most bytes read after a batch's last entry.
+const TRAILER_READ: u64 = 64 * 1024;
 
 /// The mode of an object and of every file linked to it: the manifest's mode without
 /// special bits and without any write bit, so the app cannot change bytes that several
@@ -98,6 +103,7 @@ pub async fn fetch_missing(
     let present: HashSet<String> = list(ws.objects_dir())
         .map_err(|e| RefreshError::new(Reason::Io, format!("listing objects: {e}")))?;
     let mut units = Vec::new();
+    let mut batches: Vec<Vec<Job>> = Vec::new();
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
     for (hex, (size, names)) in wanted(manifest) {
@@ -120,7 +126,7 @@ pub async fn fetch_missing(
         batch_bytes += size;
         batch.push(job);
         if batch.len() >= BATCH_FILES || batch_bytes >= BATCH_BYTES {
-            units.push(Unit::Batch(std::mem::take(&mut batch)));
+            batches.push(std::mem::take(&mut batch));
             batch_bytes = 0;
         }
     }
@@ -128,20 +134,45 @@ pub async fn fetch_missing(
         0 => {}
         // One blob travels as well alone, and a plain file server serves it.
         1 => units.extend(batch.into_iter().map(Unit::One)),
-        _ => units.push(Unit::Batch(batch)),
+        _ => batches.push(batch),
+    }
+    // The first batch alone: it tells whether this store has the batched route at all,
+    // before the others are sent.
+    let mut downloaded = 0;
+    let mut batches = batches.into_iter();
+    if let Some(first) = batches.next() {
+        match bring_in_batch(ws, http, base, first, cancel).await? {
+            Batched::Done(n) => {
+                downloaded += n;
+                units.extend(batches.map(Unit::Batch));
+            }
+            Batched::Refused(jobs) => {
+                units.extend(jobs.into_iter().chain(batches.flatten()).map(Unit::One));
+            }
+        }
     }
     let results: Vec<u64> = futures::stream::iter(units)
         .map(|unit| async move {
             match unit {
                 Unit::One(job) => bring_in(ws, http, base, job, cancel).await,
-                Unit::Batch(jobs) => bring_in_batch(ws, http, base, jobs, cancel).await,
+                Unit::Batch(jobs) => match bring_in_batch(ws, http, base, jobs, cancel).await? {
+                    Batched::Done(n) => Ok(n),
+                    // It had the route a moment ago (a rolling update of the store?).
+                    Batched::Refused(jobs) => {
+                        let mut n = 0;
+                        for job in jobs {
+                            n += bring_in(ws, http, base, job, cancel).await?;
+                        }
+                        Ok(n)
+                    }
+                },
             }
         })
         .buffer_unordered(CONCURRENCY)
         .try_collect()
         .await?;
     Ok(Fetched {
-        downloaded: results.iter().sum(),
+        downloaded: downloaded + results.iter().sum::<u64>(),
     })
 }
 
@@ -149,6 +180,21 @@ pub async fn fetch_missing(
 enum Unit {
     One(Job),
     Batch(Vec<Job>),
+}
+
+/// How a batched download went.
+enum Batched {
+    /// Every blob is an object; this many bytes were downloaded.
+    Done(u64),
+    /// The store has no batched route: the jobs, to fetch one by one.
+    Refused(Vec<Job>),
+}
+
+/// Whether an answer to the batched download means "no such route here" rather than a
+/// failure of the store: a client error other than a timeout or rate limit (a plain file
+/// server says 404 or 405, an object store or proxy 400 or 403), or 501.
+fn route_absent(status: reqwest::StatusCode) -> bool {
+    (status.is_client_error() && !matches!(status.as_u16(), 408 | 429)) || status.as_u16() == 501
 }
 
 async fn bring_in(
@@ -191,17 +237,16 @@ fn copy_to(ws: &Workspace, hex: &str, from: &Path, names: &[String]) -> Result<(
 }
 
 /// Many small blobs in one request (`BLOB_BATCH_PATH`): the response, a tar of the blobs,
-/// streams through a bounded channel to a blocking thread that hashes each entry into
-/// staging and places it only when it is one of those asked for, with the manifest's size
-/// and hash. A store without the route (404, 405, 501: a plain file server, a store of an
-/// earlier version) gets the same blobs asked one by one.
+/// streams through a small bounded channel to a blocking thread that hashes each entry
+/// into staging and places it only when it is one of those asked for, with the manifest's
+/// size and hash.
 async fn bring_in_batch(
     ws: &Arc<Workspace>,
     http: &reqwest::Client,
     base: &reqwest::Url,
     jobs: Vec<Job>,
     cancel: &CancellationToken,
-) -> Result<u64, RefreshError> {
+) -> Result<Batched, RefreshError> {
     let url = base.join(BLOB_BATCH_PATH).map_err(|e| {
         RefreshError::new(Reason::Extract, format!("batched blob URL: {e}")).settled()
     })?;
@@ -218,20 +263,19 @@ async fn bring_in_batch(
         () = cancel.cancelled() => return Err(RefreshError::Cancelled),
     };
     let status = sent.status();
-    if matches!(status.as_u16(), 404 | 405 | 501) {
+    if route_absent(status) {
         tracing::debug!(%status, blobs = jobs.len(), "no batched blob download here; one by one");
-        let mut downloaded = 0;
-        for job in jobs {
-            downloaded += bring_in(ws, http, base, job, cancel).await?;
-        }
-        return Ok(downloaded);
+        return Ok(Batched::Refused(jobs));
     }
     let mut response = fetch::check_status(sent, "POST", &url)?;
-    let (feed, reader) = extract_bridge::channel();
+    let (feed, reader) = extract_bridge::channel(BATCH_CHANNEL_DEPTH);
+    // The receiver stops at its next entry when this future ends early: dropped because
+    // another download of the refresh failed, or cancelled.
+    let stop = cancel.child_token();
+    let _stop_on_drop = stop.clone().drop_guard();
     let receiver = {
         let ws = ws.clone();
-        let cancel = cancel.clone();
-        tokio::task::spawn_blocking(move || receive_batch(&ws, reader, jobs, &cancel))
+        tokio::task::spawn_blocking(move || receive_batch(&ws, reader, jobs, &stop))
     };
     let mut feed = Some(feed);
     let stream_error = loop {
@@ -262,19 +306,20 @@ async fn bring_in_batch(
         .map_err(|e| RefreshError::new(Reason::Io, e))?;
     match (received, stream_error) {
         // A broken stream explains a short tar better than the tar does.
-        (Err(_), Some(e)) | (Ok(_), Some(e)) => Err(e),
-        (result, None) => result,
+        (_, Some(e)) => Err(e),
+        (result, None) => result.map(Batched::Done),
     }
 }
 
 /// Reads a batched download's tar: every entry must be a regular file named
 /// `sha256:<hex>` of a blob asked for and not yet received, of its manifest size, hashing
-/// to its name; every blob asked for must come. Blocking.
+/// to its name; every blob asked for must come. Blocking; stops at the next entry or
+/// chunk once `stop` is cancelled.
 fn receive_batch(
     ws: &Workspace,
     reader: impl Read,
     jobs: Vec<Job>,
-    cancel: &CancellationToken,
+    stop: &CancellationToken,
 ) -> Result<u64, RefreshError> {
     let broken = |e: io::Error| {
         RefreshError::new(
@@ -284,57 +329,73 @@ fn receive_batch(
     };
     let mut expected: HashMap<String, Job> = jobs.into_iter().map(|j| (j.hex.clone(), j)).collect();
     let mut archive = tar::Archive::new(reader);
-    // Raw: an extension header is an entry of its own, refused below, never buffered.
-    let entries = archive.entries().map_err(broken)?.raw(true);
     let mut downloaded = 0;
     let mut buf = vec![0u8; 64 * 1024];
-    for entry in entries {
-        if cancel.is_cancelled() {
-            return Err(RefreshError::Cancelled);
-        }
-        let mut entry = entry.map_err(broken)?;
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let job = name
-            .strip_prefix("sha256:")
-            .and_then(|hex| expected.remove(hex))
-            .ok_or_else(|| {
-                RefreshError::new(
-                    Reason::Checksum,
-                    format!("batched blob download sent {name:?}, which was not asked for"),
-                )
-            })?;
-        if entry.header().entry_type() != tar::EntryType::Regular {
-            return Err(mismatch(&job.hex, "is not a regular file in the batch"));
-        }
-        if entry.size() != job.size {
-            return Err(mismatch(
-                &job.hex,
-                &format!(
-                    "is {} bytes in the batch, the manifest says {}",
-                    entry.size(),
-                    job.size
-                ),
-            ));
-        }
-        let tmp = Temp(ws.temp_path(&format!("obj-{}", job.hex)));
-        let io_error = |e: io::Error| RefreshError::new(Reason::Io, format!("writing object: {e}"));
-        let mut file = fs::File::create(&tmp.0).map_err(io_error)?;
-        let mut hasher = Sha256Writer::new();
-        loop {
-            let n = entry.read(&mut buf).map_err(broken)?;
-            if n == 0 {
-                break;
+    {
+        // Raw: an extension header (PAX, GNU long name) is an entry of its own, refused
+        // below as not asked for, never buffered.
+        let entries = archive.entries().map_err(broken)?.raw(true);
+        for entry in entries {
+            if stop.is_cancelled() {
+                return Err(RefreshError::Cancelled);
             }
-            hasher.update(&buf[..n]);
-            file.write_all(&buf[..n]).map_err(io_error)?;
+            let mut entry = entry.map_err(broken)?;
+            let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+            let job = name
+                .strip_prefix("sha256:")
+                .and_then(|hex| expected.remove(hex))
+                .ok_or_else(|| {
+                    RefreshError::new(
+                        Reason::Checksum,
+                        format!("batched blob download sent {name:?}, which was not asked for"),
+                    )
+                })?;
+            if entry.header().entry_type() != tar::EntryType::Regular {
+                return Err(mismatch(&job.hex, "is not a regular file in the batch"));
+            }
+            if entry.size() != job.size {
+                return Err(mismatch(
+                    &job.hex,
+                    &format!(
+                        "is {} bytes in the batch, the manifest says {}",
+                        entry.size(),
+                        job.size
+                    ),
+                ));
+            }
+            let tmp = Temp(ws.temp_path(&format!("obj-{}", job.hex)));
+            let io_error =
+                |e: io::Error| RefreshError::new(Reason::Io, format!("writing object: {e}"));
+            let mut file = fs::File::create(&tmp.0).map_err(io_error)?;
+            let mut hasher = Sha256Writer::new();
+            let mut total = 0u64;
+            loop {
+                let n = entry.read(&mut buf).map_err(broken)?;
+                if n == 0 {
+                    break;
+                }
+                total += n as u64;
+                hasher.update(&buf[..n]);
+                file.write_all(&buf[..n]).map_err(io_error)?;
+            }
+            drop(file);
+            if total != job.size {
+                // The stream ended inside the entry: a broken download, not a wrong blob.
+                return Err(RefreshError::new(
+                    Reason::Download,
+                    format!("batched blob download ended inside sha256:{}", job.hex),
+                ));
+            }
+            let got = hasher.finish();
+            if got.hex() != job.hex {
+                return Err(mismatch(&job.hex, &format!("hashes to {got}")));
+            }
+            if stop.is_cancelled() {
+                return Err(RefreshError::Cancelled);
+            }
+            store(ws, &job, &tmp)?;
+            downloaded += job.size;
         }
-        drop(file);
-        let got = hasher.finish();
-        if got.hex() != job.hex {
-            return Err(mismatch(&job.hex, &format!("hashes to {got}")));
-        }
-        store(ws, &job, &tmp)?;
-        downloaded += job.size;
     }
     if !expected.is_empty() {
         return Err(RefreshError::new(
@@ -345,6 +406,12 @@ fn receive_batch(
             ),
         ));
     }
+    // The rest of the end-of-archive blocks, so the connection can be used again (a
+    // well-formed batch has 1 KiB left; more is not read).
+    let _ = io::copy(
+        &mut archive.into_inner().take(TRAILER_READ),
+        &mut io::sink(),
+    );
     Ok(downloaded)
 }
 
@@ -460,9 +527,11 @@ pub fn collect_garbage(ws: &Workspace) -> io::Result<usize> {
         let path = ws.manifest_path(&digest);
         if !ws.has_release(&digest) {
             let _ = fs::remove_file(&path);
+            ws.forget_manifest(&digest);
             continue;
         }
-        for (_, (_, names)) in wanted(&ws.kept_manifest(&digest)?) {
+        let manifest = ws.kept_manifest(&digest)?;
+        for (_, (_, names)) in wanted(&manifest) {
             keep.extend(names);
         }
     }
@@ -489,5 +558,168 @@ mod tests {
         assert_eq!(object_mode(0o4775), 0o555);
         assert_ne!(name("ab", 0o644), name("ab", 0o755));
         assert_eq!(name("ab", 0o664), "ab-444");
+    }
+
+    fn job(bytes: &[u8]) -> Job {
+        let hex = aether_common::Digest::of(bytes).hex();
+        Job {
+            names: vec![name(&hex, 0o644), name(&hex, 0o755)],
+            hex,
+            size: bytes.len() as u64,
+            local: None,
+        }
+    }
+
+    /// A tar of `(name, type, bytes)` entries, headers written as told (sizes included).
+    fn tar_of(entries: &[(&str, tar::EntryType, &[u8])]) -> Vec<u8> {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (path, kind, bytes) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(*kind);
+            h.set_size(bytes.len() as u64);
+            h.set_mode(0o444);
+            tar.append_data(&mut h, path, *bytes).unwrap();
+        }
+        tar.into_inner().unwrap()
+    }
+
+    fn reason(r: Result<u64, RefreshError>) -> String {
+        match r {
+            Err(RefreshError::Failed {
+                reason, message, ..
+            }) => format!("{reason}: {message}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    fn sha(bytes: &[u8]) -> String {
+        aether_common::Digest::of(bytes).to_string()
+    }
+
+    #[test]
+    fn a_batch_places_only_verified_blobs_it_asked_for_under_every_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let stop = CancellationToken::new();
+        let (a, b) = (b"alpha".as_slice(), b"beta".repeat(300));
+        let tar = tar_of(&[
+            (&sha(a), tar::EntryType::Regular, a),
+            (&sha(&b), tar::EntryType::Regular, &b),
+        ]);
+        let got = receive_batch(&ws, tar.as_slice(), vec![job(a), job(&b)], &stop).unwrap();
+        assert_eq!(got, (a.len() + b.len()) as u64);
+        let objects = list(ws.objects_dir()).unwrap();
+        for n in job(a).names.iter().chain(&job(&b).names) {
+            assert!(objects.contains(n), "{n} in {objects:?}");
+        }
+        assert_eq!(
+            fs::read(ws.objects_dir().join(&job(a).names[1])).unwrap(),
+            a
+        );
+    }
+
+    #[test]
+    fn a_hostile_or_broken_batch_is_refused_and_leaves_no_object_of_its_blob() {
+        let a = b"alpha".as_slice();
+        let b = b"bravo".as_slice();
+        let mut long = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(a.len() as u64);
+        long.append_data(&mut h, format!("{}/{}", "x".repeat(200), sha(a)), a)
+            .unwrap();
+        let mut pax = tar::Builder::new(Vec::new());
+        pax.append_pax_extensions([("path", sha(a).as_bytes())])
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_size(a.len() as u64);
+        pax.append_data(&mut h, "anything", a).unwrap();
+        let whole = tar_of(&[(&sha(a), tar::EntryType::Regular, a)]);
+        let cases: Vec<(&str, Vec<u8>, Vec<Job>, &str)> = vec![
+            (
+                "an entry not asked for",
+                tar_of(&[(&sha(b), tar::EntryType::Regular, b)]),
+                vec![job(a)],
+                "checksum: batched blob download sent",
+            ),
+            (
+                "an entry twice",
+                tar_of(&[
+                    (&sha(a), tar::EntryType::Regular, a),
+                    (&sha(a), tar::EntryType::Regular, a),
+                ]),
+                vec![job(a), job(b)],
+                "not asked for",
+            ),
+            (
+                "a symlink",
+                tar_of(&[(&sha(a), tar::EntryType::Symlink, b"")]),
+                vec![job(a)],
+                "checksum",
+            ),
+            (
+                "another size",
+                tar_of(&[(&sha(a), tar::EntryType::Regular, b"alphabet")]),
+                vec![job(a)],
+                "8 bytes in the batch, the manifest says 5",
+            ),
+            (
+                "other bytes",
+                tar_of(&[(&sha(a), tar::EntryType::Regular, b"ALPHA")]),
+                vec![job(a)],
+                "checksum: blob sha256:",
+            ),
+            (
+                "a GNU long name",
+                long.into_inner().unwrap(),
+                vec![job(a)],
+                "not asked for",
+            ),
+            (
+                "a PAX header",
+                pax.into_inner().unwrap(),
+                vec![job(a)],
+                "not asked for",
+            ),
+            (
+                "a blob missing",
+                whole.clone(),
+                vec![job(a), job(b)],
+                "download: batched blob download ended without 1",
+            ),
+            (
+                "an end inside a blob",
+                whole[..512 + 2].to_vec(),
+                vec![job(a)],
+                "download: batched blob download ended inside",
+            ),
+        ];
+        for (what, tar, jobs, want) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let ws = Workspace::open(dir.path()).unwrap();
+            let stop = CancellationToken::new();
+            let got = reason(receive_batch(&ws, tar.as_slice(), jobs, &stop));
+            assert!(got.contains(want), "{what}: {got}");
+            // Only a verified blob asked for (the first `a`) may have become an object.
+            let verified: HashSet<String> = job(a).names.into_iter().collect();
+            let objects = list(ws.objects_dir()).unwrap();
+            if matches!(what, "an entry twice" | "a blob missing") {
+                assert_eq!(objects, verified, "{what}");
+            } else {
+                assert!(objects.is_empty(), "{what}: {objects:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stopped_batch_places_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let a = b"alpha".as_slice();
+        let tar = tar_of(&[(&sha(a), tar::EntryType::Regular, a)]);
+        let got = receive_batch(&ws, tar.as_slice(), vec![job(a)], &stop);
+        assert!(matches!(got, Err(RefreshError::Cancelled)), "{got:?}");
+        assert!(list(ws.objects_dir()).unwrap().is_empty());
     }
 }

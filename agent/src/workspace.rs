@@ -22,6 +22,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use aether_common::Digest;
@@ -64,7 +65,15 @@ pub struct Workspace {
     objects: PathBuf,
     manifests: PathBuf,
     in_use: PathBuf,
+    /// The kept manifests read last, parsed, newest first: one refresh reads the live
+    /// release's, its base's and (collecting objects) every kept one, and a manifest of a
+    /// large tree takes tens of milliseconds to parse. Few, because each is the size of
+    /// the tree's listing in memory.
+    parsed: Mutex<Vec<(Digest, Arc<Manifest>)>>,
 }
+
+/// Parsed manifests kept in memory: the new release's, the live one's and a base.
+const PARSED_MANIFESTS: usize = 3;
 
 /// A staging directory being filled. Dropping it without `Workspace::commit` removes it,
 /// so every failure path leaves nothing behind.
@@ -105,6 +114,7 @@ impl Workspace {
             manifests: meta.join("manifests"),
             in_use: meta.join("in-use"),
             meta,
+            parsed: Mutex::default(),
         };
         for dir in [
             &ws.releases,
@@ -129,10 +139,42 @@ impl Workspace {
         Ok(ws)
     }
 
-    /// The manifest kept for a release: our own file, validated before it was written.
-    pub fn kept_manifest(&self, digest: &Digest) -> io::Result<Manifest> {
+    /// The manifest kept for a release: our own file, validated before it was written
+    /// (parsed once while it is among the last few used).
+    pub fn kept_manifest(&self, digest: &Digest) -> io::Result<Arc<Manifest>> {
+        if let Some(m) = self.parsed_manifest(digest) {
+            return Ok(m);
+        }
         let bytes = fs::read(self.manifest_path(digest))?;
-        serde_json::from_slice(&bytes).map_err(io::Error::other)
+        let manifest: Arc<Manifest> =
+            Arc::new(serde_json::from_slice(&bytes).map_err(io::Error::other)?);
+        self.remember_manifest(*digest, manifest.clone());
+        Ok(manifest)
+    }
+
+    fn parsed_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+        let mut parsed = self.parsed.lock().ok()?;
+        let at = parsed.iter().position(|(d, _)| d == digest)?;
+        let hit = parsed.remove(at);
+        let manifest = hit.1.clone();
+        parsed.insert(0, hit);
+        Some(manifest)
+    }
+
+    /// Keeps a verified manifest parsed (the one a refresh just wrote).
+    pub fn remember_manifest(&self, digest: Digest, manifest: Arc<Manifest>) {
+        if let Ok(mut parsed) = self.parsed.lock() {
+            parsed.retain(|(d, _)| *d != digest);
+            parsed.insert(0, (digest, manifest));
+            parsed.truncate(PARSED_MANIFESTS);
+        }
+    }
+
+    /// Forgets a parsed manifest whose file is gone.
+    pub fn forget_manifest(&self, digest: &Digest) {
+        if let Ok(mut parsed) = self.parsed.lock() {
+            parsed.retain(|(d, _)| d != digest);
+        }
     }
 
     pub fn objects_dir(&self) -> &Path {

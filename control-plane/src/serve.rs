@@ -589,8 +589,8 @@ async fn download_blob_batch(
 }
 
 /// Answers a batched download: every blob is checked to be stored before the first byte
-/// is sent (404 names a missing one), so the tar's length is known; the tar is then
-/// written by a blocking thread into a bounded pipe that the response streams from.
+/// is sent (404 names a missing one), so the tar's length is known; the tar then streams
+/// from the files as the client reads.
 async fn serve_blob_batch(store: Arc<Store>, req: BlobBatchRequest) -> Result<Response, ApiError> {
     if req.digests.len() > MAX_BLOB_BATCH {
         return Err(bad_request(format!(
@@ -621,23 +621,12 @@ async fn serve_blob_batch(store: Arc<Store>, req: BlobBatchRequest) -> Result<Re
     }
     counter!(m::BLOB_DOWNLOADS_TOTAL).increment(blobs.len() as u64);
     let len = batch_tar_len(&blobs);
-    let (reader, writer) = tokio::io::duplex(STREAM_CHUNK);
-    let writer = tokio_util::io::SyncIoBridge::new(writer);
-    tokio::task::spawn_blocking(move || {
-        // A client that goes away closes the pipe and ends the writer with an error.
-        if let Err(e) = store.write_blob_batch(&blobs, writer) {
-            tracing::debug!(error = %e, "batched blob download ended early");
-        }
-    });
     Ok((
         [
             (header::CONTENT_LENGTH, len.to_string()),
             (header::CONTENT_TYPE, "application/x-tar".to_owned()),
         ],
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            reader,
-            STREAM_CHUNK,
-        )),
+        Body::from_stream(store.blob_batch_body(blobs)),
     )
         .into_response())
 }

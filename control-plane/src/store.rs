@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use aether_common::{Digest, Sha256Writer};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -272,26 +272,36 @@ impl Store {
         Ok(out)
     }
 
-    /// Writes a batched download (see `aether_common::release::BLOB_BATCH_PATH`): an
+    /// The body of a batched download (see `aether_common::release::BLOB_BATCH_PATH`): an
     /// uncompressed tar of `blobs` in order, each a regular file named `sha256:<hex>`, of
-    /// exactly [`batch_tar_len`] bytes. Blocking. A blob that changed size since
-    /// [`Store::blob_sizes`] (it cannot: blobs are immutable once renamed in) ends it with
-    /// an error rather than a stream that would not match its announced length.
-    pub fn write_blob_batch<W: Write>(&self, blobs: &[(Digest, u64)], out: W) -> io::Result<()> {
-        let mut tar = tar::Builder::new(out);
-        for (digest, size) in blobs {
-            let file = std::fs::File::open(self.path_of(Kind::Blob, digest))?;
-            if file.metadata()?.len() != *size {
-                return Err(io::Error::other(format!("blob {digest} changed size")));
-            }
-            let mut header = tar::Header::new_ustar();
-            header.set_entry_type(tar::EntryType::Regular);
-            header.set_size(*size);
-            header.set_mode(0o444);
-            header.set_mtime(0);
-            tar.append_data(&mut header, digest.to_string(), file.take(*size))?;
-        }
-        tar.into_inner()?.flush()
+    /// exactly [`batch_tar_len`] bytes. Asynchronous all the way: a client that reads
+    /// slowly or not at all holds a connection, never a thread. A blob shorter than its
+    /// size (it cannot be: blobs are immutable once renamed in) ends the body short of its
+    /// announced length, which the client sees as a broken download.
+    pub fn blob_batch_body(
+        &self,
+        blobs: Vec<(Digest, u64)>,
+    ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        let files: Vec<(PathBuf, Digest, u64)> = blobs
+            .into_iter()
+            .map(|(d, size)| (self.path_of(Kind::Blob, &d), d, size))
+            .collect();
+        let entries = futures::stream::iter(files).flat_map(|(path, digest, size)| {
+            let content = futures::stream::once(tokio::fs::File::open(path))
+                .map(move |file| match file {
+                    Ok(f) => tokio_util::io::ReaderStream::with_capacity(f.take(size), 64 * 1024)
+                        .left_stream(),
+                    Err(e) => futures::stream::once(std::future::ready(Err(e))).right_stream(),
+                })
+                .flatten();
+            let padding = Bytes::from(vec![0u8; padding(size) as usize]);
+            futures::stream::once(std::future::ready(batch_header(&digest, size)))
+                .chain(content)
+                .chain(futures::stream::once(std::future::ready(Ok(padding))))
+        });
+        entries.chain(futures::stream::once(std::future::ready(Ok(
+            Bytes::from_static(&[0u8; 1024]),
+        ))))
     }
 
     /// A read error inside a batch: the body ended early or broke.
@@ -303,14 +313,31 @@ impl Store {
     }
 }
 
-/// The exact length of the tar [`Store::write_blob_batch`] writes: a 512-byte header per
+/// The exact length of the tar [`Store::blob_batch_body`] sends: a 512-byte header per
 /// blob, its bytes padded to 512, and the two zero blocks that end an archive.
 pub fn batch_tar_len(blobs: &[(Digest, u64)]) -> u64 {
     blobs
         .iter()
-        .map(|(_, size)| 512 + size.div_ceil(512) * 512)
+        .map(|(_, size)| 512 + size + padding(*size))
         .sum::<u64>()
         + 1024
+}
+
+/// Zeros after an entry's bytes, up to the next 512-byte block.
+fn padding(size: u64) -> u64 {
+    size.next_multiple_of(512) - size
+}
+
+/// The ustar header of one blob of a batched download.
+fn batch_header(digest: &Digest, size: u64) -> io::Result<Bytes> {
+    let mut header = tar::Header::new_ustar();
+    header.set_path(digest.to_string())?;
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(size);
+    header.set_mode(0o444);
+    header.set_mtime(0);
+    header.set_cksum();
+    Ok(Bytes::copy_from_slice(header.as_bytes()))
 }
 
 /// An upload's temporary file, removed when dropped unless it was renamed into place. A
@@ -394,9 +421,14 @@ mod tests {
         digests.push(digests[0]);
         let sizes = store.blob_sizes(&digests).unwrap();
         assert_eq!(sizes.len(), 3);
-        let mut out = Vec::new();
-        store.write_blob_batch(&sizes, &mut out).unwrap();
-        assert_eq!(out.len() as u64, batch_tar_len(&sizes));
+        let len = batch_tar_len(&sizes);
+        let chunks: Vec<Bytes> = rt
+            .block_on(store.blob_batch_body(sizes).collect::<Vec<_>>())
+            .into_iter()
+            .collect::<io::Result<_>>()
+            .unwrap();
+        let out = chunks.concat();
+        assert_eq!(out.len() as u64, len);
         let mut archive = tar::Archive::new(out.as_slice());
         let got: Vec<(String, Vec<u8>)> = archive
             .entries()
