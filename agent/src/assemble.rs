@@ -8,7 +8,6 @@
 //! killed at any point leaves only staging behind, which the next start wipes; the base,
 //! once taken, is gone from the releases whether or not the patch finishes.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{PermissionsExt, symlink};
@@ -34,24 +33,76 @@ pub struct Delta {
 
 /// The files `new` adds, changes, removes and keeps against `old`.
 pub fn delta(old: &Manifest, new: &Manifest) -> Delta {
-    fn files(m: &Manifest) -> BTreeMap<&str, &Entry> {
-        m.entries
-            .iter()
-            .filter(|e| e.kind == EntryType::File)
-            .map(|e| (e.path.as_str(), e))
-            .collect()
-    }
-    let (old, new) = (files(old), files(new));
+    let is_file = |e: &&Entry| e.kind == EntryType::File;
     let mut d = Delta::default();
-    for (path, after) in &new {
-        match old.get(path) {
-            None => d.added += 1,
-            Some(before) if same(before, after) => d.reused += 1,
-            Some(_) => d.changed += 1,
+    for (before, after) in matched(old, new) {
+        match (before.filter(is_file), after.filter(is_file)) {
+            (None, Some(_)) => d.added += 1,
+            (Some(b), Some(a)) if same(b, a) => d.reused += 1,
+            (Some(_), Some(_)) => d.changed += 1,
+            (Some(_), None) => d.removed += 1,
+            (None, None) => {}
         }
     }
-    d.removed = old.keys().filter(|p| !new.contains_key(*p)).count() as u64;
     d
+}
+
+/// The files of `new` that are not the same file at the same path in `old`.
+pub fn differing_files<'a>(old: &'a Manifest, new: &'a Manifest) -> Vec<&'a Entry> {
+    matched(old, new)
+        .into_iter()
+        .filter_map(|(before, after)| {
+            let after = after.filter(|a| a.kind == EntryType::File)?;
+            (!before.is_some_and(|b| same(b, after))).then_some(after)
+        })
+        .collect()
+}
+
+/// The entries of two manifests matched by path, in path order: `(old, new)`. One merge
+/// of the two sorted lists: a large tree's manifests differ in a few entries, and maps
+/// of every path (what this replaced) cost more than the rest of a refresh.
+fn matched<'a>(
+    old: &'a Manifest,
+    new: &'a Manifest,
+) -> Vec<(Option<&'a Entry>, Option<&'a Entry>)> {
+    let (old, new) = (in_order(old), in_order(new));
+    let mut out = Vec::with_capacity(old.len().max(new.len()));
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) => o.path.cmp(&n.path),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match order {
+            std::cmp::Ordering::Less => {
+                out.push((Some(old[i]), None));
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push((None, Some(new[j])));
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push((Some(old[i]), Some(new[j])));
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out
+}
+
+/// A manifest's entries in strict path order. Manifests are (parsing refuses any other,
+/// and kept ones were written from parsed ones); sorting here keeps the merge right even
+/// for one that is not.
+fn in_order(m: &Manifest) -> Vec<&Entry> {
+    let mut entries: Vec<&Entry> = m.entries.iter().collect();
+    if !entries.windows(2).all(|w| w[0].path < w[1].path) {
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        entries.dedup_by(|a, b| a.path == b.path);
+    }
+    entries
 }
 
 /// Builds `manifest` (whose digest is `digest`) in staging; `live` is never used as a
@@ -113,14 +164,14 @@ fn same(a: &Entry, b: &Entry) -> bool {
 /// Turns the tree at `root`, which holds `old`, into `new`: removals deepest first, then
 /// additions parents first, then directory modes.
 fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Result<()> {
-    let old: BTreeMap<&str, &Entry> = old.entries.iter().map(|e| (e.path.as_str(), e)).collect();
-    let new: BTreeMap<&str, &Entry> = new.entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    let pairs = matched(old, new);
     // Reverse path order visits `a/b` before `a`.
-    for (path, before) in old.iter().rev() {
-        if new.get(path).is_some_and(|after| same(before, after)) {
+    for (before, after) in pairs.iter().rev() {
+        let Some(before) = before else { continue };
+        if after.is_some_and(|after| same(before, after)) {
             continue;
         }
-        let target = root.join(path);
+        let target = root.join(&before.path);
         let result = if before.kind == EntryType::Dir {
             fs::remove_dir_all(&target)
         } else {
@@ -132,11 +183,12 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
         }
     }
     let objects_dir = ws.objects_dir();
-    for (path, after) in &new {
-        let target = root.join(path);
-        if old.get(path).is_some_and(|b| same(b, after)) {
+    for (before, after) in &pairs {
+        let Some(after) = after else { continue };
+        if before.is_some_and(|b| same(b, after)) {
             continue;
         }
+        let target = root.join(&after.path);
         // Whatever an app left at this path in the base (it was not in the old manifest)
         // gives way: the release is exactly its manifest.
         clear(&target)?;
@@ -150,13 +202,15 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
             }
         }
     }
-    for (path, after) in new.iter().filter(|(_, e)| e.kind == EntryType::Dir) {
-        let unchanged = old
-            .get(path)
+    for (before, after) in &pairs {
+        let Some(after) = after.filter(|e| e.kind == EntryType::Dir) else {
+            continue;
+        };
+        let unchanged = before
             .is_some_and(|b| b.kind == EntryType::Dir && dir_mode(b.mode) == dir_mode(after.mode));
         if !unchanged {
             fs::set_permissions(
-                root.join(path),
+                root.join(&after.path),
                 fs::Permissions::from_mode(dir_mode(after.mode)),
             )?;
         }

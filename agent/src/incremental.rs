@@ -6,6 +6,7 @@
 use std::fs;
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use aether_common::Digest;
 use aether_common::contract::annotations::DesiredRelease;
@@ -83,8 +84,14 @@ impl Refresher {
             let blobs = url.join(&manifest.blobs).map_err(|e| {
                 RefreshError::new(Reason::Extract, format!("manifest blobs URL: {e}")).settled()
             })?;
+            let ws = &self.workspace;
+            let known = if self.trust_live.load(Ordering::Relaxed) {
+                ws.live_digest().and_then(|d| ws.kept_manifest(&d).ok())
+            } else {
+                None
+            };
             let fetched =
-                objects::fetch_missing(&self.workspace, &self.http, &blobs, &manifest, cancel)
+                objects::fetch_missing(ws, &self.http, &blobs, &manifest, known.as_deref(), cancel)
                     .await?;
             applied.downloaded += fetched.downloaded;
             applied.reused = false;
@@ -109,7 +116,10 @@ impl Refresher {
                 ws.commit(staging, &digest)?;
                 Ok(delta)
             })
-            .await?;
+            .await
+            // An object taken to be present may be gone: the next attempt lists them all.
+            .inspect_err(|_| self.trust_live.store(false, Ordering::Relaxed))?;
+            self.trust_live.store(true, Ordering::Relaxed);
             applied.delta = Some(delta);
         }
         // A newer release or the deadline arrived while the release was built: it stays

@@ -15,14 +15,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aether_common::Sha256Writer;
-use aether_common::release::{BLOB_BATCH_PATH, BlobBatchRequest, EntryType, Manifest, file_mode};
+use aether_common::release::{
+    BLOB_BATCH_PATH, BlobBatchRequest, Entry, EntryType, Manifest, file_mode,
+};
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::failure::{Reason, RefreshError};
 use crate::workspace::Workspace;
-use crate::{extract_bridge, fetch};
+use crate::{assemble, extract_bridge, fetch};
 
 /// Blob downloads in flight at once: enough to hide round trips to the store, few enough
 /// not to swamp it when many pods catch up together.
@@ -55,12 +57,15 @@ pub fn name(hex: &str, entry_mode: u32) -> String {
 
 /// The objects a manifest names, by hash: each hash with its size and object names.
 fn wanted(manifest: &Manifest) -> BTreeMap<&str, (u64, Vec<String>)> {
+    wanted_of(manifest.entries.iter())
+}
+
+/// The objects of these entries, by hash.
+fn wanted_of<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+) -> BTreeMap<&'a str, (u64, Vec<String>)> {
     let mut out: BTreeMap<&str, (u64, Vec<String>)> = BTreeMap::new();
-    for e in manifest
-        .entries
-        .iter()
-        .filter(|e| e.kind == EntryType::File)
-    {
+    for e in entries.filter(|e| e.kind == EntryType::File) {
         let (Some(hex), Some(size)) = (e.sha256.as_deref(), e.size) else {
             continue;
         };
@@ -98,15 +103,34 @@ pub async fn fetch_missing(
     http: &reqwest::Client,
     base: &reqwest::Url,
     manifest: &Manifest,
+    known: Option<&Manifest>,
     cancel: &CancellationToken,
 ) -> Result<Fetched, RefreshError> {
-    let present: HashSet<String> = list(ws.objects_dir())
-        .map_err(|e| RefreshError::new(Reason::Io, format!("listing objects: {e}")))?;
+    let (wanted, present) = match known {
+        // What the live release has is on the volume; only the files that differ from it
+        // are looked for, one by one: a save of a large tree changes a few.
+        Some(live) => {
+            let differ = assemble::differing_files(live, manifest);
+            let wanted = wanted_of(differ.iter().copied());
+            let present: HashSet<String> = wanted
+                .values()
+                .flat_map(|(_, names)| names)
+                .filter(|n| fs::symlink_metadata(ws.objects_dir().join(n)).is_ok())
+                .cloned()
+                .collect();
+            (wanted, present)
+        }
+        None => (
+            wanted(manifest),
+            list(ws.objects_dir())
+                .map_err(|e| RefreshError::new(Reason::Io, format!("listing objects: {e}")))?,
+        ),
+    };
     let mut units = Vec::new();
     let mut batches: Vec<Vec<Job>> = Vec::new();
     let mut batch = Vec::new();
     let mut batch_bytes = 0;
-    for (hex, (size, names)) in wanted(manifest) {
+    for (hex, (size, names)) in wanted {
         let missing: Vec<String> = names.into_iter().filter(|n| !present.contains(n)).collect();
         if missing.is_empty() {
             continue;

@@ -427,3 +427,31 @@ async fn sigkill_during_a_batched_download_keeps_current_complete_and_a_restart_
     }
     assert_eq!(rig.staging_entries(), 0, "start-up removes stale staging");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_of_the_live_release_that_went_missing_is_fetched_again() {
+    let rig = Rig::new().await;
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let v1 = [("keep.txt", "kept bytes"), ("app.py", "v1")];
+    let (url, d1) = rig.publish_manifest(&manifest(APP, 1, &v1), &v1);
+    rig.point_at_manifest(&url, &d1).await;
+    wait_live(addr, &d1).await;
+    // Someone removes an object the live release uses (a refresh checks only the files
+    // that differ from the live release, so it is taken to be there).
+    let kept_hex = Digest::of(b"kept bytes").hex();
+    let object = rig
+        .objects()
+        .into_iter()
+        .find(|o| o.starts_with(&kept_hex))
+        .unwrap();
+    std::fs::remove_file(rig.workspace.join(".aether/objects").join(&object)).unwrap();
+
+    let v2 = [("keep.txt", "kept bytes"), ("app.py", "v2")];
+    let (url, d2) = rig.publish_manifest(&manifest(APP, 2, &v2), &v2);
+    rig.point_at_manifest(&url, &d2).await;
+    wait_live(addr, &d2).await;
+    assert_eq!(rig.read_current("keep.txt").as_deref(), Some("kept bytes"));
+    assert_eq!(rig.read_current("app.py").as_deref(), Some("v2"));
+    assert_eq!(rig.art.requests(&blob_name(&Digest::of(b"kept bytes"))), 2);
+}

@@ -9,7 +9,7 @@
 //! each child asks the kernel (`PR_SET_PDEATHSIG`) for a SIGTERM should `aether` itself be
 //! killed outright; the supervisor passes it on to the app's process group.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -256,6 +256,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         format: args.format,
         cache: None,
         seq: None,
+        stored: HashSet::new(),
     };
     let children = (fetcher, supervisor);
     loop {
@@ -375,6 +376,9 @@ struct Source {
     format: FormatArg,
     cache: Option<HashCache>,
     seq: Option<u64>,
+    /// Blobs this loop has put in its store (which only it writes, and never prunes): a
+    /// save asks the store only about the others, not about every file of the tree.
+    stored: HashSet<Digest>,
 }
 
 /// A release in the store, ready to be annotated.
@@ -427,7 +431,12 @@ impl Source {
         if Some(snap.tree) == last {
             return Ok(None);
         }
-        let wanted: Vec<Digest> = snap.blobs.keys().copied().collect();
+        let wanted: Vec<Digest> = snap
+            .blobs
+            .keys()
+            .filter(|d| !self.stored.contains(*d))
+            .copied()
+            .collect();
         for digest in target.store.missing_blobs(&wanted) {
             let Some((path, _)) = snap.blobs.get(&digest) else {
                 continue;
@@ -445,6 +454,7 @@ impl Source {
             .put_of(Kind::Blob, snap.digest, one_chunk(snap.bytes.clone()))
             .await
             .context("storing the manifest")?;
+        self.stored.extend(wanted);
         self.seq = Some(seq);
         annotations.insert(DIGEST.to_owned(), snap.digest.to_string());
         annotations.insert(

@@ -70,7 +70,8 @@ impl Stamp {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Cached {
     stamp: Stamp,
-    sha256: String,
+    /// Kept as a digest, not hex: a save of a large tree looks up every file.
+    sha256: Digest,
     /// When the hash was taken: a file modified in the same instant it was hashed (within
     /// the file system's timestamp granularity) could change without its stamp changing,
     /// so such an entry is not trusted (git's "racily clean" rule).
@@ -83,7 +84,14 @@ struct Cached {
 pub struct HashCache {
     file: Option<PathBuf>,
     entries: HashMap<String, Cached>,
+    /// When it was last written by `take`.
+    saved_at: Option<std::time::Instant>,
 }
+
+/// `take` writes the cache at most this often: writing a large tree's cache costs tens of
+/// milliseconds of CPU beside the save it follows, and what a loop stopped in between
+/// did not write costs only hashing those files again.
+const SAVE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Entries hashed this close to their modification are re-hashed next time.
 const RACY_NS: i128 = 2_000_000_000;
@@ -97,7 +105,11 @@ impl HashCache {
             .and_then(|f| fs::read(f).ok())
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        Self { file, entries }
+        Self {
+            file,
+            entries,
+            saved_at: None,
+        }
     }
 
     /// Writes the cache (atomically); a failure only costs re-hashing next time.
@@ -126,9 +138,8 @@ impl HashCache {
         if let Some(c) = self.entries.get(rel)
             && c.stamp == stamp
             && c.hashed_ns - stamp.mtime_ns.max(stamp.ctime_ns) > RACY_NS
-            && let Ok(d) = format!("sha256:{}", c.sha256).parse::<Digest>()
         {
-            return Ok((d, false));
+            return Ok((c.sha256, false));
         }
         let hashed_ns = now_ns();
         let digest = hash_file(full)?;
@@ -136,7 +147,7 @@ impl HashCache {
             rel.to_owned(),
             Cached {
                 stamp,
-                sha256: digest.hex(),
+                sha256: digest,
                 hashed_ns,
             },
         );
@@ -276,8 +287,8 @@ pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow:
 }
 
 /// `snapshot` off the async runtime. `cache` is the directory's hash cache, loaded on
-/// first use and written in the background after each snapshot (off the save's path:
-/// writing the cache of a large tree takes tens of milliseconds).
+/// first use and written in the background (off the save's path) after a snapshot that
+/// hashed anything, at most every `SAVE_EVERY`.
 pub async fn take(
     dir: &Path,
     cache: &mut Option<HashCache>,
@@ -291,7 +302,10 @@ pub async fn take(
         (held, snap)
     })
     .await?;
-    if snap.is_ok() {
+    let mut held = held;
+    let due = held.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
+    if snap.as_ref().is_ok_and(|s| s.hashed > 0) && due {
+        held.saved_at = Some(std::time::Instant::now());
         let copy = held.clone();
         tokio::task::spawn_blocking(move || copy.save());
     }
