@@ -180,7 +180,7 @@ impl Manifest {
             match entry.kind {
                 EntryType::File => {
                     let hash = entry.sha256.as_deref().unwrap_or("");
-                    if format!("sha256:{hash}").parse::<Digest>().is_err() {
+                    if Digest::from_hex(hash).is_err() {
                         return Err(invalid(format!("{}: sha256 must be 64 hex", entry.path)));
                     }
                     if entry.size.is_none() || entry.target.is_some() {

@@ -44,7 +44,13 @@ impl Digest {
     /// The 64 lowercase hex digits, without prefix: what signatures cover and what release
     /// directories and log markers are named by.
     pub fn hex(&self) -> String {
-        hex::encode(self.0)
+        // Through a slice: `hex::encode` goes through a char iterator, which showed in
+        // profiles of a save of a 40,000-file tree (one call per file).
+        let mut out = vec![0u8; 64];
+        match hex::encode_to_slice(self.0, &mut out) {
+            Ok(()) => String::from_utf8(out).unwrap_or_else(|_| hex::encode(self.0)),
+            Err(_) => hex::encode(self.0),
+        }
     }
 
     pub fn as_bytes(&self) -> &[u8; 32] {
