@@ -105,15 +105,15 @@ fn in_order(m: &Manifest) -> Vec<&Entry> {
     entries
 }
 
-/// Builds `manifest` (whose digest is `digest`) in staging; `live` is never used as a
-/// base. Returns whether a kept release was patched.
-pub fn build(
+/// Builds `manifest` in staging from `base` (a kept release and its manifest, renamed
+/// into staging and patched), or from objects alone without one.
+pub fn build_from(
     ws: &Workspace,
     manifest: &Manifest,
     digest: &Digest,
-    live: Option<&Digest>,
+    base: Option<(Digest, Arc<Manifest>)>,
 ) -> io::Result<(Staging, bool)> {
-    if let Some((base, base_manifest)) = pick_base(ws, live) {
+    if let Some((base, base_manifest)) = base {
         let staging = ws.take_release(&base, digest)?;
         patch(ws, staging.path(), &base_manifest, manifest)?;
         return Ok((staging, true));
@@ -133,7 +133,7 @@ pub fn empty(like: &Manifest) -> Manifest {
 
 /// The newest kept manifest release that no one may be using: not live, not marked in
 /// use by the supervisor (an app of it may still be shutting down).
-fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Arc<Manifest>)> {
+pub fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Arc<Manifest>)> {
     // Marks that cannot be read protect nothing: then no release is patched.
     let in_use = ws.in_use().ok()?;
     for digest in ws.releases().ok()? {
@@ -294,7 +294,7 @@ mod tests {
 
     fn release(ws: &Workspace, m: &Manifest, live: Option<&Digest>) -> (Digest, bool) {
         let d = m.digest();
-        let (staging, patched) = build(ws, m, &d, live).unwrap();
+        let (staging, patched) = build_from(ws, m, &d, pick_base(ws, live)).unwrap();
         fs::write(ws.manifest_path(&d), m.to_canonical()).unwrap();
         ws.commit(staging, &d).unwrap();
         ws.activate(&d).unwrap();

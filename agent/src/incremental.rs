@@ -6,7 +6,6 @@
 use std::fs;
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use aether_common::Digest;
 use aether_common::contract::annotations::DesiredRelease;
@@ -61,6 +60,7 @@ impl Refresher {
             None => {
                 // Absent, or damaged on disk: fetched again, and checked like any download.
                 let _ = fs::remove_file(&kept_path);
+                self.workspace.forget_manifest(&digest);
                 let fetched = self.download_manifest(url.clone(), cancel).await?;
                 let n = fetched.len() as u64;
                 (fetched, n)
@@ -80,24 +80,37 @@ impl Refresher {
             delta: None,
             bytes_reused: 0,
         };
-        if !self.workspace.has_release(&digest) {
+        if self.workspace.has_release(&digest) {
+            if manifest_bytes > 0 {
+                // The release is on disk but its manifest was lost: kept again, so the
+                // release can be a base and its objects are not collected.
+                let (ws, manifest) = (self.workspace.clone(), manifest.clone());
+                blocking(move || keep_manifest(&ws, &digest, &bytes, &manifest)).await?;
+            }
+        } else {
             let blobs = url.join(&manifest.blobs).map_err(|e| {
                 RefreshError::new(Reason::Extract, format!("manifest blobs URL: {e}")).settled()
             })?;
-            let ws = &self.workspace;
-            let known = if self.trust_live.load(Ordering::Relaxed) {
-                ws.live_digest().and_then(|d| ws.kept_manifest(&d).ok())
-            } else {
-                None
+            let ws = self.workspace.clone();
+            let live = ws.live_digest();
+            // The release this one is patched from, chosen first: the objects to look for
+            // are exactly those of the files that differ from it (every one without a base).
+            let base = {
+                let ws = ws.clone();
+                blocking(move || Ok(assemble::pick_base(&ws, live.as_ref()))).await?
             };
-            let fetched =
-                objects::fetch_missing(ws, &self.http, &blobs, &manifest, known.as_deref(), cancel)
-                    .await?;
+            let fetched = objects::fetch_missing(
+                &ws,
+                &self.http,
+                &blobs,
+                &manifest,
+                base.as_ref().map(|(_, m)| m.as_ref()),
+                cancel,
+            )
+            .await?;
             applied.downloaded += fetched.downloaded;
             applied.reused = false;
             applied.bytes_reused = manifest.total_size().saturating_sub(fetched.downloaded);
-            let ws = self.workspace.clone();
-            let live = ws.live_digest();
             let delta = blocking(move || {
                 // What the user changed: the difference from the live release.
                 let before = live
@@ -106,20 +119,13 @@ impl Refresher {
                 let mut delta = assemble::delta(&before, &manifest);
                 // The manifest first: a release on disk always has its manifest, and one
                 // left without a release (killed here) is removed by the next collection.
-                let tmp = ws.temp_path("manifest");
-                let mut file = fs::File::create(&tmp)?;
-                file.write_all(&bytes)?;
-                fs::rename(&tmp, ws.manifest_path(&digest))?;
-                ws.remember_manifest(digest, manifest.clone());
-                let (staging, patched) = assemble::build(&ws, &manifest, &digest, live.as_ref())?;
+                keep_manifest(&ws, &digest, &bytes, &manifest)?;
+                let (staging, patched) = assemble::build_from(&ws, &manifest, &digest, base)?;
                 delta.patched = patched;
                 ws.commit(staging, &digest)?;
                 Ok(delta)
             })
-            .await
-            // An object taken to be present may be gone: the next attempt lists them all.
-            .inspect_err(|_| self.trust_live.store(false, Ordering::Relaxed))?;
-            self.trust_live.store(true, Ordering::Relaxed);
+            .await?;
             applied.delta = Some(delta);
         }
         // A newer release or the deadline arrived while the release was built: it stays
@@ -208,6 +214,21 @@ impl Refresher {
             }
         });
     }
+}
+
+/// Writes a verified manifest to `.aether/manifests/` (atomically) and keeps it parsed.
+fn keep_manifest(
+    ws: &Workspace,
+    digest: &Digest,
+    bytes: &[u8],
+    manifest: &Arc<Manifest>,
+) -> std::io::Result<()> {
+    let tmp = ws.temp_path("manifest");
+    let mut file = fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    fs::rename(&tmp, ws.manifest_path(digest))?;
+    ws.remember_manifest(*digest, manifest.clone());
+    Ok(())
 }
 
 /// A refused manifest: final for its digest (the bytes are verified; trying again gives

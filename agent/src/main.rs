@@ -181,7 +181,6 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         require_manifest: settings.require_manifest,
         high_water: std::sync::Mutex::new(incremental::high_water(&workspace, previous.as_ref())),
         objects_lock: Arc::default(),
-        trust_live: std::sync::atomic::AtomicBool::new(true),
     };
     let engine = Engine::new(
         EngineConfig {

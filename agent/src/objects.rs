@@ -95,28 +95,32 @@ pub struct Fetched {
     pub downloaded: u64,
 }
 
-/// Makes every object of `manifest` present, downloading the missing ones from `base`
-/// (the manifest's blob prefix, already resolved): small blobs in batched downloads, large
-/// ones one by one.
+/// Makes every object the release of `manifest` will link present, downloading the
+/// missing ones from `blobs_url` (the manifest's blob prefix, already resolved): small
+/// blobs in batched downloads, large ones one by one. With `base` (the kept release it
+/// will be patched from), only the objects of the files that differ from it.
 pub async fn fetch_missing(
     ws: &Arc<Workspace>,
     http: &reqwest::Client,
-    base: &reqwest::Url,
+    blobs_url: &reqwest::Url,
     manifest: &Manifest,
-    known: Option<&Manifest>,
+    base: Option<&Manifest>,
     cancel: &CancellationToken,
 ) -> Result<Fetched, RefreshError> {
-    let (wanted, present) = match known {
-        // What the live release has is on the volume; only the files that differ from it
-        // are looked for, one by one: a save of a large tree changes a few.
-        Some(live) => {
-            let differ = assemble::differing_files(live, manifest);
+    let (wanted, present) = match base {
+        // The release is patched from `base`: only the files that differ from it are linked
+        // from objects, so only theirs are looked for, one by one (a save of a large tree
+        // changes a few), with the same bytes' objects of the usual modes to copy from.
+        Some(base) => {
+            let differ = assemble::differing_files(base, manifest);
             let wanted = wanted_of(differ.iter().copied());
             let present: HashSet<String> = wanted
-                .values()
-                .flat_map(|(_, names)| names)
+                .iter()
+                .flat_map(|(hex, (_, names))| {
+                    let usual = [name(hex, 0o644), name(hex, 0o755)];
+                    names.iter().cloned().chain(usual)
+                })
                 .filter(|n| fs::symlink_metadata(ws.objects_dir().join(n)).is_ok())
-                .cloned()
                 .collect();
             (wanted, present)
         }
@@ -165,7 +169,7 @@ pub async fn fetch_missing(
     let mut downloaded = 0;
     let mut batches = batches.into_iter();
     if let Some(first) = batches.next() {
-        match bring_in_batch(ws, http, base, first, cancel).await? {
+        match bring_in_batch(ws, http, blobs_url, first, cancel).await? {
             Batched::Done(n) => {
                 downloaded += n;
                 units.extend(batches.map(Unit::Batch));
@@ -178,14 +182,15 @@ pub async fn fetch_missing(
     let results: Vec<u64> = futures::stream::iter(units)
         .map(|unit| async move {
             match unit {
-                Unit::One(job) => bring_in(ws, http, base, job, cancel).await,
-                Unit::Batch(jobs) => match bring_in_batch(ws, http, base, jobs, cancel).await? {
+                Unit::One(job) => bring_in(ws, http, blobs_url, job, cancel).await,
+                Unit::Batch(jobs) => match bring_in_batch(ws, http, blobs_url, jobs, cancel).await?
+                {
                     Batched::Done(n) => Ok(n),
                     // It had the route a moment ago (a rolling update of the store?).
                     Batched::Refused(jobs) => {
                         let mut n = 0;
                         for job in jobs {
-                            n += bring_in(ws, http, base, job, cancel).await?;
+                            n += bring_in(ws, http, blobs_url, job, cancel).await?;
                         }
                         Ok(n)
                     }

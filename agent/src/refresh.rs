@@ -47,10 +47,6 @@ pub struct Refresher {
     /// Held while objects are brought in or collected: a collection running beside a
     /// refresh would remove objects the refresh has just fetched.
     pub objects_lock: Arc<tokio::sync::Mutex<()>>,
-    /// Whether the live release's objects are taken to be on the volume (collection keeps
-    /// them), so a refresh checks only the files that differ from it; cleared when a
-    /// release could not be built, so the next attempt lists every object.
-    pub trust_live: std::sync::atomic::AtomicBool,
 }
 
 impl Refresher {

@@ -146,6 +146,12 @@ impl Workspace {
             return Ok(m);
         }
         let bytes = fs::read(self.manifest_path(digest))?;
+        if Digest::of(&bytes) != *digest {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("kept manifest {digest} is damaged"),
+            ));
+        }
         let manifest: Arc<Manifest> =
             Arc::new(serde_json::from_slice(&bytes).map_err(io::Error::other)?);
         self.remember_manifest(*digest, manifest.clone());

@@ -437,8 +437,9 @@ async fn an_object_of_the_live_release_that_went_missing_is_fetched_again() {
     let (url, d1) = rig.publish_manifest(&manifest(APP, 1, &v1), &v1);
     rig.point_at_manifest(&url, &d1).await;
     wait_live(addr, &d1).await;
-    // Someone removes an object the live release uses (a refresh checks only the files
-    // that differ from the live release, so it is taken to be there).
+    // Someone removes an object the live release uses. The next release has no base to
+    // patch (the only kept release is live), so it is linked from objects alone, and every
+    // object is looked for.
     let kept_hex = Digest::of(b"kept bytes").hex();
     let object = rig
         .objects()
@@ -454,4 +455,9 @@ async fn an_object_of_the_live_release_that_went_missing_is_fetched_again() {
     assert_eq!(rig.read_current("keep.txt").as_deref(), Some("kept bytes"));
     assert_eq!(rig.read_current("app.py").as_deref(), Some("v2"));
     assert_eq!(rig.art.requests(&blob_name(&Digest::of(b"kept bytes"))), 2);
+    let s = status(addr).await;
+    assert!(
+        s["last_error"].is_null(),
+        "fetched on the first attempt: {s}"
+    );
 }

@@ -296,6 +296,9 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
             Ok(Some(Next::Stop)) => break,
             Ok(None) => {}
             Err(e) => {
+                // The store may have lost blobs (a temporary directory cleaned under us):
+                // the next save asks it about every one.
+                source.stored.clear();
                 println!("refresh failed: {e:#} (the app keeps running the previous release)")
             }
         }

@@ -164,6 +164,10 @@ impl Store {
                 hasher.update(&chunk);
                 file.write_all(&chunk).await?;
             }
+            // tokio's File writes in the background: without this the last write may still
+            // be in flight when the file is renamed into place and served (short, to a
+            // fetcher that then refuses it). The scratch store skips only the fsync.
+            file.flush().await?;
             if self.durable {
                 file.sync_all().await?;
             }
