@@ -320,6 +320,23 @@ fn as_refs(files: &[(String, String)]) -> Vec<(&str, &str)> {
 
 const BATCH: &str = "blobs/download";
 
+/// Publishes `files` as release `seq` of the rig's app and points the pod at it.
+async fn release(rig: &Rig, seq: u64, files: &[(String, String)]) -> Digest {
+    let refs = as_refs(files);
+    let (url, digest) = rig.publish_manifest(&manifest(APP, seq, &refs), &refs);
+    rig.point_at_manifest(&url, &digest).await;
+    digest
+}
+
+/// The live release holds `files`, and each one's blob was asked for `requests` times.
+fn assert_served(rig: &Rig, files: &[(String, String)], requests: u64) {
+    for (path, content) in files {
+        assert_eq!(rig.read_current(path).as_ref(), Some(content), "{path}");
+        let blob = blob_name(&Digest::of(content.as_bytes()));
+        assert_eq!(rig.art.requests(&blob), requests, "{path}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_small_files_travel_in_one_batched_download_and_a_store_without_it_serves_them_one_by_one()
  {
@@ -327,34 +344,16 @@ async fn many_small_files_travel_in_one_batched_download_and_a_store_without_it_
     let fetcher = rig.fetcher(&[]);
     let addr = fetcher.http_addr().await.unwrap();
     let v1 = small_files(60, "v1");
-    let (url, d1) = rig.publish_manifest(&manifest(APP, 1, &as_refs(&v1)), &as_refs(&v1));
-    rig.point_at_manifest(&url, &d1).await;
-    wait_live(addr, &d1).await;
+    wait_live(addr, &release(&rig, 1, &v1).await).await;
     assert_eq!(rig.art.requests(BATCH), 1, "one request for 60 blobs");
-    for (path, content) in &v1 {
-        assert_eq!(rig.read_current(path).as_ref(), Some(content));
-        assert_eq!(
-            rig.art
-                .requests(&blob_name(&Digest::of(content.as_bytes()))),
-            1
-        );
-    }
+    assert_served(&rig, &v1, 1);
 
     // A store without the route (a plain file server): the same blobs, one request each.
     rig.art.fail_always(BATCH, Some(Fault::Status(404)));
     let v2 = small_files(60, "v2");
-    let (url, d2) = rig.publish_manifest(&manifest(APP, 2, &as_refs(&v2)), &as_refs(&v2));
-    rig.point_at_manifest(&url, &d2).await;
-    wait_live(addr, &d2).await;
+    wait_live(addr, &release(&rig, 2, &v2).await).await;
     assert_eq!(rig.art.requests(BATCH), 2, "asked once, refused");
-    for (path, content) in &v2 {
-        assert_eq!(rig.read_current(path).as_ref(), Some(content));
-        assert_eq!(
-            rig.art
-                .requests(&blob_name(&Digest::of(content.as_bytes()))),
-            1
-        );
-    }
+    assert_served(&rig, &v2, 1);
     let s = status(addr).await;
     assert_eq!(s["consecutive_failures"], 0, "{s}");
 }
@@ -365,10 +364,8 @@ async fn a_broken_batch_is_asked_again_and_a_wrong_blob_in_a_batch_never_becomes
     let fetcher = rig.fetcher(&[]);
     let addr = fetcher.http_addr().await.unwrap();
     let v1 = small_files(3, "v1");
-    let (url, d1) = rig.publish_manifest(&manifest(APP, 1, &as_refs(&v1)), &as_refs(&v1));
     rig.art.fail_next(BATCH, Fault::Truncate(700));
-    rig.point_at_manifest(&url, &d1).await;
-    wait_live(addr, &d1).await;
+    wait_live(addr, &release(&rig, 1, &v1).await).await;
     assert_eq!(rig.art.requests(BATCH), 2, "the cut batch was asked again");
     let m = metrics(addr).await;
     let failures = metric(&m, "dev_hot_refresh_failure_total", "reason=\"download\"");
@@ -377,11 +374,10 @@ async fn a_broken_batch_is_asked_again_and_a_wrong_blob_in_a_batch_never_becomes
     // One blob of the batch has the wrong bytes: checksum, nothing of it stored, the live
     // release untouched; once the store is right the retry succeeds.
     let v2 = small_files(3, "v2");
-    let (url, d2) = rig.publish_manifest(&manifest(APP, 2, &as_refs(&v2)), &as_refs(&v2));
     let wrong = Digest::of(v2[1].1.as_bytes());
     rig.art
         .fail_always(&blob_name(&wrong), Some(Fault::WrongBytes));
-    rig.point_at_manifest(&url, &d2).await;
+    let d2 = release(&rig, 2, &v2).await;
     let s = wait_failures(addr, 2).await;
     assert_eq!(s["last_error"]["reason"], "checksum", "{s}");
     assert_eq!(rig.read_current(&v1[1].0).as_ref(), Some(&v1[1].1));
@@ -403,7 +399,6 @@ async fn sigkill_during_a_batched_download_keeps_current_complete_and_a_restart_
 
     let mut new = small_files(20, "new");
     new.push(("f".into(), "new".into()));
-    let (url, d_new) = rig.publish_manifest(&manifest(APP, 2, &as_refs(&new)), &as_refs(&new));
     rig.art.fail_next(
         BATCH,
         Fault::Stall {
@@ -411,7 +406,7 @@ async fn sigkill_during_a_batched_download_keeps_current_complete_and_a_restart_
             pause: Duration::from_secs(60),
         },
     );
-    rig.point_at_manifest(&url, &d_new).await;
+    let d_new = release(&rig, 2, &new).await;
     let started = wait_until(LONG, || async { rig.art.requests(BATCH) >= 1 }).await;
     assert!(started, "the batched download never started");
     fetcher.sigkill();
@@ -422,9 +417,8 @@ async fn sigkill_during_a_batched_download_keeps_current_complete_and_a_restart_
     let fetcher = rig.fetcher(&[]);
     let addr = fetcher.http_addr().await.unwrap();
     wait_live(addr, &d_new).await;
-    for (path, content) in &new {
-        assert_eq!(rig.read_current(path).as_ref(), Some(content));
-    }
+    // Each blob asked for in the stalled batch, then again after the restart.
+    assert_served(&rig, &new, 2);
     assert_eq!(rig.staging_entries(), 0, "start-up removes stale staging");
 }
 

@@ -520,22 +520,22 @@ async fn upload_blob_batch(State(s): State<Shared>, body: Body) -> Result<Respon
     Ok(Json(report).into_response())
 }
 
+/// A list of digests in a request body, at most `max` of them (400 beyond, or for any
+/// that is not `sha256:<64 hex>`).
+fn parse_digests(list: &[String], max: usize, what: &str) -> Result<Vec<Digest>, ApiError> {
+    if list.len() > max {
+        return Err(bad_request(format!("at most {max} {what}; send several")));
+    }
+    list.iter().map(|d| parse_digest(d)).collect()
+}
+
 /// `POST /v1/blobs/missing`: which of these blobs the store lacks (so a client uploads
 /// only those).
 async fn missing_blobs(
     State(s): State<Shared>,
     Json(req): Json<MissingRequest>,
 ) -> Result<Response, ApiError> {
-    if req.digests.len() > MAX_MISSING_QUERY {
-        return Err(bad_request(format!(
-            "at most {MAX_MISSING_QUERY} digests per query; send several"
-        )));
-    }
-    let wanted = req
-        .digests
-        .iter()
-        .map(|d| parse_digest(d))
-        .collect::<Result<Vec<_>, _>>()?;
+    let wanted = parse_digests(&req.digests, MAX_MISSING_QUERY, "digests per query")?;
     let missing = s
         .store
         .missing_blobs(&wanted)
@@ -592,16 +592,7 @@ async fn download_blob_batch(
 /// is sent (404 names a missing one), so the tar's length is known; the tar then streams
 /// from the files as the client reads.
 async fn serve_blob_batch(store: Arc<Store>, req: BlobBatchRequest) -> Result<Response, ApiError> {
-    if req.digests.len() > MAX_BLOB_BATCH {
-        return Err(bad_request(format!(
-            "at most {MAX_BLOB_BATCH} blobs per batched download; send several"
-        )));
-    }
-    let wanted = req
-        .digests
-        .iter()
-        .map(|d| parse_digest(d))
-        .collect::<Result<Vec<_>, _>>()?;
+    let wanted = parse_digests(&req.digests, MAX_BLOB_BATCH, "blobs per batched download")?;
     let sizes = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || store.blob_sizes(&wanted))
