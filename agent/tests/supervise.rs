@@ -202,6 +202,22 @@ async fn what_a_crashed_app_left_in_its_group_is_stopped_before_the_restart() {
     let line = sup.wait_for_lines("child ", 2, LONG).await.unwrap();
     assert_ne!(pid_of(&line), orphan);
     sup.wait_for_log("sending SIGKILL", LONG).await.unwrap();
+    // The app crashes and starts again until the supervisor stops: stop it, then make
+    // sure no child a start left behind (ignoring SIGTERM) outlives the test.
+    let mut sup = sup;
+    sup.sigterm();
+    sup.wait_exit(LONG)
+        .await
+        .expect("the supervisor exits on SIGTERM");
+    for line in sup.lines_with("child ") {
+        let pid = pid_of(&line);
+        if alive(pid) {
+            // SAFETY: kill(2) has no memory effects.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
