@@ -306,7 +306,6 @@ async fn bring_in_batch(
         let ws = ws.clone();
         tokio::task::spawn_blocking(move || receive_batch(&ws, reader, jobs, &stop))
     };
-    let mut feed = Some(feed);
     let stream_error = loop {
         let chunk = tokio::select! {
             c = response.chunk() => c,
@@ -314,14 +313,12 @@ async fn bring_in_batch(
         };
         match chunk {
             Ok(Some(bytes)) => {
-                let Some(tx) = &feed else { continue };
                 let sent = tokio::select! {
-                    s = tx.send(bytes) => s.is_ok(),
+                    s = feed.send(bytes) => s.is_ok(),
                     () = cancel.cancelled() => return Err(RefreshError::Cancelled),
                 };
                 if !sent {
                     // The receiver gave up on the tar; its error is the verdict.
-                    feed = None;
                     break None;
                 }
             }
