@@ -190,32 +190,14 @@ async fn an_unsafe_manifest_fetches_no_blob_and_a_wrong_blob_never_becomes_an_ob
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_blobs_download_keeps_current_complete_and_a_restart_completes() {
     let rig = Rig::new().await;
-    let old = [("f", "old")];
-    let (url, d_old) = rig.publish_manifest(&manifest(APP, 1, &old), &old);
-    rig.point_at_manifest(&url, &d_old).await;
-    let fetcher = rig.fetcher(&[]);
-    let addr = fetcher.http_addr().await.unwrap();
-    wait_live(addr, &d_old).await;
-
     // Over the batched downloads' size: this blob travels alone.
     let big = noise((1 << 20) + 1);
-    let new = [("f", "new"), ("big", big.as_str())];
-    let (url, d_new) = rig.publish_manifest(&manifest(APP, 2, &new), &new);
+    let new = vec![
+        ("f".to_owned(), "new".to_owned()),
+        ("big".to_owned(), big.clone()),
+    ];
     let big_blob = blob_name(&Digest::of(big.as_bytes()));
-    rig.art.fail_next(
-        &big_blob,
-        Fault::Stall {
-            after: 4096,
-            pause: Duration::from_secs(60),
-        },
-    );
-    rig.point_at_manifest(&url, &d_new).await;
-    let started = wait_until(LONG, || async { rig.art.requests(&big_blob) >= 1 }).await;
-    assert!(started, "the blob download never started");
-    fetcher.sigkill();
-    let mut fetcher = fetcher;
-    fetcher.wait_exit(Duration::from_secs(5)).await;
-    assert_eq!(rig.read_current("f").as_deref(), Some("old"));
+    let d_new = sigkill_while_downloading(&rig, &new, &big_blob, 4096).await;
     let big_hex = Digest::of(big.as_bytes()).hex();
     assert!(
         !rig.objects().iter().any(|o| o.starts_with(&big_hex)),
@@ -231,6 +213,36 @@ async fn sigkill_while_blobs_download_keeps_current_complete_and_a_restart_compl
         Some((1 << 20) + 1)
     );
     assert_eq!(rig.staging_entries(), 0, "start-up removes stale staging");
+}
+
+/// With a release of `f` = "old" live, points the pod at `new` while the download named
+/// `stalled` hangs after `after` bytes, and SIGKILLs the fetcher in it: `current` stays on
+/// the old release. Returns the digest of `new`, for a fresh fetcher to make live.
+async fn sigkill_while_downloading(
+    rig: &Rig,
+    new: &[(String, String)],
+    stalled: &str,
+    after: usize,
+) -> Digest {
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let old = [("f".to_owned(), "old".to_owned())];
+    wait_live(addr, &release(rig, 1, &old).await).await;
+    rig.art.fail_next(
+        stalled,
+        Fault::Stall {
+            after,
+            pause: Duration::from_secs(60),
+        },
+    );
+    let d_new = release(rig, 2, new).await;
+    let started = wait_until(LONG, || async { rig.art.requests(stalled) >= 1 }).await;
+    assert!(started, "the download of {stalled} never started");
+    fetcher.sigkill();
+    let mut fetcher = fetcher;
+    fetcher.wait_exit(Duration::from_secs(5)).await;
+    assert_eq!(rig.read_current("f").as_deref(), Some("old"));
+    d_new
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,29 +402,9 @@ async fn a_broken_batch_is_asked_again_and_a_wrong_blob_in_a_batch_never_becomes
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_batched_download_keeps_current_complete_and_a_restart_completes() {
     let rig = Rig::new().await;
-    let old = [("f", "old")];
-    let (url, d_old) = rig.publish_manifest(&manifest(APP, 1, &old), &old);
-    rig.point_at_manifest(&url, &d_old).await;
-    let fetcher = rig.fetcher(&[]);
-    let addr = fetcher.http_addr().await.unwrap();
-    wait_live(addr, &d_old).await;
-
     let mut new = small_files(20, "new");
     new.push(("f".into(), "new".into()));
-    rig.art.fail_next(
-        BATCH,
-        Fault::Stall {
-            after: 2048,
-            pause: Duration::from_secs(60),
-        },
-    );
-    let d_new = release(&rig, 2, &new).await;
-    let started = wait_until(LONG, || async { rig.art.requests(BATCH) >= 1 }).await;
-    assert!(started, "the batched download never started");
-    fetcher.sigkill();
-    let mut fetcher = fetcher;
-    fetcher.wait_exit(Duration::from_secs(5)).await;
-    assert_eq!(rig.read_current("f").as_deref(), Some("old"));
+    let d_new = sigkill_while_downloading(&rig, &new, BATCH, 2048).await;
 
     let fetcher = rig.fetcher(&[]);
     let addr = fetcher.http_addr().await.unwrap();
