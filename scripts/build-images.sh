@@ -8,7 +8,10 @@ TARGET=x86_64-unknown-linux-musl
 TAG=${TAG:-dev}
 command -v musl-gcc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq musl-tools >/dev/null; }
 rustup target list --installed | grep -x "$TARGET" >/dev/null || rustup target add "$TARGET"
-cargo build --release --locked --target "$TARGET" -p aether-fetcher -p aether -p aether-example-server
+# The fetcher alone: built beside aether it would share reqwest features only aether needs
+# (object storage's HTTP/2), and grow past its image budget.
+cargo build --release --locked --target "$TARGET" -p aether-fetcher
+cargo build --release --locked --target "$TARGET" -p aether -p aether-example-server
 cargo build --release --locked --target "$TARGET" -p aether-testkit --bin aether-kube-emulator
 for image in fetcher:aether-fetcher control-plane:aether app:aether-example-app emulator:aether-kube-emulator; do
   file=${image%%:*} name=${image#*:}

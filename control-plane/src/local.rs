@@ -440,7 +440,7 @@ impl Source {
             .filter(|d| !self.stored.contains(*d))
             .copied()
             .collect();
-        for digest in target.store.missing_blobs(&wanted) {
+        for digest in target.store.missing_blobs(&wanted).await? {
             let Some((path, _)) = snap.blobs.get(&digest) else {
                 continue;
             };

@@ -32,11 +32,11 @@ use crate::api::{
     ReleaseResponse, UploadResponse, desired_annotations,
 };
 use crate::metrics as m;
-use crate::store::{BatchReport, Kind, Store, StoreError, batch_tar_len};
+use crate::store::{
+    BatchReport, Download, DownloadMode, Kind, S3Config, Store, StoreError, batch_tar_len,
+};
 use crate::{cluster, reconcile};
 
-/// Read size of downloads, and the pipe of a batched download.
-const STREAM_CHUNK: usize = 256 * 1024;
 /// The batched blob download's route (`BLOB_BATCH_PATH` under the blobs prefix).
 const BLOB_BATCH_ROUTE: &str = "/v1/blobs/download";
 /// Largest JSON request body.
@@ -90,6 +90,22 @@ pub struct ServeArgs {
     /// Largest artifact accepted by the store.
     #[arg(long, env = "AETHER_MAX_ARTIFACT_BYTES", default_value_t = 1 << 30)]
     pub max_artifact_bytes: u64,
+    /// Object storage for artifacts and blobs, `s3://bucket[/prefix]`, instead of the data
+    /// directory (for several replicas). Endpoint, region and credentials come from the
+    /// standard AWS variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY or AWS_WEB_IDENTITY_TOKEN_FILE, AWS_ALLOW_HTTP, AWS_CA_BUNDLE).
+    #[arg(long, env = "AETHER_STORE")]
+    pub store: Option<String>,
+    /// How pods download from object storage: `redirect` to a presigned URL of the object
+    /// (the default), or `proxy` it through the control plane (for a store pods cannot
+    /// reach). The data-directory store always streams.
+    #[arg(long, env = "AETHER_DOWNLOAD", value_enum)]
+    pub download: Option<DownloadMode>,
+    /// Lifetime of a presigned download URL, in seconds (it must outlast a fetcher's
+    /// retries of one refresh only until the download starts).
+    #[arg(long, env = "AETHER_PRESIGN_TTL_SEC", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub presign_ttl_sec: u64,
     /// Kubeconfig; in-cluster configuration when unset.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -248,6 +264,37 @@ fn read_token_file(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(token.to_owned())
 }
 
+/// The store the flags name: object storage with `--store s3://…`, else the data directory.
+fn open_store(args: &ServeArgs, public_url: Option<&str>) -> anyhow::Result<Store> {
+    let Some(url) = args.store.as_deref().filter(|u| !u.is_empty()) else {
+        if args.download == Some(DownloadMode::Redirect) {
+            bail!("--download=redirect needs an object store (AETHER_STORE=s3://…)");
+        }
+        return Store::open(&args.data_dir, args.max_artifact_bytes)
+            .with_context(|| format!("opening the artifact store {}", args.data_dir.display()));
+    };
+    let config = S3Config {
+        url: url.to_owned(),
+        download: args.download.unwrap_or(DownloadMode::Redirect),
+        presign_ttl: std::time::Duration::from_secs(args.presign_ttl_sec),
+        aws: S3Config::aws_from_env(),
+    };
+    // Fetchers refuse an https → http redirect (a downgrade an attacker on the path could
+    // cause): say so now rather than through every pod's failed refresh.
+    if config.download == DownloadMode::Redirect
+        && public_url.is_some_and(|u| u.starts_with("https://"))
+        && config.endpoint().is_some_and(|e| e.starts_with("http://"))
+    {
+        bail!(
+            "--download=redirect would send fetchers from https://… to the http:// endpoint \
+             AWS_ENDPOINT_URL, and they refuse downgrades: use an https endpoint or \
+             --download=proxy"
+        );
+    }
+    Store::s3(&config, args.max_artifact_bytes)
+        .with_context(|| format!("opening the object store {url}"))
+}
+
 pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     if let Some(path) = &args.api_token_file {
         if args.api_token.as_deref().is_some_and(|t| !t.is_empty()) {
@@ -285,8 +332,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
             "AETHER_REQUIRE_SIGNATURE=1 needs AETHER_PUBKEY, AETHER_PUBKEY_FILE or AETHER_APP_KEYS"
         );
     }
-    let store = Store::open(&args.data_dir, args.max_artifact_bytes)
-        .with_context(|| format!("opening the artifact store {}", args.data_dir.display()))?;
+    let store = open_store(&args, configured_url.as_deref())?;
     let client = aether_common::kube::client::connect(args.kubeconfig.as_deref())
         .await?
         .client;
@@ -297,7 +343,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
     let local = listener.local_addr()?;
     let public_url = configured_url.unwrap_or_else(|| format!("http://{local}"));
     let allow_http = args.allow_http_artifacts || public_url.starts_with("http://");
-    tracing::info!(addr = %local, public_url = %public_url, allow_http, namespace = %args.namespace, "aether serve listening");
+    tracing::info!(addr = %local, public_url = %public_url, allow_http, namespace = %args.namespace, store = %store.describe(), "aether serve listening");
     let cache = reconcile::start(client.clone(), &args.namespace, shutdown.clone());
     let state = Arc::new(AppState {
         cache,
@@ -367,7 +413,7 @@ pub async fn serve_store_only(
                 |State(store): State<Arc<Store>>,
                  Path(digest): Path<String>,
                  headers: HeaderMap| async move {
-                    serve_artifact(&store, &digest, &headers).await
+                    serve_stored(&store, Kind::Artifact, &digest, &headers).await
                 },
             ),
         )
@@ -456,7 +502,10 @@ fn store_error(e: StoreError) -> ApiError {
             bad_request(e.to_string())
         }
         StoreError::TooLarge(_) => ApiError(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+        StoreError::Missing(..) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
         StoreError::Io(_) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        // The object store failed or could not be reached: a gateway's error, retryable.
+        StoreError::Backend(_) => ApiError(StatusCode::BAD_GATEWAY, e.to_string()),
     }
 }
 
@@ -539,6 +588,8 @@ async fn missing_blobs(
     let missing = s
         .store
         .missing_blobs(&wanted)
+        .await
+        .map_err(store_error)?
         .iter()
         .map(ToString::to_string)
         .collect();
@@ -566,7 +617,7 @@ async fn download(
     Path(digest): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    serve_artifact(&s.store, &digest, &headers).await
+    serve_stored(&s.store, Kind::Artifact, &digest, &headers).await
 }
 
 /// `GET /v1/blobs/sha256:<hex>`: unauthenticated like artifact downloads (pods hold no
@@ -593,13 +644,7 @@ async fn download_blob_batch(
 /// from the files as the client reads.
 async fn serve_blob_batch(store: Arc<Store>, req: BlobBatchRequest) -> Result<Response, ApiError> {
     let wanted = parse_digests(&req.digests, MAX_BLOB_BATCH, "blobs per batched download")?;
-    let sizes = {
-        let store = store.clone();
-        tokio::task::spawn_blocking(move || store.blob_sizes(&wanted))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    };
-    let blobs = sizes.map_err(|d| ApiError(StatusCode::NOT_FOUND, format!("no blob {d}")))?;
+    let blobs = store.blob_sizes(&wanted).await.map_err(store_error)?;
     let content: u64 = blobs.iter().map(|(_, size)| size).sum();
     if content > MAX_BLOB_BATCH_BYTES {
         return Err(ApiError(
@@ -622,15 +667,9 @@ async fn serve_blob_batch(store: Arc<Store>, req: BlobBatchRequest) -> Result<Re
         .into_response())
 }
 
-/// Streams a stored artifact with Content-Length and its digest as ETag.
-async fn serve_artifact(
-    store: &Store,
-    digest: &str,
-    headers: &HeaderMap,
-) -> Result<Response, ApiError> {
-    serve_stored(store, Kind::Artifact, digest, headers).await
-}
-
+/// Answers a download: a redirect to the object's presigned URL when the store hands them
+/// out, else its bytes with Content-Length and its digest as ETag (304 when the client has
+/// them).
 async fn serve_stored(
     store: &Store,
     kind: Kind,
@@ -639,40 +678,42 @@ async fn serve_stored(
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
     let etag = format!("\"{digest}\"");
-    if headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        == Some(etag.as_str())
-        && store.contains_of(kind, &digest)
-    {
-        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
-    }
-    let (what, content_type) = match kind {
-        Kind::Artifact => ("artifact", "application/gzip"),
-        Kind::Blob => ("blob", "application/octet-stream"),
-    };
-    let file = tokio::fs::File::open(store.path_of(kind, &digest))
-        .await
-        .map_err(|_| ApiError(StatusCode::NOT_FOUND, format!("no {what} {digest}")))?;
-    let len = file
-        .metadata()
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .len();
+    let download = store.download(kind, &digest).await.map_err(store_error)?;
     match kind {
         Kind::Artifact => counter!(m::DOWNLOADS_TOTAL).increment(1),
         Kind::Blob => counter!(m::BLOB_DOWNLOADS_TOTAL).increment(1),
     }
+    let (len, body) = match download {
+        Download::Redirect(url) => {
+            return Ok((
+                StatusCode::TEMPORARY_REDIRECT,
+                [
+                    (header::LOCATION, url),
+                    (header::CACHE_CONTROL, "no-store".to_owned()),
+                ],
+            )
+                .into_response());
+        }
+        Download::Stream { len, body } => (len, body),
+    };
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        == Some(etag.as_str())
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let content_type = match kind {
+        Kind::Artifact => "application/gzip",
+        Kind::Blob => "application/octet-stream",
+    };
     Ok((
         [
             (header::CONTENT_LENGTH, len.to_string()),
             (header::CONTENT_TYPE, content_type.to_owned()),
             (header::ETAG, etag),
         ],
-        Body::from_stream(tokio_util::io::ReaderStream::with_capacity(
-            file,
-            STREAM_CHUNK,
-        )),
+        Body::from_stream(body),
     )
         .into_response())
 }
@@ -704,15 +745,22 @@ async fn check_release(
         .unwrap_or_default()
         .parse()
         .map_err(|e: AnnotationError| unprocessable(e.to_string()))?;
-    if format == Format::Manifest && s.store.contains_of(Kind::Blob, &digest) {
+    let kind = match format {
+        Format::TarGz => Kind::Artifact,
+        Format::Manifest => Kind::Blob,
+    };
+    let stored = s
+        .store
+        .contains_of(kind, &digest)
+        .await
+        .map_err(store_error)?;
+    if format == Format::Manifest && stored {
         check_manifest(s, app, &digest).await?;
     }
     let url = match (r.url.as_deref().filter(|u| !u.is_empty()), format) {
         (Some(url), _) => url.to_owned(),
-        (None, Format::TarGz) if s.store.contains(&digest) => artifact_url(s, &digest),
-        (None, Format::Manifest) if s.store.contains_of(Kind::Blob, &digest) => {
-            blob_url(s, &digest)
-        }
+        (None, Format::TarGz) if stored => artifact_url(s, &digest),
+        (None, Format::Manifest) if stored => blob_url(s, &digest),
         (None, _) => {
             return Err(unprocessable(format!(
                 "{digest} is not in the store: upload it first or give its url"
@@ -751,15 +799,15 @@ async fn check_release(
 /// for this app. Refusing it here gives the CLI the reason at once, instead of as a
 /// refusal from every pod.
 async fn check_manifest(s: &AppState, app: &str, digest: &Digest) -> Result<(), ApiError> {
-    let path = s.store.path_of(Kind::Blob, digest);
-    let internal = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    let len = tokio::fs::metadata(&path).await.map_err(internal)?.len();
-    if len > aether_common::release::MAX_MANIFEST_BYTES {
-        return Err(unprocessable(format!(
-            "{digest} is {len} bytes, more than a manifest may be"
-        )));
-    }
-    let bytes = tokio::fs::read(&path).await.map_err(internal)?;
+    let max = aether_common::release::MAX_MANIFEST_BYTES;
+    let bytes = match s.store.read_small(Kind::Blob, digest, max).await {
+        Err(StoreError::TooLarge(_)) => {
+            return Err(unprocessable(format!(
+                "{digest} is more than the {max} bytes a manifest may be"
+            )));
+        }
+        read => read.map_err(store_error)?,
+    };
     let manifest = Manifest::parse(&bytes)
         .map_err(|e| unprocessable(format!("{digest} is not a valid release manifest: {e}")))?;
     if manifest.app != app {

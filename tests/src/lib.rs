@@ -7,8 +7,10 @@
 //! - [`artifacts`]: an HTTP artifact server with fault injection and request counting.
 //! - [`hostile`]: builders for archives that a safe extractor must refuse.
 //! - [`process`]: spawning the built binaries and reading their logs, metrics and status.
+//! - [`s3`]: a real S3 implementation (moto's server) on loopback.
 
 pub mod artifacts;
 pub mod emulator;
 pub mod hostile;
 pub mod process;
+pub mod s3;
