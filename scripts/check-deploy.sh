@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks what we ship for a cluster (run by the test command):
 #   - deploy/ is exactly what `aether install` prints (scripts/gen-deploy.sh --check);
-#   - every manifest `aether install` can print (each store, a custom namespace and URL,
+#   - every manifest `aether install` can print (each store, the replicated object-storage
+#     installation, a custom namespace and URL,
 #     the monitoring objects) and the kustomize builds of deploy/ and deploy/monitoring are
 #     valid Kubernetes, strict, for 1.31 and the newest release (scripts/validate-manifests.py);
 #   - the alert rules pass `promtool check rules` and their unit tests (`promtool test rules`);
@@ -25,6 +26,8 @@ echo "deploy/ is current"
 "$AETHER_BIN" install --store emptydir -n team-a --public-url https://aether.example.com \
   --token-secret t --image registry.example.com/aether:1 --fetch-image registry.example.com/aether-fetcher:1 \
   > "$work/emptydir.yaml"
+"$AETHER_BIN" install --replicas 3 --store s3://aether-releases/team-a --store-secret aether-store \
+  > "$work/ha.yaml"
 "$AETHER_BIN" install --monitoring > "$work/monitoring.yaml"
 kubectl kustomize deploy > "$work/kustomize.yaml"
 kubectl kustomize deploy/monitoring > "$work/kustomize-monitoring.yaml"

@@ -22,6 +22,21 @@ const BATCH_BYTES: u64 = 32 << 20;
 const BATCH_FILES: usize = 10_000;
 /// Large blobs uploaded at once.
 const UPLOAD_CONCURRENCY: usize = 4;
+/// Attempts of a request that fails transiently, and the delays between them (doubling,
+/// jittered): about six seconds in all, long enough for a Service to stop sending to a
+/// replica that went away.
+const ATTEMPTS: u32 = 6;
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(3);
+
+/// Between half and all of `d`, so that clients that failed together retry apart.
+fn jitter(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d / 2 + d.mul_f64(f64::from(nanos % 1000) / 2000.0)
+}
 
 /// What pushing a snapshot sent.
 #[derive(Debug, Default, Clone, Copy)]
@@ -77,13 +92,41 @@ impl Client {
         }
     }
 
+    /// Sends a request, again after a transient failure: the control plane could not be
+    /// reached or the connection broke (a replica going away behind its Service), or it
+    /// answered 502, 503 or 504 (object storage failing). Every route of the API is
+    /// idempotent (content-addressed uploads, releases of a digest), so a request that may
+    /// have been handled is safe to repeat. A streamed body cannot be sent twice: such a
+    /// request gets one attempt.
+    async fn send_retrying(
+        &self,
+        r: reqwest::RequestBuilder,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut delay = RETRY_FIRST;
+        for _ in 1..ATTEMPTS {
+            let Some(attempt) = r.try_clone() else {
+                break;
+            };
+            match attempt.send().await {
+                Ok(response) if matches!(response.status().as_u16(), 502..=504) => {}
+                Err(e) if e.is_connect() || e.is_request() || e.is_timeout() => {
+                    tracing::debug!(error = %e, "request failed; retrying");
+                }
+                done => return done,
+            }
+            tokio::time::sleep(jitter(delay)).await;
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+        r.send().await
+    }
+
     async fn send<T: DeserializeOwned>(
         &self,
         r: reqwest::RequestBuilder,
         what: &str,
     ) -> anyhow::Result<T> {
-        let response = r
-            .send()
+        let response = self
+            .send_retrying(r)
             .await
             .with_context(|| format!("{what}: cannot reach {}", self.base))?;
         let status = response.status();
@@ -98,8 +141,7 @@ impl Client {
     /// before its body is read, so sending a large body again would end in a broken pipe.
     pub async fn has_artifact(&self, digest: &Digest) -> anyhow::Result<bool> {
         let response = self
-            .req(reqwest::Method::HEAD, &format!("/v1/artifacts/{digest}"))
-            .send()
+            .send_retrying(self.req(reqwest::Method::HEAD, &format!("/v1/artifacts/{digest}")))
             .await
             .with_context(|| format!("cannot reach {}", self.base))?;
         Ok(response.status().is_success())
@@ -243,8 +285,7 @@ impl Client {
     /// A stored blob's bytes (unauthenticated route; `None` when the store lacks it).
     pub async fn blob(&self, digest: &Digest) -> anyhow::Result<Option<Vec<u8>>> {
         let response = self
-            .req(reqwest::Method::GET, &format!("/v1/blobs/{digest}"))
-            .send()
+            .send_retrying(self.req(reqwest::Method::GET, &format!("/v1/blobs/{digest}")))
             .await
             .with_context(|| format!("cannot reach {}", self.base))?;
         if response.status() == reqwest::StatusCode::NOT_FOUND {

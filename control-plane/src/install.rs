@@ -5,14 +5,33 @@
 use aether_common::kube::install::{InstallSpec, StoreVolume};
 use aether_common::kube::{install, manifest, monitoring, yaml};
 use anyhow::bail;
-use clap::ValueEnum;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// `--store`: `pvc`, `emptydir` or `s3://bucket[/prefix]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreKind {
     /// A PersistentVolumeClaim: releases survive restarts and rescheduling.
     Pvc,
     /// An emptyDir: releases are lost with the pod (throw-away clusters).
     Emptydir,
+    /// S3-compatible object storage, shared by every replica.
+    S3(String),
+}
+
+impl std::str::FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pvc" => Ok(Self::Pvc),
+            "emptydir" => Ok(Self::Emptydir),
+            url if url.starts_with("s3://") && url.len() > "s3://".len() => {
+                Ok(Self::S3(url.to_owned()))
+            }
+            other => Err(format!(
+                "{other:?}: expected pvc, emptydir or s3://bucket[/prefix]"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -27,9 +46,19 @@ pub struct InstallArgs {
     /// Secret holding the API token under the key `token` (create it before or after).
     #[arg(long, default_value = "aether-api-token")]
     pub token_secret: String,
-    /// Where the artifact store lives.
-    #[arg(long, value_enum, default_value = "pvc")]
+    /// Where the artifact store lives: `pvc`, `emptydir`, or `s3://bucket[/prefix]` (object
+    /// storage, needed for more than one replica; settings from --store-secret).
+    #[arg(long, default_value = "pvc")]
     pub store: StoreKind,
+    /// With an s3:// store: the Secret whose keys are the bucket's standard AWS settings
+    /// (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...), given to
+    /// the control plane as its environment.
+    #[arg(long, default_value = "aether-store")]
+    pub store_secret: String,
+    /// Control-plane replicas. Every replica serves the API; a Lease elects the one that
+    /// runs the reconcile loop. More than one needs an s3:// store.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
+    pub replicas: u32,
     /// Size of the store's PersistentVolumeClaim.
     #[arg(long, default_value = "10Gi")]
     pub store_size: String,
@@ -69,6 +98,14 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<String> {
     }
     manifest::check_dns_label("--token-secret", &args.token_secret, manifest::MAX_APP_NAME)
         .map_err(anyhow::Error::msg)?;
+    manifest::check_dns_label("--store-secret", &args.store_secret, manifest::MAX_APP_NAME)
+        .map_err(anyhow::Error::msg)?;
+    if args.replicas > 1 && !matches!(args.store, StoreKind::S3(_)) {
+        bail!(
+            "--replicas {} needs --store s3://bucket[/prefix]: replicas cannot share a volume",
+            args.replicas
+        );
+    }
     if args.prometheus_rules {
         return Ok(yaml::document(&monitoring::rules_file()));
     }
@@ -79,12 +116,17 @@ pub fn render(args: &InstallArgs) -> anyhow::Result<String> {
         namespace: args.namespace.clone(),
         public_url: args.public_url.clone(),
         token_secret: args.token_secret.clone(),
-        store: match args.store {
+        store: match &args.store {
             StoreKind::Pvc => StoreVolume::Pvc {
                 size: args.store_size.clone(),
             },
             StoreKind::Emptydir => StoreVolume::EmptyDir,
+            StoreKind::S3(url) => StoreVolume::S3 {
+                url: url.clone(),
+                secret: args.store_secret.clone(),
+            },
         },
+        replicas: args.replicas,
         image: args.image.clone(),
         fetch_image: args.fetch_image.clone(),
         create_namespace: !args.existing_namespace,

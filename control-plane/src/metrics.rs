@@ -16,6 +16,8 @@ pub const PATCHES_TOTAL: &str = "aether_patches_total";
 pub const PATCH_FAILURES_TOTAL: &str = "aether_patch_failures_total";
 /// Release route: request in → Deployment and every pod patched.
 pub const PATCH_SECONDS: &str = "aether_patch_seconds";
+/// 1 on the replica that holds the Lease and runs the reconcile loop, 0 on the others.
+pub const LEADER: &str = "aether_leader";
 /// Pods annotated with a desired release (the fan-out of releases to pods), by result.
 pub const POD_PATCHES_TOTAL: &str = "aether_pod_patches_total";
 
@@ -56,6 +58,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         "Releases refused for a missing or invalid signature"
     );
     describe_counter!(DEPLOYS_TOTAL, "Deployments applied");
+    metrics::describe_gauge!(
+        LEADER,
+        "1 on the replica that holds the Lease and runs the reconcile loop, 0 on the others"
+    );
     describe_counter!(PATCHES_TOTAL, "Releases patched onto an app");
     describe_counter!(PATCH_FAILURES_TOTAL, "Releases that could not be patched");
     describe_histogram!(
@@ -86,6 +92,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     for result in ["ok", "conflict", "error"] {
         counter!(POD_PATCHES_TOTAL, "result" => result).absolute(0);
     }
+    metrics::gauge!(LEADER).set(0.0);
     // A histogram appears in the exposition only once it has a sample; its buckets are
     // rendered from the first release on.
     let _ = histogram!(PATCH_SECONDS);

@@ -4,7 +4,8 @@
 //!
 //! It is a kube-runtime `Controller` over the managed Deployments, triggered by their pods
 //! too: a failed pod patch is requeued with backoff, and reconciles of one app never run
-//! concurrently. A reconcile reads the app's pods and Deployment from the API server, not
+//! concurrently. With several replicas it runs only on the one that holds the Lease
+//! (`lease`); every replica keeps the caches. A reconcile reads the app's pods and Deployment from the API server, not
 //! from a cache: a cache fed by another watch can lag the event that triggered the
 //! reconcile and hide the very pod it is about. The caches (Deployments and pods) answer
 //! `aether status` reads instead, where a few milliseconds of lag do no harm.
@@ -67,50 +68,103 @@ enum ReconcileError {
     },
 }
 
-/// Starts the controller (until `shutdown`) and returns its caches.
-pub fn start(client: kube::Client, ns: &str, shutdown: CancellationToken) -> Cache {
-    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY}");
-    let cfg = watcher::Config::default().labels(&selector);
-    let deployments = Api::<Deployment>::namespaced(client.clone(), ns);
-    let pods = Api::<Pod>::namespaced(client, ns);
-    let (pod_cache, pod_writer) = reflector::store::<Pod>();
-    // The pod cache, kept by its own reflector (the controller's trigger watch below is
-    // internal to it); its stream only has to be driven.
-    let pod_reflector = reflector::reflector(pod_writer, watcher(pods.clone(), cfg.clone()))
+/// Starts the caches of the managed Deployments and pods (until `shutdown`). Every replica
+/// keeps them, for `aether status`; only the leader reconciles.
+pub fn caches(client: kube::Client, ns: &str, shutdown: CancellationToken) -> Cache {
+    let cfg = watcher::Config::default().labels(&managed_selector());
+    let (deployments, deployment_writer) = reflector::store::<Deployment>();
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let deployment_reflector = drive(
+        "deployment",
+        reflector::reflector(
+            deployment_writer,
+            watcher(
+                Api::<Deployment>::namespaced(client.clone(), ns),
+                cfg.clone(),
+            ),
+        ),
+    );
+    let pod_reflector = drive(
+        "pod",
+        reflector::reflector(pod_writer, watcher(Api::<Pod>::namespaced(client, ns), cfg)),
+    );
+    tokio::spawn(async move {
+        tokio::select! {
+            () = deployment_reflector => {}
+            () = pod_reflector => {}
+            () = shutdown.cancelled() => {}
+        }
+    });
+    Cache { deployments, pods }
+}
+
+fn managed_selector() -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY}")
+}
+
+/// Drives a reflector's stream, logging its errors (the watcher retries with backoff).
+async fn drive<K>(
+    what: &'static str,
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+) {
+    stream
         .default_backoff()
         .for_each(|event| async move {
             if let Err(e) = event {
-                tracing::warn!(error = %e, "pod watch failed; retrying with backoff");
+                tracing::warn!(error = %e, "{what} watch failed; retrying with backoff");
             }
-        });
-    let namespace = ns.to_owned();
+        })
+        .await;
+}
+
+/// Runs the reconcile loop whenever `leading` says this replica holds the Lease, and stops
+/// it as soon as it does not (until `shutdown`).
+pub async fn run_while_leading(
+    client: kube::Client,
+    ns: String,
+    mut leading: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            r = leading.wait_for(|l| *l) => if r.is_err() { return },
+            () = shutdown.cancelled() => return,
+        }
+        let stop = shutdown.child_token();
+        let controller = tokio::spawn(controller(client.clone(), ns.clone(), stop.clone()));
+        tokio::select! {
+            _ = leading.wait_for(|l| !*l) => {}
+            () = shutdown.cancelled() => {}
+        }
+        stop.cancel();
+        let _ = controller.await;
+        tracing::info!("reconcile loop stopped");
+    }
+}
+
+/// The controller, until `stop`: a kube-runtime `Controller` over the managed Deployments,
+/// triggered by their pods too.
+async fn controller(client: kube::Client, ns: String, stop: CancellationToken) {
+    let cfg = watcher::Config::default().labels(&managed_selector());
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
+    let pods = Api::<Pod>::namespaced(client, &ns);
+    let namespace = ns.clone();
     let controller = Controller::new(deployments.clone(), cfg.clone())
         .with_config(ControllerConfig::default().debounce(DEBOUNCE))
         .watches(pods.clone(), cfg, move |pod: Pod| {
             app_of(&pod).map(|app| ObjectRef::new(&app).within(&namespace))
         });
-    let cache = Cache {
-        deployments: controller.store(),
-        pods: pod_cache,
-    };
     let ctx = Arc::new(Ctx {
         pods,
         deployments,
         failures: Mutex::new(HashMap::new()),
     });
-    let stop = shutdown.clone();
-    let run = controller
+    tracing::info!(namespace = %ns, "reconcile loop started");
+    controller
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx)
-        .for_each(|_| async {});
-    tokio::spawn(async move {
-        tokio::select! {
-            () = run => {}
-            () = pod_reflector => {}
-            () = shutdown.cancelled() => {}
-        }
-    });
-    cache
+        .for_each(|_| async {})
+        .await;
 }
 
 fn app_of(pod: &Pod) -> Option<String> {

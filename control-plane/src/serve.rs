@@ -18,7 +18,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post, put};
@@ -35,7 +35,7 @@ use crate::metrics as m;
 use crate::store::{
     BatchReport, Download, DownloadMode, Kind, S3Config, Store, StoreError, batch_tar_len,
 };
-use crate::{cluster, reconcile};
+use crate::{cluster, lease, reconcile};
 
 /// The batched blob download's route (`BLOB_BATCH_PATH` under the blobs prefix).
 const BLOB_BATCH_ROUTE: &str = "/v1/blobs/download";
@@ -106,6 +106,21 @@ pub struct ServeArgs {
     #[arg(long, env = "AETHER_PRESIGN_TTL_SEC", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub presign_ttl_sec: u64,
+    /// The Lease (in the namespace) that elects the replica running the reconcile loop.
+    #[arg(
+        long,
+        env = "AETHER_LEASE_NAME",
+        default_value = "aether-control-plane"
+    )]
+    pub lease_name: String,
+    /// How long a leader keeps the Lease without renewing it, in seconds: the longest a
+    /// killed leader's reconcile loop stays stopped before a standby takes over.
+    #[arg(long, env = "AETHER_LEASE_DURATION_SEC", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub lease_duration_sec: u64,
+    /// This replica's name in the Lease; default POD_NAME, else host name and process id.
+    #[arg(long, env = "AETHER_IDENTITY")]
+    pub identity: Option<String>,
     /// Kubeconfig; in-cluster configuration when unset.
     #[arg(long, env = "KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -344,7 +359,27 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
     let public_url = configured_url.unwrap_or_else(|| format!("http://{local}"));
     let allow_http = args.allow_http_artifacts || public_url.starts_with("http://");
     tracing::info!(addr = %local, public_url = %public_url, allow_http, namespace = %args.namespace, store = %store.describe(), "aether serve listening");
-    let cache = reconcile::start(client.clone(), &args.namespace, shutdown.clone());
+    let cache = reconcile::caches(client.clone(), &args.namespace, shutdown.clone());
+    let leading = lease::elect(
+        client.clone(),
+        lease::Config {
+            name: args.lease_name.clone(),
+            namespace: args.namespace.clone(),
+            identity: args
+                .identity
+                .clone()
+                .filter(|i| !i.is_empty())
+                .unwrap_or_else(lease::default_identity),
+            duration: std::time::Duration::from_secs(args.lease_duration_sec),
+        },
+        shutdown.clone(),
+    );
+    tokio::spawn(reconcile::run_while_leading(
+        client.clone(),
+        args.namespace.clone(),
+        leading,
+        shutdown.clone(),
+    ));
     let state = Arc::new(AppState {
         cache,
         args: args.clone(),
@@ -411,9 +446,10 @@ pub async fn serve_store_only(
             "/v1/artifacts/{digest}",
             get(
                 |State(store): State<Arc<Store>>,
+                 method: Method,
                  Path(digest): Path<String>,
                  headers: HeaderMap| async move {
-                    serve_stored(&store, Kind::Artifact, &digest, &headers).await
+                    serve_stored(&store, Kind::Artifact, &digest, &method, &headers).await
                 },
             ),
         )
@@ -421,9 +457,10 @@ pub async fn serve_store_only(
             "/v1/blobs/{digest}",
             get(
                 |State(store): State<Arc<Store>>,
+                 method: Method,
                  Path(digest): Path<String>,
                  headers: HeaderMap| async move {
-                    serve_stored(&store, Kind::Blob, &digest, &headers).await
+                    serve_stored(&store, Kind::Blob, &digest, &method, &headers).await
                 },
             ),
         )
@@ -614,20 +651,22 @@ fn blob_url(s: &AppState, digest: &Digest) -> String {
 
 async fn download(
     State(s): State<Shared>,
+    method: Method,
     Path(digest): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    serve_stored(&s.store, Kind::Artifact, &digest, &headers).await
+    serve_stored(&s.store, Kind::Artifact, &digest, &method, &headers).await
 }
 
 /// `GET /v1/blobs/sha256:<hex>`: unauthenticated like artifact downloads (pods hold no
 /// token; the fetcher verifies every byte against the signed manifest).
 async fn download_blob(
     State(s): State<Shared>,
+    method: Method,
     Path(digest): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    serve_stored(&s.store, Kind::Blob, &digest, &headers).await
+    serve_stored(&s.store, Kind::Blob, &digest, &method, &headers).await
 }
 
 /// `POST /v1/blobs/download`: many blobs in one uncompressed tar (see
@@ -669,15 +708,28 @@ async fn serve_blob_batch(store: Arc<Store>, req: BlobBatchRequest) -> Result<Re
 
 /// Answers a download: a redirect to the object's presigned URL when the store hands them
 /// out, else its bytes with Content-Length and its digest as ETag (304 when the client has
-/// them).
+/// them). `HEAD` (the CLI asking whether an artifact is stored) is answered here whatever
+/// the store: a presigned URL is signed for `GET` only.
 async fn serve_stored(
     store: &Store,
     kind: Kind,
     digest: &str,
+    method: &Method,
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
     let etag = format!("\"{digest}\"");
+    if method == Method::HEAD {
+        let len = store.size_of(kind, &digest).await.map_err(store_error)?;
+        return Ok((
+            [
+                (header::CONTENT_LENGTH, len.to_string()),
+                (header::ETAG, etag),
+            ],
+            Body::empty(),
+        )
+            .into_response());
+    }
     let download = store.download(kind, &digest).await.map_err(store_error)?;
     match kind {
         Kind::Artifact => counter!(m::DOWNLOADS_TOTAL).increment(1),

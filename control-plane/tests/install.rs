@@ -18,6 +18,8 @@ use serde_json::{Value, json};
 
 const AETHER: &str = env!("CARGO_BIN_EXE_aether");
 const NS: &str = "aether-test";
+/// The name the installed control plane's pod would have.
+const POD: &str = "aether-5d8f7c9b4-x2k7q";
 const TOKEN: &str = "install-test-token-5f1e";
 const LONG: Duration = Duration::from_secs(30);
 
@@ -71,8 +73,8 @@ fn get(emu: &Emulator, plural: &str, name: &str) -> Value {
         .unwrap_or_else(|| panic!("{plural}/{name} was not applied"))
 }
 
-/// The env of a container as the kubelet would set it: values, the one fieldRef the
-/// install uses (the pod's namespace), and `$(VAR)` references to variables defined
+/// The env of a container as the kubelet would set it: values, the fieldRefs the install
+/// uses (the pod's namespace and name), and `$(VAR)` references to variables defined
 /// before expanded.
 fn container_env(container: &Value) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
@@ -80,13 +82,11 @@ fn container_env(container: &Value) -> Vec<(String, String)> {
         let name = e["name"].as_str().unwrap().to_owned();
         let value = match e.get("value") {
             Some(v) => v.as_str().unwrap().to_owned(),
-            None => {
-                assert_eq!(
-                    e["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace",
-                    "unexpected valueFrom in {e}"
-                );
-                NS.to_owned()
-            }
+            None => match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("metadata.namespace") => NS.to_owned(),
+                Some("metadata.name") => POD.to_owned(),
+                _ => panic!("unexpected valueFrom in {e}"),
+            },
         };
         (name, value)
     });
@@ -373,6 +373,14 @@ async fn install_applies_with_real_kubectl_and_the_installed_control_plane_deplo
     // request is allowed by the Role, and every permission of the Role was used, except
     // `get pods`, which only lets it create the fetchers' Role (RBAC refuses to grant
     // what the granter does not hold).
+    // The leader renews its Lease every few seconds (an update): wait for the first.
+    let renewed = wait_until(LONG, || async {
+        emu.accesses()
+            .iter()
+            .any(|a| a.resource == "leases" && a.verb == "update")
+    })
+    .await;
+    assert!(renewed, "the Lease was never renewed");
     let used: BTreeSet<Access> = emu.accesses().into_iter().collect();
     let granted: BTreeSet<Access> = PERMISSIONS
         .iter()

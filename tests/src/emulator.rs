@@ -144,6 +144,25 @@ pub static TYPES: &[ResourceType] = &[
         true,
         &["pvc"]
     ),
+    // Leader election of the control plane's replicas.
+    rt!(
+        "coordination.k8s.io",
+        "v1",
+        "leases",
+        "lease",
+        "Lease",
+        true,
+        &[]
+    ),
+    rt!(
+        "policy",
+        "v1",
+        "poddisruptionbudgets",
+        "poddisruptionbudget",
+        "PodDisruptionBudget",
+        true,
+        &["pdb"]
+    ),
     // Prometheus Operator's custom resources, as if its CRDs were installed.
     rt!(
         "monitoring.coreos.com",
@@ -168,6 +187,8 @@ pub static TYPES: &[ResourceType] = &[
 const GROUPS: &[(&str, &str)] = &[
     ("apps", "v1"),
     ("rbac.authorization.k8s.io", "v1"),
+    ("coordination.k8s.io", "v1"),
+    ("policy", "v1"),
     ("monitoring.coreos.com", "v1"),
 ];
 

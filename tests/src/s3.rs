@@ -87,6 +87,11 @@ impl Moto {
         }
     }
 
+    /// The server's process id (for CPU accounting in benchmarks).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// The server's log so far.
     pub fn logs(&self) -> Vec<String> {
         self.proc.logs()

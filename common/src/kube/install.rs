@@ -28,6 +28,10 @@ pub enum StoreVolume {
     Pvc { size: String },
     /// An emptyDir (releases are lost with the pod; for throw-away clusters).
     EmptyDir,
+    /// S3-compatible object storage at `url` (`s3://bucket[/prefix]`), shared by every
+    /// replica; its standard AWS settings (`AWS_ENDPOINT_URL`, `AWS_REGION`, credentials)
+    /// are the keys of the Secret `secret`.
+    S3 { url: String, secret: String },
 }
 
 /// What to install.
@@ -46,6 +50,8 @@ pub struct InstallSpec {
     /// Print the Namespace (with the restricted Pod Security labels); off for an
     /// existing namespace, whose policy is not ours to change.
     pub create_namespace: bool,
+    /// Control-plane replicas (more than one only with object storage).
+    pub replicas: u32,
 }
 
 impl InstallSpec {
@@ -121,6 +127,14 @@ pub const PERMISSIONS: &[Permission] = &[
         why: "aether logs and aether dev --hot stream the app container's output of each pod",
     },
     Permission {
+        api_group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "create", "update"],
+        why: "the replicas elect the one that runs the reconcile loop with a Lease: each \
+              reads it, the first creates it, the leader renews it and a standby takes it \
+              over (update, guarded by its resourceVersion)",
+    },
+    Permission {
         api_group: "",
         resource: "serviceaccounts",
         verbs: &["create", "patch"],
@@ -183,8 +197,18 @@ pub fn objects(spec: &InstallSpec) -> Vec<Value> {
             json!({"name": "store", "persistentVolumeClaim": {"claimName": store_claim()}})
         }
         StoreVolume::EmptyDir => json!({"name": "store", "emptyDir": {}}),
+        // Nothing on the pod's disk matters: the store is the bucket.
+        StoreVolume::S3 { .. } => json!({"name": "store", "emptyDir": {"sizeLimit": "64Mi"}}),
     };
     objects.push(deployment(spec, store_volume));
+    if spec.replicas > 1 {
+        // Voluntary disruptions (node drains, upgrades) take one replica at a time.
+        objects.push(
+            json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+            "metadata": meta(spec, NAME),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels()}}}),
+        );
+    }
     objects.push(
         json!({"apiVersion": "v1", "kind": "Service", "metadata": meta(spec, NAME),
         "spec": {"selector": selector_labels(), "ports": [{"name": "http",
@@ -199,21 +223,30 @@ pub fn store_claim() -> String {
 }
 
 fn deployment(spec: &InstallSpec, store_volume: Value) -> Value {
-    let env = json!([
-        {"name": "AETHER_LISTEN", "value": format!("0.0.0.0:{PORT}")},
-        {"name": "AETHER_DATA_DIR", "value": DATA_DIR},
+    let mut env = vec![
+        json!({"name": "AETHER_LISTEN", "value": format!("0.0.0.0:{PORT}")}),
+        json!({"name": "AETHER_DATA_DIR", "value": DATA_DIR}),
         // The namespace the pod runs in, so a kustomize namespace override stays coherent.
-        {"name": "AETHER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "AETHER_PUBLIC_URL", "value": spec.effective_public_url()},
-        {"name": "AETHER_FETCH_IMAGE", "value": spec.fetch_image},
+        json!({"name": "AETHER_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        // The replica's name in the Lease: a restarted container keeps its leadership.
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "AETHER_PUBLIC_URL", "value": spec.effective_public_url()}),
+        json!({"name": "AETHER_FETCH_IMAGE", "value": spec.fetch_image}),
         // A file, never the value: env is visible to anyone who can read the Deployment.
-        {"name": "AETHER_API_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_KEY}")},
-    ]);
+        json!({"name": "AETHER_API_TOKEN_FILE", "value": format!("{TOKEN_DIR}/{TOKEN_KEY}")}),
+    ];
+    let mut env_from = Vec::new();
+    if let StoreVolume::S3 { url, secret } = &spec.store {
+        env.push(json!({"name": "AETHER_STORE", "value": url}));
+        // The bucket's settings and credentials, by reference: the Deployment names the
+        // Secret, never its values.
+        env_from.push(json!({"secretRef": {"name": secret}}));
+    }
     let probe = |path: &str, period: u32| {
         json!({"httpGet": {"path": path, "port": "http"}, "periodSeconds": period,
             "timeoutSeconds": 2, "failureThreshold": 3})
     };
-    let container = json!({
+    let mut container = json!({
         "name": "aether",
         "image": spec.image,
         "imagePullPolicy": "IfNotPresent",
@@ -232,15 +265,35 @@ fn deployment(spec: &InstallSpec, store_volume: Value) -> Value {
             {"name": "api-token", "mountPath": TOKEN_DIR, "readOnly": true},
         ],
     });
-    json!({
+    let strategy = match spec.store {
+        // One writer of the store volume at a time (a ReadWriteOnce claim cannot be
+        // mounted by the old and the new pod of a rolling update on two nodes).
+        StoreVolume::Pvc { .. } => json!({"type": "Recreate"}),
+        // Replicas share nothing but the bucket: a new one serves before an old one goes.
+        _ => {
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}})
+        }
+    };
+    // Replicas on different nodes where the scheduler can, so one node's loss leaves one.
+    let affinity = (spec.replicas > 1).then(|| {
+        json!({"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
+            "weight": 100,
+            "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname",
+                "labelSelector": {"matchLabels": selector_labels()},
+            },
+        }]}})
+    });
+    if !env_from.is_empty() {
+        container["envFrom"] = Value::Array(env_from);
+    }
+    let mut deployment = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": meta(spec, NAME),
         "spec": {
-            "replicas": 1,
-            // One writer of the store volume at a time (a ReadWriteOnce claim cannot be
-            // mounted by the old and the new pod of a rolling update on two nodes).
-            "strategy": {"type": "Recreate"},
+            "replicas": spec.replicas,
+            "strategy": strategy,
             "selector": {"matchLabels": selector_labels()},
             "template": {
                 "metadata": {"labels": labels()},
@@ -266,7 +319,11 @@ fn deployment(spec: &InstallSpec, store_volume: Value) -> Value {
                 },
             },
         },
-    })
+    });
+    if let Some(affinity) = affinity {
+        deployment["spec"]["template"]["spec"]["affinity"] = affinity;
+    }
+    deployment
 }
 
 #[cfg(test)]
@@ -282,7 +339,59 @@ mod tests {
             image: "aether:dev".into(),
             fetch_image: "aether-fetcher:dev".into(),
             create_namespace: true,
+            replicas: 1,
         }
+    }
+
+    #[test]
+    fn several_replicas_share_a_bucket_from_a_secret_spread_over_nodes_with_a_budget() {
+        let mut ha = spec(StoreVolume::S3 {
+            url: "s3://releases/team".into(),
+            secret: "aether-store".into(),
+        });
+        ha.replicas = 3;
+        let all = objects(&ha);
+        assert!(find(&all, "PersistentVolumeClaim").is_none());
+        let d = find(&all, "Deployment").unwrap();
+        assert_eq!(d["spec"]["replicas"], 3);
+        assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+        let pod = &d["spec"]["template"]["spec"];
+        let term = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            [0];
+        assert_eq!(
+            term["podAffinityTerm"]["topologyKey"],
+            "kubernetes.io/hostname"
+        );
+        assert_eq!(
+            term["podAffinityTerm"]["labelSelector"]["matchLabels"],
+            selector_labels()
+        );
+        let c = &pod["containers"][0];
+        assert_eq!(
+            c["envFrom"],
+            json!([{"secretRef": {"name": "aether-store"}}])
+        );
+        let env = c["env"].as_array().unwrap();
+        assert!(
+            env.iter()
+                .any(|e| e["name"] == "AETHER_STORE" && e["value"] == "s3://releases/team")
+        );
+        // No AWS value in the Deployment itself.
+        assert!(
+            env.iter()
+                .all(|e| !e["name"].as_str().unwrap().starts_with("AWS_"))
+        );
+        assert!(env.iter().any(|e| e["name"] == "POD_NAME"));
+        let pdb = find(&all, "PodDisruptionBudget").unwrap();
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+        assert_eq!(pdb["spec"]["selector"]["matchLabels"], selector_labels());
+
+        // One replica: no budget (it would block every drain), no affinity.
+        let single = objects(&spec(StoreVolume::EmptyDir));
+        assert!(find(&single, "PodDisruptionBudget").is_none());
+        let pod = &find(&single, "Deployment").unwrap()["spec"]["template"]["spec"];
+        assert!(pod.get("affinity").is_none());
+        assert!(pod["containers"][0].get("envFrom").is_none());
     }
 
     fn find<'a>(objects: &'a [Value], kind: &str) -> Option<&'a Value> {

@@ -130,6 +130,17 @@ impl Store {
         }
     }
 
+    /// The stored size of an object; [`StoreError::Missing`] when it is not stored.
+    pub async fn size_of(&self, kind: Kind, digest: &Digest) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Local(l) => l.size_of(kind, digest),
+            Backend::S3(s) => s
+                .size(kind, digest)
+                .await?
+                .ok_or(StoreError::Missing(kind.noun(), *digest)),
+        }
+    }
+
     /// The digests of `wanted` that are not stored as blobs, in their order, once each.
     pub async fn missing_blobs(&self, wanted: &[Digest]) -> Result<Vec<Digest>, StoreError> {
         let mut seen = std::collections::HashSet::new();
@@ -201,10 +212,13 @@ impl Store {
             }
             Backend::S3(s) => {
                 let mut writer = s.batch_writer()?;
-                read_batch(&mut archive, max_bytes, |claimed, size, entry| {
+                let read = read_batch(&mut archive, max_bytes, |claimed, size, entry| {
                     writer.put_entry(claimed, size, entry)
-                })
-                .and_then(|()| writer.finish())
+                });
+                // The entries before a bad one finish (and are kept if they verify), as
+                // they are with the directory store.
+                let finished = writer.finish();
+                read.and(finished)
             }
         };
         // The reader is cut one byte past the cap: a batch that reached it is too large,

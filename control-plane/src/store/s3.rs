@@ -252,7 +252,11 @@ impl S3 {
     }
 
     /// The object's size, `None` when it is not stored.
-    async fn size(&self, kind: Kind, digest: &Digest) -> Result<Option<u64>, StoreError> {
+    pub(super) async fn size(
+        &self,
+        kind: Kind,
+        digest: &Digest,
+    ) -> Result<Option<u64>, StoreError> {
         match self.store.head(&self.key(kind, digest)).await {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -500,11 +504,16 @@ impl BatchWriter {
         }
     }
 
+    /// Waits for every upload still running (each keeps its blob if it verified, whatever
+    /// the others do); the first failure is the batch's.
     pub(super) fn finish(mut self) -> Result<BatchReport, StoreError> {
+        let mut first = None;
         while !self.tasks.is_empty() {
-            self.join_one()?;
+            if let Err(e) = self.join_one() {
+                first.get_or_insert(e);
+            }
         }
-        Ok(self.report)
+        first.map_or(Ok(self.report), Err)
     }
 }
 

@@ -1,0 +1,311 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, so that the reconcile loop runs on
+//! one control-plane replica at a time while every replica serves the API.
+//!
+//! client-go's algorithm, on kube's Lease API: the leader renews the Lease every retry
+//! period; another replica takes it only once it has seen the holder's record unchanged
+//! for a whole lease duration, timed on its own clock (so clock skew between nodes does not
+//! matter), and every write is guarded by the resourceVersion it read, so of two replicas
+//! racing for a free Lease exactly one wins. A leader that cannot renew within the renew
+//! deadline (two thirds of the duration) steps down before anyone else may take over. A
+//! replica that shuts down gracefully releases the Lease, so the next one takes it at once.
+//!
+//! kube-lease-manager (the kube-rs ecosystem's crate) was considered: its exclusion rests on
+//! server-side-apply field-ownership conflicts, while this rests on the resourceVersion
+//! precondition every Kubernetes object has; that is simpler to reason about and to test.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, PostParams};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Where the Lease is, who we are, and how long a holder keeps it without renewing.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub namespace: String,
+    pub identity: String,
+    pub duration: Duration,
+}
+
+impl Config {
+    /// A leader that has not renewed for this long steps down.
+    fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+
+    /// Time between attempts: renewals while leading, checks while standing by.
+    fn retry_period(&self) -> Duration {
+        (self.duration / 6).max(Duration::from_millis(200))
+    }
+
+    /// The most one attempt (a read and a write) may take.
+    fn attempt_timeout(&self) -> Duration {
+        self.duration / 3
+    }
+}
+
+/// The default identity: the pod's name (a restarted container keeps its Lease), else the
+/// host name and process id.
+pub fn default_identity() -> String {
+    if let Ok(pod) = std::env::var("POD_NAME")
+        && !pod.is_empty()
+    {
+        return pod;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "aether" } else { &host },
+        std::process::id()
+    )
+}
+
+/// Runs the election until `shutdown`; the receiver says whether this replica leads.
+pub fn elect(
+    client: kube::Client,
+    config: Config,
+    shutdown: CancellationToken,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    let elector = Elector {
+        api: Api::namespaced(client, &config.namespace),
+        config,
+        observed: None,
+    };
+    tokio::spawn(elector.run(tx, shutdown));
+    rx
+}
+
+/// What a standby watches for change: the holder's renewals.
+#[derive(Debug, Clone, PartialEq)]
+struct Record {
+    holder: Option<String>,
+    renew: Option<MicroTime>,
+    transitions: Option<i32>,
+}
+
+impl Record {
+    fn of(spec: &LeaseSpec) -> Self {
+        Self {
+            holder: spec.holder_identity.clone().filter(|h| !h.is_empty()),
+            renew: spec.renew_time.clone(),
+            transitions: spec.lease_transitions,
+        }
+    }
+}
+
+struct Elector {
+    api: Api<Lease>,
+    config: Config,
+    /// The last record seen, and when it was first seen (on our clock).
+    observed: Option<(Record, Instant)>,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    /// We hold the Lease (acquired or renewed).
+    Held,
+    /// Another replica holds it, or won the race for it.
+    Other(Option<String>),
+}
+
+impl Elector {
+    async fn run(mut self, tx: watch::Sender<bool>, shutdown: CancellationToken) {
+        let mut renewed: Option<Instant> = None;
+        loop {
+            let leading = *tx.borrow();
+            let attempt =
+                tokio::time::timeout(self.config.attempt_timeout(), self.try_acquire_or_renew());
+            let result = tokio::select! {
+                r = attempt => r.unwrap_or_else(|_| Err(format!(
+                    "no answer within {:?}", self.config.attempt_timeout()
+                ))),
+                () = shutdown.cancelled() => break,
+            };
+            match result {
+                Ok(Outcome::Held) => {
+                    renewed = Some(Instant::now());
+                    if !leading {
+                        tracing::info!(lease = %self.config.name, identity = %self.config.identity,
+                            "acquired the lease: this replica runs the reconcile loop");
+                        metrics::gauge!(crate::metrics::LEADER).set(1.0);
+                        tx.send_replace(true);
+                    }
+                }
+                Ok(Outcome::Other(holder)) => {
+                    if leading {
+                        tracing::warn!(lease = %self.config.name, holder = holder.as_deref().unwrap_or(""),
+                            "another replica holds the lease: stopping the reconcile loop");
+                        metrics::gauge!(crate::metrics::LEADER).set(0.0);
+                        tx.send_replace(false);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(lease = %self.config.name, error = %e, "lease request failed; retrying")
+                }
+            }
+            // Sleep until the next attempt, but a leader wakes in time to step down at its
+            // renew deadline, before any other replica may take the Lease.
+            let mut wake = Instant::now() + jittered(self.config.retry_period());
+            let deadline = renewed
+                .filter(|_| *tx.borrow())
+                .map(|at| at + self.config.renew_deadline());
+            if let Some(deadline) = deadline {
+                wake = wake.min(deadline);
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {}
+                () = shutdown.cancelled() => break,
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                tracing::warn!(lease = %self.config.name, deadline = ?self.config.renew_deadline(),
+                    "could not renew the lease in time: stopping the reconcile loop");
+                metrics::gauge!(crate::metrics::LEADER).set(0.0);
+                tx.send_replace(false);
+                renewed = None;
+            }
+        }
+        if *tx.borrow() {
+            tx.send_replace(false);
+            metrics::gauge!(crate::metrics::LEADER).set(0.0);
+            match tokio::time::timeout(self.config.attempt_timeout(), self.release()).await {
+                Ok(Ok(())) => tracing::info!(lease = %self.config.name, "released the lease"),
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %self.config.name, error = %e, "releasing the lease")
+                }
+                Err(_) => {
+                    tracing::warn!(lease = %self.config.name, "releasing the lease timed out")
+                }
+            }
+        }
+    }
+
+    fn duration_secs(&self) -> i32 {
+        i32::try_from(self.config.duration.as_secs().max(1)).unwrap_or(i32::MAX)
+    }
+
+    async fn try_acquire_or_renew(&mut self) -> Result<Outcome, String> {
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let me = self.config.identity.clone();
+        let Some(lease) = self
+            .api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(|e| format!("reading Lease {}: {e}", self.config.name))?
+        else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.config.name.clone()),
+                    namespace: Some(self.config.namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(me),
+                    lease_duration_seconds: Some(self.duration_secs()),
+                    acquire_time: Some(now.clone()),
+                    renew_time: Some(now),
+                    lease_transitions: Some(0),
+                    ..LeaseSpec::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(created) => {
+                    self.observe(&created);
+                    Ok(Outcome::Held)
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Other(None)),
+                Err(e) => Err(format!("creating Lease {}: {e}", self.config.name)),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let since = self.observe(&lease);
+        let holder = Record::of(&spec).holder;
+        let mine = holder.as_deref() == Some(me.as_str());
+        let their_duration = spec
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(self.config.duration, Duration::from_secs);
+        let expired = holder.is_none() || since.elapsed() > their_duration;
+        if !mine && !expired {
+            return Ok(Outcome::Other(holder));
+        }
+        let mut next = spec.clone();
+        next.holder_identity = Some(me);
+        next.lease_duration_seconds = Some(self.duration_secs());
+        next.renew_time = Some(now.clone());
+        if !mine {
+            next.acquire_time = Some(now);
+            next.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        }
+        let mut update = lease;
+        update.spec = Some(next);
+        // `update` carries the resourceVersion read above: a replica that wrote in between
+        // makes this a 409, and it keeps the Lease.
+        match self
+            .api
+            .replace(&self.config.name, &PostParams::default(), &update)
+            .await
+        {
+            Ok(written) => {
+                self.observe(&written);
+                Ok(Outcome::Held)
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Other(holder)),
+            Err(e) => Err(format!("writing Lease {}: {e}", self.config.name)),
+        }
+    }
+
+    /// Notes the Lease's record; returns when it was first seen as it is now.
+    fn observe(&mut self, lease: &Lease) -> Instant {
+        let record = Record::of(&lease.spec.clone().unwrap_or_default());
+        match &self.observed {
+            Some((seen, at)) if *seen == record => *at,
+            _ => {
+                let at = Instant::now();
+                self.observed = Some((record, at));
+                at
+            }
+        }
+    }
+
+    /// Gives the Lease up (if we still hold it), so another replica takes it at once.
+    async fn release(&mut self) -> Result<(), String> {
+        let Some(mut lease) = self
+            .api
+            .get_opt(&self.config.name)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(());
+        };
+        let mut spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+        lease.spec = Some(spec);
+        self.api
+            .replace(&self.config.name, &PostParams::default(), &lease)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Up to a fifth more than `d`, so that replicas started together do not keep asking at
+/// the same instant.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d + d.mul_f64(f64::from(nanos % 1000) / 5000.0)
+}
