@@ -257,6 +257,10 @@ async fn fanout(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn hundredths(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
@@ -404,9 +408,9 @@ async fn store(mut args: impl Iterator<Item = String>) -> anyhow::Result<()> {
         let moto_cpu = cpu_seconds(moto_pid)? - moto_cpu0;
         results.push(json!({
             "mode": mode, "fetchers": fetchers, "release_mb": mb,
-            "wall_s": round(wall), "throughput_mb_s": round((fetchers * mb) as f64 / wall),
-            "control_plane_cpu_s": round(cpu), "control_plane_peak_rss_mib": round(rss),
-            "object_store_cpu_s": round(moto_cpu),
+            "wall_s": hundredths(wall), "throughput_mb_s": round((fetchers * mb) as f64 / wall),
+            "control_plane_cpu_s": hundredths(cpu), "control_plane_peak_rss_mib": round(rss),
+            "object_store_cpu_s": hundredths(moto_cpu),
         }));
         drop(serve);
         for i in 0..fetchers {
