@@ -28,6 +28,8 @@ const UPLOAD_CONCURRENCY: usize = 4;
 const ATTEMPTS: u32 = 6;
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(3);
+/// The longest the CLI waits for the next bytes of an answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Between half and all of `d`, so that clients that failed together retry apart.
 fn jitter(d: Duration) -> Duration {
@@ -75,6 +77,11 @@ impl Client {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // A replica lost without a reset (a node gone, a partition) must not hold a
+            // request forever: no read for this long fails it, and the retry goes to
+            // another replica. Log streams send a heartbeat every 15 s.
+            .read_timeout(READ_TIMEOUT)
+            .tcp_keepalive(Duration::from_secs(15))
             .tls_backend_preconfigured(aether_common::tls::client_config(&[])?)
             .build()?;
         Ok(Self {

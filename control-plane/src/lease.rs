@@ -66,20 +66,47 @@ pub fn default_identity() -> String {
     )
 }
 
-/// Runs the election until `shutdown`; the receiver says whether this replica leads.
-pub fn elect(
+/// Runs the election until `shutdown`, and `work` while this replica leads: a fresh task
+/// each time it acquires the Lease, aborted (and awaited) the moment it stops holding it —
+/// lost, not renewed in time, or at shutdown, where the Lease is released only after the
+/// work has stopped. The receiver says whether this replica leads.
+pub fn lead<F, Fut>(
     client: kube::Client,
     config: Config,
     shutdown: CancellationToken,
-) -> watch::Receiver<bool> {
+    work: F,
+) -> watch::Receiver<bool>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let (tx, rx) = watch::channel(false);
     let elector = Elector {
         api: Api::namespaced(client, &config.namespace),
         config,
         observed: None,
     };
-    tokio::spawn(elector.run(tx, shutdown));
+    tokio::spawn(elector.run(tx, shutdown, work));
     rx
+}
+
+/// The work of a leader, while it leads.
+struct Leading(Option<tokio::task::JoinHandle<()>>);
+
+impl Leading {
+    fn is_leading(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Aborts the work and waits until it has stopped: nothing of it runs after this.
+    async fn stop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+            let _ = task.await;
+            metrics::gauge!(crate::metrics::LEADER).set(0.0);
+            tracing::info!("reconcile loop stopped");
+        }
+    }
 }
 
 /// What a standby watches for change: the holder's renewals.
@@ -107,6 +134,28 @@ struct Elector {
     observed: Option<(Record, Instant)>,
 }
 
+#[derive(Debug, thiserror::Error)]
+enum LeaseError {
+    #[error("{what} Lease {name}: {source}")]
+    Api {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the renew deadline passed")]
+    Deadline,
+}
+
+impl LeaseError {
+    /// The API server refused the request (RBAC): retrying will not help.
+    fn forbidden(&self) -> bool {
+        matches!(self, Self::Api { source: kube::Error::Api(s), .. } if s.code == 403)
+    }
+}
+
 #[derive(Debug)]
 enum Outcome {
     /// We hold the Lease (acquired or renewed).
@@ -116,64 +165,80 @@ enum Outcome {
 }
 
 impl Elector {
-    async fn run(mut self, tx: watch::Sender<bool>, shutdown: CancellationToken) {
+    async fn run<F, Fut>(mut self, tx: watch::Sender<bool>, shutdown: CancellationToken, work: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut leading = Leading(None);
+        // When the last successful write was sent: a standby counts from when it sees the
+        // write, which is later, so the deadline below is conservative.
         let mut renewed: Option<Instant> = None;
         loop {
-            let leading = *tx.borrow();
+            // A leader must stop its work by this instant, whatever the API server does.
+            let deadline = renewed
+                .filter(|_| leading.is_leading())
+                .map(|at| at + self.config.renew_deadline());
+            let sent = Instant::now();
             let attempt =
                 tokio::time::timeout(self.config.attempt_timeout(), self.try_acquire_or_renew());
             let result = tokio::select! {
-                r = attempt => r.unwrap_or_else(|_| Err(format!(
-                    "no answer within {:?}", self.config.attempt_timeout()
-                ))),
+                r = attempt => r.unwrap_or(Err(LeaseError::Timeout(self.config.attempt_timeout()))),
+                () = sleep_until_some(deadline) => Err(LeaseError::Deadline),
                 () = shutdown.cancelled() => break,
             };
             match result {
                 Ok(Outcome::Held) => {
-                    renewed = Some(Instant::now());
-                    if !leading {
+                    renewed = Some(sent);
+                    if !leading.is_leading() {
                         tracing::info!(lease = %self.config.name, identity = %self.config.identity,
                             "acquired the lease: this replica runs the reconcile loop");
                         metrics::gauge!(crate::metrics::LEADER).set(1.0);
+                        leading.0 = Some(tokio::spawn(work()));
                         tx.send_replace(true);
                     }
                 }
                 Ok(Outcome::Other(holder)) => {
-                    if leading {
+                    if leading.is_leading() {
                         tracing::warn!(lease = %self.config.name, holder = holder.as_deref().unwrap_or(""),
                             "another replica holds the lease: stopping the reconcile loop");
-                        metrics::gauge!(crate::metrics::LEADER).set(0.0);
+                        leading.stop().await;
                         tx.send_replace(false);
                     }
                 }
+                Err(e) if e.forbidden() => {
+                    tracing::error!(lease = %self.config.name, error = %e,
+                        "the Role lacks leases get/create/update (coordination.k8s.io): \
+                         re-apply `aether install`; no reconcile loop runs until then");
+                }
                 Err(e) => {
-                    tracing::warn!(lease = %self.config.name, error = %e, "lease request failed; retrying")
+                    tracing::warn!(lease = %self.config.name, error = %e, "lease request failed; retrying");
                 }
             }
-            // Sleep until the next attempt, but a leader wakes in time to step down at its
-            // renew deadline, before any other replica may take the Lease.
-            let mut wake = Instant::now() + jittered(self.config.retry_period());
             let deadline = renewed
-                .filter(|_| *tx.borrow())
+                .filter(|_| leading.is_leading())
                 .map(|at| at + self.config.renew_deadline());
-            if let Some(deadline) = deadline {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                tracing::warn!(lease = %self.config.name, deadline = ?self.config.renew_deadline(),
+                    "could not renew the lease in time: stopping the reconcile loop");
+                leading.stop().await;
+                tx.send_replace(false);
+                renewed = None;
+            }
+            // Sleep until the next attempt; a leader wakes in time for its deadline.
+            let mut wake = Instant::now() + jittered(self.config.retry_period());
+            if let Some(deadline) = deadline.filter(|_| leading.is_leading()) {
                 wake = wake.min(deadline);
             }
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
                 () = shutdown.cancelled() => break,
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                tracing::warn!(lease = %self.config.name, deadline = ?self.config.renew_deadline(),
-                    "could not renew the lease in time: stopping the reconcile loop");
-                metrics::gauge!(crate::metrics::LEADER).set(0.0);
-                tx.send_replace(false);
-                renewed = None;
-            }
         }
-        if *tx.borrow() {
+        if leading.is_leading() {
+            // The work stops first; only then may another replica take over.
+            leading.stop().await;
             tx.send_replace(false);
-            metrics::gauge!(crate::metrics::LEADER).set(0.0);
             match tokio::time::timeout(self.config.attempt_timeout(), self.release()).await {
                 Ok(Ok(())) => tracing::info!(lease = %self.config.name, "released the lease"),
                 Ok(Err(e)) => {
@@ -190,14 +255,14 @@ impl Elector {
         i32::try_from(self.config.duration.as_secs().max(1)).unwrap_or(i32::MAX)
     }
 
-    async fn try_acquire_or_renew(&mut self) -> Result<Outcome, String> {
+    async fn try_acquire_or_renew(&mut self) -> Result<Outcome, LeaseError> {
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
         let me = self.config.identity.clone();
         let Some(lease) = self
             .api
             .get_opt(&self.config.name)
             .await
-            .map_err(|e| format!("reading Lease {}: {e}", self.config.name))?
+            .map_err(|e| self.api_error("reading", e))?
         else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -220,7 +285,7 @@ impl Elector {
                     Ok(Outcome::Held)
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Other(None)),
-                Err(e) => Err(format!("creating Lease {}: {e}", self.config.name)),
+                Err(e) => Err(self.api_error("creating", e)),
             };
         };
         let spec = lease.spec.clone().unwrap_or_default();
@@ -257,7 +322,7 @@ impl Elector {
                 Ok(Outcome::Held)
             }
             Err(kube::Error::Api(s)) if s.code == 409 => Ok(Outcome::Other(holder)),
-            Err(e) => Err(format!("writing Lease {}: {e}", self.config.name)),
+            Err(e) => Err(self.api_error("writing", e)),
         }
     }
 
@@ -275,12 +340,20 @@ impl Elector {
     }
 
     /// Gives the Lease up (if we still hold it), so another replica takes it at once.
-    async fn release(&mut self) -> Result<(), String> {
+    fn api_error(&self, what: &'static str, source: kube::Error) -> LeaseError {
+        LeaseError::Api {
+            what,
+            name: self.config.name.clone(),
+            source,
+        }
+    }
+
+    async fn release(&mut self) -> Result<(), LeaseError> {
         let Some(mut lease) = self
             .api
             .get_opt(&self.config.name)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| self.api_error("reading", e))?
         else {
             return Ok(());
         };
@@ -296,7 +369,15 @@ impl Elector {
             .replace(&self.config.name, &PostParams::default(), &lease)
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| self.api_error("releasing", e))
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -308,4 +389,107 @@ fn jittered(d: Duration) -> Duration {
         .map(|t| t.subsec_nanos())
         .unwrap_or(0);
     d + d.mul_f64(f64::from(nanos % 1000) / 5000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use aether_testkit::emulator::Emulator;
+    use aether_testkit::process::wait_until;
+
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(30);
+
+    /// Counts the leaders' work running at once, and the most ever seen.
+    #[derive(Default)]
+    struct Running {
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    struct Guard(Arc<Running>);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            self.0.now.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn replica(
+        client: &kube::Client,
+        identity: &str,
+        running: &Arc<Running>,
+    ) -> (watch::Receiver<bool>, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let running = running.clone();
+        let leading = lead(
+            client.clone(),
+            Config {
+                name: "test-lease".into(),
+                namespace: "default".into(),
+                identity: identity.into(),
+                duration: Duration::from_secs(2),
+            },
+            shutdown.clone(),
+            move || {
+                let running = running.clone();
+                async move {
+                    let now = running.now.fetch_add(1, Ordering::SeqCst) + 1;
+                    running.most.fetch_max(now, Ordering::SeqCst);
+                    let _guard = Guard(running);
+                    std::future::pending::<()>().await;
+                }
+            },
+        );
+        (leading, shutdown)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn of_two_replicas_one_leads_and_the_other_takes_over_once_it_has_stopped() {
+        let emu = Emulator::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = emu.write_kubeconfig(dir.path()).unwrap();
+        let client = aether_common::kube::client::connect(Some(&kubeconfig))
+            .await
+            .unwrap()
+            .client;
+        let running = Arc::new(Running::default());
+        let (a, stop_a) = replica(&client, "a", &running);
+        let (b, stop_b) = replica(&client, "b", &running);
+        assert!(
+            wait_until(LONG, || async { *a.borrow() || *b.borrow() }).await,
+            "nobody leads"
+        );
+        let a_leads = *a.borrow();
+        let (leader, standby, stop_leader) = if a_leads {
+            (a, b, stop_a)
+        } else {
+            (b, a, stop_b)
+        };
+        // Renewals go on, and the standby stays a standby.
+        let lease = || emu.get("leases", Some("default"), "test-lease").unwrap();
+        let version = lease()["metadata"]["resourceVersion"].clone();
+        assert!(
+            wait_until(LONG, || async {
+                lease()["metadata"]["resourceVersion"] != version
+            })
+            .await,
+            "the leader never renewed"
+        );
+        assert!(*leader.borrow() && !*standby.borrow());
+        // The leader stops gracefully (its work first, then it releases the Lease): the
+        // standby takes over, and never ran its work beside the leader's.
+        stop_leader.cancel();
+        assert!(wait_until(LONG, || async { *standby.borrow() }).await);
+        assert!(!*leader.borrow());
+        assert_eq!(
+            running.most.load(Ordering::SeqCst),
+            1,
+            "two leaders at once"
+        );
+        assert_eq!(running.now.load(Ordering::SeqCst), 1);
+    }
 }

@@ -117,34 +117,10 @@ async fn drive<K>(
         .await;
 }
 
-/// Runs the reconcile loop whenever `leading` says this replica holds the Lease, and stops
-/// it as soon as it does not (until `shutdown`).
-pub async fn run_while_leading(
-    client: kube::Client,
-    ns: String,
-    mut leading: tokio::sync::watch::Receiver<bool>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            r = leading.wait_for(|l| *l) => if r.is_err() { return },
-            () = shutdown.cancelled() => return,
-        }
-        let stop = shutdown.child_token();
-        let controller = tokio::spawn(controller(client.clone(), ns.clone(), stop.clone()));
-        tokio::select! {
-            _ = leading.wait_for(|l| !*l) => {}
-            () = shutdown.cancelled() => {}
-        }
-        stop.cancel();
-        let _ = controller.await;
-        tracing::info!("reconcile loop stopped");
-    }
-}
-
-/// The controller, until `stop`: a kube-runtime `Controller` over the managed Deployments,
-/// triggered by their pods too.
-async fn controller(client: kube::Client, ns: String, stop: CancellationToken) {
+/// The reconcile loop: a kube-runtime `Controller` over the managed Deployments, triggered
+/// by their pods too. It runs while this replica leads (`lease::lead`), which aborts it the
+/// moment it does not.
+pub async fn run(client: kube::Client, ns: String) {
     let cfg = watcher::Config::default().labels(&managed_selector());
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let pods = Api::<Pod>::namespaced(client, &ns);
@@ -161,7 +137,6 @@ async fn controller(client: kube::Client, ns: String, stop: CancellationToken) {
     });
     tracing::info!(namespace = %ns, "reconcile loop started");
     controller
-        .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|_| async {})
         .await;

@@ -110,7 +110,7 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "AETHER_LEASE_NAME",
-        default_value = "aether-control-plane"
+        default_value = aether_common::kube::install::LEASE_NAME
     )]
     pub lease_name: String,
     /// How long a leader keeps the Lease without renewing it, in seconds: the longest a
@@ -360,7 +360,9 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
     let allow_http = args.allow_http_artifacts || public_url.starts_with("http://");
     tracing::info!(addr = %local, public_url = %public_url, allow_http, namespace = %args.namespace, store = %store.describe(), "aether serve listening");
     let cache = reconcile::caches(client.clone(), &args.namespace, shutdown.clone());
-    let leading = lease::elect(
+    let reconcile_client = client.clone();
+    let reconcile_ns = args.namespace.clone();
+    let _leading = lease::lead(
         client.clone(),
         lease::Config {
             name: args.lease_name.clone(),
@@ -373,13 +375,8 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
             duration: std::time::Duration::from_secs(args.lease_duration_sec),
         },
         shutdown.clone(),
+        move || reconcile::run(reconcile_client.clone(), reconcile_ns.clone()),
     );
-    tokio::spawn(reconcile::run_while_leading(
-        client.clone(),
-        args.namespace.clone(),
-        leading,
-        shutdown.clone(),
-    ));
     let state = Arc::new(AppState {
         cache,
         args: args.clone(),

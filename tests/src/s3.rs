@@ -87,6 +87,20 @@ impl Moto {
         }
     }
 
+    /// Multipart uploads begun and neither completed nor aborted (ListMultipartUploads):
+    /// parts that take space without ever being an object.
+    pub async fn pending_uploads(&self, bucket: &str) -> Result<Vec<String>, String> {
+        let body = client()?
+            .get(format!("{}/{bucket}?uploads", self.endpoint))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .text()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(tags(&body, "Key"))
+    }
+
     /// The server's process id (for CPU accounting in benchmarks).
     pub fn pid(&self) -> Option<u32> {
         self.proc.pid()

@@ -92,8 +92,13 @@ pub struct Permission {
     pub api_group: &'static str,
     pub resource: &'static str,
     pub verbs: &'static [&'static str],
+    /// The only objects the rule applies to; empty: every object of the resource.
+    pub resource_names: &'static [&'static str],
     pub why: &'static str,
 }
+
+/// The Lease the replicas elect their leader with (`aether serve --lease-name`).
+pub const LEASE_NAME: &str = "aether-control-plane";
 
 /// Exactly what `aether serve` does in its namespace; nothing cluster-wide, no `*`.
 pub const PERMISSIONS: &[Permission] = &[
@@ -101,6 +106,7 @@ pub const PERMISSIONS: &[Permission] = &[
         api_group: "apps",
         resource: "deployments",
         verbs: &["get", "list", "watch", "create", "patch"],
+        resource_names: &[],
         why: "deploy reads an existing Deployment of that name (it changes only those aether \
               created), then applies it (server-side apply: patch, and create for a new one); \
               release reads one and patches its desired annotations; the reconcile loop lists \
@@ -110,6 +116,7 @@ pub const PERMISSIONS: &[Permission] = &[
         api_group: "",
         resource: "pods",
         verbs: &["get", "list", "watch", "patch"],
+        resource_names: &[],
         why: "the reconcile loop lists and watches app pods and patches the desired \
               annotations onto them; get is also what the fetchers' Role grants, and RBAC \
               lets the control plane create that Role only if it holds those verbs itself",
@@ -118,38 +125,51 @@ pub const PERMISSIONS: &[Permission] = &[
         api_group: "",
         resource: "pods/proxy",
         verbs: &["get"],
+        resource_names: &[],
         why: "status reads each fetcher's /status through the API server",
     },
     Permission {
         api_group: "",
         resource: "pods/log",
         verbs: &["get"],
+        resource_names: &[],
         why: "aether logs and aether dev --hot stream the app container's output of each pod",
     },
     Permission {
         api_group: "coordination.k8s.io",
         resource: "leases",
-        verbs: &["get", "create", "update"],
-        why: "the replicas elect the one that runs the reconcile loop with a Lease: each \
-              reads it, the first creates it, the leader renews it and a standby takes it \
-              over (update, guarded by its resourceVersion)",
+        verbs: &["create"],
+        resource_names: &[],
+        why: "the first replica creates the Lease that elects the one running the reconcile \
+              loop (RBAC cannot restrict create to a name)",
+    },
+    Permission {
+        api_group: "coordination.k8s.io",
+        resource: "leases",
+        verbs: &["get", "update"],
+        resource_names: &[LEASE_NAME],
+        why: "each replica reads that Lease; the leader renews it and a standby takes it \
+              over (update, guarded by its resourceVersion); no other Lease of the namespace",
     },
     Permission {
         api_group: "",
         resource: "serviceaccounts",
         verbs: &["create", "patch"],
+        resource_names: &[],
         why: "deploy --dev-hot applies each app's fetcher ServiceAccount",
     },
     Permission {
         api_group: "rbac.authorization.k8s.io",
         resource: "roles",
         verbs: &["create", "patch"],
+        resource_names: &[],
         why: "deploy --dev-hot applies each app's fetcher Role (get, list, watch pods)",
     },
     Permission {
         api_group: "rbac.authorization.k8s.io",
         resource: "rolebindings",
         verbs: &["create", "patch"],
+        resource_names: &[],
         why: "deploy --dev-hot binds that Role to the fetcher's ServiceAccount",
     },
 ];
@@ -158,7 +178,13 @@ fn rules() -> Value {
     Value::Array(
         PERMISSIONS
             .iter()
-            .map(|p| json!({"apiGroups": [p.api_group], "resources": [p.resource], "verbs": p.verbs}))
+            .map(|p| {
+                let mut rule = json!({"apiGroups": [p.api_group], "resources": [p.resource], "verbs": p.verbs});
+                if !p.resource_names.is_empty() {
+                    rule["resourceNames"] = json!(p.resource_names);
+                }
+                rule
+            })
             .collect(),
     )
 }

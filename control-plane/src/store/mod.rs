@@ -39,6 +39,9 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// Objects of a batched download opened ahead of the one being sent.
+const BATCH_PREFETCH: usize = 8;
+
 /// Most entries in one batched upload; a client sends more in several batches.
 pub const MAX_BATCH_ENTRIES: u64 = 100_000;
 
@@ -309,21 +312,25 @@ impl Store {
         blobs: Vec<(Digest, u64)>,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let store = self.clone();
-        let entries = futures::stream::iter(blobs).flat_map(move |(digest, size)| {
-            let store = store.clone();
-            let content = futures::stream::once(async move {
-                match store.read(Kind::Blob, &digest).await {
-                    Ok(Download::Stream { body, .. }) => body,
-                    Ok(Download::Redirect(_)) => futures::stream::once(std::future::ready(Err(
-                        io::Error::other("read answered with a redirect"),
-                    )))
-                    .boxed(),
-                    Err(e) => {
-                        futures::stream::once(std::future::ready(Err(io::Error::other(e)))).boxed()
-                    }
-                }
+        // The next objects are opened while one streams: from object storage each is a
+        // request, and one at a time would make a batch a chain of round trips.
+        let opened = futures::stream::iter(blobs)
+            .map(move |(digest, size)| {
+                let store = store.clone();
+                async move { (digest, size, store.read(Kind::Blob, &digest).await) }
             })
-            .flatten();
+            .buffered(BATCH_PREFETCH);
+        let entries = opened.flat_map(|(digest, size, read)| {
+            let content = match read {
+                Ok(Download::Stream { body, .. }) => body,
+                Ok(Download::Redirect(_)) => futures::stream::once(std::future::ready(Err(
+                    io::Error::other("read answered with a redirect"),
+                )))
+                .boxed(),
+                Err(e) => {
+                    futures::stream::once(std::future::ready(Err(io::Error::other(e)))).boxed()
+                }
+            };
             let padding = Bytes::from(vec![0u8; padding(size) as usize]);
             futures::stream::once(std::future::ready(batch_header(&digest, size)))
                 .chain(content)

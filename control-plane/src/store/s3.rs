@@ -15,7 +15,7 @@ use aether_common::{Digest, Sha256Writer};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
-use object_store::client::{ClientOptions, HttpClient, HttpConnector};
+use object_store::client::{ClientConfigKey, ClientOptions, HttpClient, HttpConnector};
 use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
@@ -27,6 +27,11 @@ use super::{BatchReport, Download, Kind, StoreError};
 pub(super) const PART: usize = 8 << 20;
 /// Parts of one upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Uploads to the bucket that may buffer at once, across every request: each holds up to
+/// one part before it becomes a multipart upload, then a part being filled and
+/// `PARTS_IN_FLIGHT` being sent, about 32 MiB; eight keep the process well within the
+/// installation's 512 MiB limit whatever clients send.
+static UPLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
 /// Requests in flight for the existence and size checks of one query.
 const HEADS_IN_FLIGHT: usize = 32;
 /// Blobs of a batched upload being put at once, and the bytes they may hold in memory.
@@ -79,9 +84,10 @@ impl S3Config {
 
     /// The endpoint the store is reached at, as configured (`None`: AWS itself, https).
     pub fn endpoint(&self) -> Option<&str> {
-        self.aws
-            .get("AWS_ENDPOINT_URL")
-            .or_else(|| self.aws.get("AWS_ENDPOINT"))
+        // object_store's own precedence: the S3-specific setting first.
+        ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+            .iter()
+            .find_map(|name| self.aws.get(*name))
             .map(String::as_str)
     }
 
@@ -139,10 +145,16 @@ struct Connector {
 }
 
 impl HttpConnector for Connector {
-    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        // object_store asks for plain http itself where the protocol is http: the instance
+        // metadata service, ECS and EKS Pod Identity credentials on link-local addresses.
+        let allow_http = self.allow_http
+            || options
+                .get_config_value(&ClientConfigKey::AllowHttp)
+                .is_some_and(|v| v == "true");
         let client = reqwest::Client::builder()
             .tls_backend_preconfigured(self.tls.clone())
-            .https_only(!self.allow_http)
+            .https_only(!allow_http)
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(60))
             .build()
@@ -359,11 +371,39 @@ impl S3 {
         if self.contains_of(kind, &claimed).await? {
             return Ok(false);
         }
+        let _buffering = UPLOADS
+            .acquire()
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let mut upload = Multipart(None);
+        let result = self.stream_up(&key, claimed, &mut body, &mut upload).await;
+        if result.is_err()
+            && let Some(parts) = upload.0.take()
+        {
+            // Aborted now rather than by the drop guard, so that a refused upload leaves no
+            // parts behind by the time the client hears of it.
+            let _ = parts.abort().await;
+        }
+        result.map(|()| true)
+    }
+
+    /// Hashes the body while buffering it, up to a part, then as a multipart upload;
+    /// puts (or completes) it only when the hash matches.
+    async fn stream_up<S, E>(
+        &self,
+        key: &Path,
+        claimed: Digest,
+        body: &mut S,
+        upload: &mut Multipart,
+    ) -> Result<(), StoreError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
         let mut hasher = Sha256Writer::new();
         let mut total = 0u64;
         let mut buffered: Vec<Bytes> = Vec::new();
         let mut buffered_len = 0usize;
-        let mut upload = Multipart(None);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
             total += chunk.len() as u64;
@@ -382,7 +422,7 @@ impl S3 {
             buffered_len += chunk.len();
             buffered.push(chunk);
             if buffered_len >= PART {
-                let started = self.store.put_multipart(&key).await.map_err(backend)?;
+                let started = self.store.put_multipart(key).await.map_err(backend)?;
                 let mut parts = WriteMultipart::new_with_chunk_size(started, PART);
                 for chunk in buffered.drain(..) {
                     parts.put(chunk);
@@ -392,9 +432,6 @@ impl S3 {
         }
         let got = hasher.finish();
         if got != claimed {
-            if let Some(parts) = upload.0.take() {
-                let _ = parts.abort().await;
-            }
             return Err(StoreError::Mismatch { claimed, got });
         }
         match upload.0.take() {
@@ -403,12 +440,12 @@ impl S3 {
             }
             None => {
                 self.store
-                    .put(&key, PutPayload::from_iter(buffered))
+                    .put(key, PutPayload::from_iter(buffered))
                     .await
                     .map_err(backend)?;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Puts the entries of a batched upload, several at once.
@@ -469,9 +506,14 @@ impl BatchWriter {
         self.bytes_in_flight += size;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let read = entry
-                .read(&mut buf)
-                .map_err(|e| StoreError::Body(e.to_string()))?;
+            let read = match entry.read(&mut buf) {
+                Ok(read) => read,
+                Err(e) => {
+                    // The upload must see a broken body, not an early end.
+                    let _ = tx.blocking_send(Err(io::Error::new(e.kind(), e.to_string())));
+                    return Err(StoreError::Body(e.to_string()));
+                }
+            };
             if read == 0 {
                 return Ok(());
             }

@@ -122,14 +122,35 @@ async fn a_mismatched_or_oversized_upload_leaves_no_object(store: &Arc<Store>) {
         assert!(matches!(err, StoreError::Mismatch { .. }), "{case}: {err}");
         assert!(!store.contains_of(Kind::Artifact, &claimed).await.unwrap());
     }
+    // Too large in one chunk, and in chunks (past a part: object storage has begun a
+    // multipart upload by then, which must be aborted).
     let big = unique("too-large", MAX as usize + 1);
     let digest = Digest::of(&big);
     let err = store
-        .put_of(Kind::Artifact, digest, one_chunk(big))
+        .put_of(Kind::Artifact, digest, one_chunk(big.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge(MAX)), "{err}");
+    let chunks: Vec<Result<Bytes, io::Error>> = big
+        .chunks(1 << 20)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let err = store
+        .put_of(Kind::Artifact, digest, futures::stream::iter(chunks))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::TooLarge(MAX)), "{err}");
     assert!(!store.contains_of(Kind::Artifact, &digest).await.unwrap());
+    // A body that breaks after a part: nothing either.
+    let broken = futures::stream::iter(
+        big[..super::s3::PART + 1000]
+            .chunks(1 << 20)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .chain([Err(io::Error::other("client went away"))]),
+    );
+    let err = store.put_of(Kind::Blob, digest, broken).await.unwrap_err();
+    assert!(matches!(err, StoreError::Body(_)), "{err}");
+    assert!(!store.contains_of(Kind::Blob, &digest).await.unwrap());
     assert!(matches!(
         store.download(Kind::Artifact, &digest).await,
         Err(StoreError::Missing(..)) | Ok(Download::Redirect(_))
@@ -346,7 +367,12 @@ async fn the_store_suite_passes_on_the_data_directory() {
 async fn the_store_suite_passes_on_s3_with_presigned_redirects_and_keeps_only_verified_objects() {
     let moto = Moto::start().await.unwrap();
     suite(moto_store(&moto, DownloadMode::Redirect).await).await;
-    // Nothing but verified objects under the prefix: no temporary keys, no parts.
+    // Nothing but verified objects under the prefix: no temporary keys, and no multipart
+    // upload left open by the refused ones.
+    assert_eq!(
+        moto.pending_uploads(BUCKET).await.unwrap(),
+        Vec::<String>::new()
+    );
     let keys = moto.keys(BUCKET).await.unwrap();
     assert!(!keys.is_empty());
     for key in &keys {
