@@ -14,13 +14,7 @@ const TOKEN: &str = "test-token-1234";
 const LONG: Duration = Duration::from_secs(30);
 
 fn fetcher_bin() -> PathBuf {
-    let path = Path::new(AETHER).with_file_name("aether-fetcher");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p aether-fetcher` (cargo test --workspace builds it)",
-        path.display()
-    );
-    path
+    aether_testkit::process::workspace_bin(AETHER, "aether-fetcher")
 }
 
 struct Plane {

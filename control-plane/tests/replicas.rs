@@ -4,7 +4,7 @@
 //! no save.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aether_testkit::balancer::Balancer;
@@ -21,13 +21,7 @@ const BUCKET: &str = "releases";
 const LEASE_SEC: u64 = 4;
 
 fn fetcher_bin() -> PathBuf {
-    let path = Path::new(AETHER).with_file_name("aether-fetcher");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p aether-fetcher` (cargo test --workspace builds it)",
-        path.display()
-    );
-    path
+    aether_testkit::process::workspace_bin(AETHER, "aether-fetcher")
 }
 
 struct Cluster {

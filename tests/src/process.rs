@@ -191,6 +191,18 @@ where
     })
 }
 
+/// A binary of the workspace built beside `sibling` (the test's own `CARGO_BIN_EXE_…`):
+/// `cargo test --workspace` builds every binary into the same directory.
+pub fn workspace_bin(sibling: &str, name: &str) -> std::path::PathBuf {
+    let path = Path::new(sibling).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build -p {name}` (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
 /// A loopback port free right now (for processes that must be told their port).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -71,14 +71,7 @@ impl Moto {
                 url.push_str("&continuation-token=");
                 url.push_str(&encode(t));
             }
-            let body = client()?
-                .get(url)
-                .send()
-                .await
-                .map_err(|e| e.to_string())?
-                .text()
-                .await
-                .map_err(|e| e.to_string())?;
+            let body = get_text(&url).await?;
             keys.extend(tags(&body, "Key"));
             token = tags(&body, "NextContinuationToken").into_iter().next();
             if token.is_none() {
@@ -90,14 +83,7 @@ impl Moto {
     /// Multipart uploads begun and neither completed nor aborted (ListMultipartUploads):
     /// parts that take space without ever being an object.
     pub async fn pending_uploads(&self, bucket: &str) -> Result<Vec<String>, String> {
-        let body = client()?
-            .get(format!("{}/{bucket}?uploads", self.endpoint))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?
-            .text()
-            .await
-            .map_err(|e| e.to_string())?;
+        let body = get_text(&format!("{}/{bucket}?uploads", self.endpoint)).await?;
         Ok(tags(&body, "Key"))
     }
 
@@ -117,6 +103,17 @@ fn client() -> Result<reqwest::Client, String> {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
+        .map_err(|e| e.to_string())
+}
+
+async fn get_text(url: &str) -> Result<String, String> {
+    client()?
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
         .map_err(|e| e.to_string())
 }
 

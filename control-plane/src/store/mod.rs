@@ -146,12 +146,7 @@ impl Store {
 
     /// The digests of `wanted` that are not stored as blobs, in their order, once each.
     pub async fn missing_blobs(&self, wanted: &[Digest]) -> Result<Vec<Digest>, StoreError> {
-        let mut seen = std::collections::HashSet::new();
-        let unique: Vec<Digest> = wanted
-            .iter()
-            .filter(|d| seen.insert(**d))
-            .copied()
-            .collect();
+        let unique = once_each(wanted);
         match &self.backend {
             Backend::Local(l) => Ok(unique
                 .into_iter()
@@ -242,12 +237,7 @@ impl Store {
     /// The stored sizes of the blobs of a batched download, in order and once each;
     /// [`StoreError::Missing`] names the first one the store lacks.
     pub async fn blob_sizes(&self, wanted: &[Digest]) -> Result<Vec<(Digest, u64)>, StoreError> {
-        let mut seen = std::collections::HashSet::new();
-        let unique: Vec<Digest> = wanted
-            .iter()
-            .filter(|d| seen.insert(**d))
-            .copied()
-            .collect();
+        let unique = once_each(wanted);
         match &self.backend {
             Backend::Local(l) => unique
                 .into_iter()
@@ -340,6 +330,16 @@ impl Store {
             Bytes::from_static(&[0u8; 1024]),
         ))))
     }
+}
+
+/// `wanted` in order, each digest once.
+fn once_each(wanted: &[Digest]) -> Vec<Digest> {
+    let mut seen = std::collections::HashSet::new();
+    wanted
+        .iter()
+        .filter(|d| seen.insert(**d))
+        .copied()
+        .collect()
 }
 
 /// Reads the entries of a batched upload, checking each one's type and name and the
