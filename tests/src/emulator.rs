@@ -238,6 +238,8 @@ pub struct Stats {
     pub discovery: u64,
     /// Requests through the `pods/proxy` subresource.
     pub proxy: u64,
+    /// Requests on Leases: the control plane's leader election, steady background traffic.
+    pub leases: u64,
 }
 
 #[derive(Default)]
@@ -252,6 +254,7 @@ struct Counters {
     delete: AtomicU64,
     discovery: AtomicU64,
     proxy: AtomicU64,
+    leases: AtomicU64,
 }
 
 /// A container's log: (namespace, pod, container).
@@ -562,6 +565,7 @@ fn stats(shared: &Shared) -> Stats {
         delete: l(&c.delete),
         discovery: l(&c.discovery),
         proxy: l(&c.proxy),
+        leases: l(&c.leases),
     }
 }
 
@@ -921,6 +925,9 @@ async fn resource(
         _ => "unknown",
     };
     record_access(shared, rt.group, &resource_name, verb);
+    if rt.plural == "leases" {
+        shared.counters.leases.fetch_add(1, Ordering::Relaxed);
+    }
     let wants_table = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
