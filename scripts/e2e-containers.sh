@@ -94,7 +94,7 @@ assert "AETHER_API_TOKEN" not in {e["name"] for e in c["env"]}
 with open(f"{work}/cp.env", "w") as f:
     defined = {}
     for e in c["env"]:
-        value = e.get("value") or {"metadata.namespace": "default"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        value = e.get("value") or {"metadata.namespace": "default", "metadata.name": "aether-0"}[e["valueFrom"]["fieldRef"]["fieldPath"]]
         for name, v in defined.items():  # the kubelet expands $(VAR) of earlier variables
             value = value.replace(f"$({name})", v)
         defined[e["name"]] = value
