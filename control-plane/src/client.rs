@@ -28,8 +28,8 @@ const UPLOAD_CONCURRENCY: usize = 4;
 const ATTEMPTS: u32 = 6;
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(3);
-/// The longest the CLI waits for the next bytes of an answer.
-const READ_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a peer may acknowledge nothing before the CLI drops the connection.
+const DEAD_PEER: Duration = Duration::from_secs(30);
 
 /// Between half and all of `d`, so that clients that failed together retry apart.
 fn jitter(d: Duration) -> Duration {
@@ -78,10 +78,14 @@ impl Client {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             // A replica lost without a reset (a node gone, a partition) must not hold a
-            // request forever: no read for this long fails it, and the retry goes to
-            // another replica. Log streams send a heartbeat every 15 s.
-            .read_timeout(READ_TIMEOUT)
+            // request forever: TCP gives up on a peer that acknowledges nothing for this
+            // long (keepalive probes while idle, unacknowledged data while sending), and
+            // the retry goes to another replica. Not a read timeout: an upload of a large
+            // artifact legitimately waits long for its answer.
             .tcp_keepalive(Duration::from_secs(15))
+            .tcp_keepalive_interval(Duration::from_secs(5))
+            .tcp_keepalive_retries(3)
+            .tcp_user_timeout(DEAD_PEER)
             .tls_backend_preconfigured(aether_common::tls::client_config(&[])?)
             .build()?;
         Ok(Self {

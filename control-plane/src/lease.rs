@@ -69,13 +69,14 @@ pub fn default_identity() -> String {
 /// Runs the election until `shutdown`, and `work` while this replica leads: a fresh task
 /// each time it acquires the Lease, aborted (and awaited) the moment it stops holding it —
 /// lost, not renewed in time, or at shutdown, where the Lease is released only after the
-/// work has stopped. The receiver says whether this replica leads.
+/// work has stopped. The receiver says whether this replica leads; the handle ends once
+/// the Lease is released after `shutdown` (await it before the process exits).
 pub fn lead<F, Fut>(
     client: kube::Client,
     config: Config,
     shutdown: CancellationToken,
     work: F,
-) -> watch::Receiver<bool>
+) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>)
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -86,8 +87,8 @@ where
         config,
         observed: None,
     };
-    tokio::spawn(elector.run(tx, shutdown, work));
-    rx
+    let handle = tokio::spawn(elector.run(tx, shutdown, work));
+    (rx, handle)
 }
 
 /// The work of a leader, while it leads.
@@ -98,7 +99,9 @@ impl Leading {
         self.0.is_some()
     }
 
-    /// Aborts the work and waits until it has stopped: nothing of it runs after this.
+    /// Aborts the work and waits until its task has stopped. The controller's own reconcile
+    /// tasks are aborted with it; a patch already sent may still land, within the third of
+    /// the lease duration between the renew deadline and any standby's take-over.
     async fn stop(&mut self) {
         if let Some(task) = self.0.take() {
             task.abort();
@@ -190,6 +193,11 @@ impl Elector {
             match result {
                 Ok(Outcome::Held) => {
                     renewed = Some(sent);
+                    if leading.0.as_ref().is_some_and(|t| t.is_finished()) {
+                        // Holding the Lease with nothing running would stall every app.
+                        tracing::error!(lease = %self.config.name, "the reconcile loop ended; starting it again");
+                        leading.0 = Some(tokio::spawn(work()));
+                    }
                     if !leading.is_leading() {
                         tracing::info!(lease = %self.config.name, identity = %self.config.identity,
                             "acquired the lease: this replica runs the reconcile loop");
@@ -425,7 +433,7 @@ mod tests {
     ) -> (watch::Receiver<bool>, CancellationToken) {
         let shutdown = CancellationToken::new();
         let running = running.clone();
-        let leading = lead(
+        let (leading, _elector) = lead(
             client.clone(),
             Config {
                 name: "test-lease".into(),

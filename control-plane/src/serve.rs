@@ -362,7 +362,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
     let cache = reconcile::caches(client.clone(), &args.namespace, shutdown.clone());
     let reconcile_client = client.clone();
     let reconcile_ns = args.namespace.clone();
-    let _leading = lease::lead(
+    let (_leading, elector) = lease::lead(
         client.clone(),
         lease::Config {
             name: args.lease_name.clone(),
@@ -426,9 +426,19 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
         .route("/metrics", get(metrics_handler))
         .merge(protected)
         .with_state(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    // The reconcile loop stops and the Lease is released before the process exits, so a
+    // standby takes over at once instead of after a lease duration.
+    shutdown.cancel();
+    if tokio::time::timeout(std::time::Duration::from_secs(10), elector)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the lease was not released within 10 s");
+    }
+    served?;
     Ok(())
 }
 

@@ -171,7 +171,8 @@ fn client() -> reqwest::Client {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_blob_uploaded_through_one_replica_is_served_by_the_other_from_the_bucket() {
+async fn a_blob_uploaded_through_one_replica_is_served_by_the_other_and_a_stopped_leader_hands_over()
+ {
     let cluster = Cluster::start().await;
     let bytes = b"shared by every replica".repeat(1000);
     let digest = aether_common::Digest::of(&bytes);
@@ -234,6 +235,27 @@ async fn a_blob_uploaded_through_one_replica_is_served_by_the_other_from_the_buc
         .await
         .unwrap();
     assert_eq!(head.status(), 404);
+
+    // A leader stopped gracefully stops its loop and releases the Lease before it exits,
+    // and the other replica takes it without waiting out the lease duration.
+    let leader = cluster.leader().await;
+    let standby = 1 - leader;
+    let before = cluster.replicas[standby]
+        .2
+        .lines_with("acquired the lease")
+        .len();
+    cluster.replicas[leader].2.sigterm();
+    cluster.replicas[leader]
+        .2
+        .wait_for_log("released the lease", LONG)
+        .await
+        .unwrap();
+    cluster.replicas[standby]
+        .2
+        .wait_for_lines("acquired the lease", before + 1, LONG)
+        .await
+        .unwrap();
+    assert_eq!(cluster.leader().await, standby);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

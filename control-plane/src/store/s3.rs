@@ -32,6 +32,8 @@ const PARTS_IN_FLIGHT: usize = 2;
 /// `PARTS_IN_FLIGHT` being sent, about 32 MiB; eight keep the process well within the
 /// installation's 512 MiB limit whatever clients send.
 static UPLOADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+/// The longest an upload to the bucket waits for the next bytes of its body.
+const BODY_IDLE: Duration = Duration::from_secs(30);
 /// Requests in flight for the existence and size checks of one query.
 const HEADS_IN_FLIGHT: usize = 32;
 /// Blobs of a batched upload being put at once, and the bytes they may hold in memory.
@@ -381,8 +383,9 @@ impl S3 {
             && let Some(parts) = upload.0.take()
         {
             // Aborted now rather than by the drop guard, so that a refused upload leaves no
-            // parts behind by the time the client hears of it.
-            let _ = parts.abort().await;
+            // parts behind by the time the client hears of it; in a task of its own, so
+            // that a client gone meanwhile (axum drops the handler) cannot cut it short.
+            let _ = tokio::spawn(async move { parts.abort().await }).await;
         }
         result.map(|()| true)
     }
@@ -404,7 +407,12 @@ impl S3 {
         let mut total = 0u64;
         let mut buffered: Vec<Bytes> = Vec::new();
         let mut buffered_len = 0usize;
-        while let Some(chunk) = body.next().await {
+        loop {
+            // A client that sends nothing for this long gives its upload slot back.
+            let next = tokio::time::timeout(BODY_IDLE, body.next())
+                .await
+                .map_err(|_| StoreError::Body(format!("no data for {} s", BODY_IDLE.as_secs())))?;
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|e| StoreError::Body(e.to_string()))?;
             total += chunk.len() as u64;
             if total > self.max_bytes {
@@ -436,7 +444,12 @@ impl S3 {
         }
         match upload.0.take() {
             Some(parts) => {
-                parts.finish().await.map_err(backend)?;
+                // A task of its own: completing a verified upload is not cut short by the
+                // client going away.
+                tokio::spawn(async move { parts.finish().await })
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("completing the upload: {e}")))?
+                    .map_err(backend)?;
             }
             None => {
                 self.store
