@@ -409,8 +409,20 @@ async fn sigkill_during_a_batched_download_keeps_current_complete_and_a_restart_
     let fetcher = rig.fetcher(&[]);
     let addr = fetcher.http_addr().await.unwrap();
     wait_live(addr, &d_new).await;
-    // Each blob asked for in the stalled batch, then again after the restart.
-    assert_served(&rig, &new, 2);
+    // Each blob was asked for in the stalled batch, and again after the restart unless it
+    // arrived whole before the stall: the first 2048 bytes of the tar hold at most two
+    // entries (a 512-byte header and one padded block each), which a fetcher not killed
+    // at once has already kept as objects.
+    let mut again = 0;
+    for (path, content) in &new {
+        assert_eq!(rig.read_current(path).as_ref(), Some(content), "{path}");
+        let asked = rig
+            .art
+            .requests(&blob_name(&Digest::of(content.as_bytes())));
+        assert!((1..=2).contains(&asked), "{path} asked for {asked} times");
+        again += usize::from(asked == 2);
+    }
+    assert!(again >= new.len() - 2, "only {again} blobs asked for again");
     assert_eq!(rig.staging_entries(), 0, "start-up removes stale staging");
 }
 
