@@ -286,8 +286,7 @@ impl S3 {
         Ok(self.size(kind, digest).await?.is_some())
     }
 
-    /// The sizes of `wanted` (asked concurrently), in order; `Missing` names the first
-    /// one not stored.
+    /// The sizes of `wanted` (asked concurrently), in order; `None` for one not stored.
     async fn sizes_or_none(
         &self,
         kind: Kind,
