@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -39,6 +40,12 @@ pub async fn serve(
         .route("/status", get(status_handler))
         .with_state(AppState { metrics, status });
     Ok(tokio::spawn(async move {
+        // Status answers are read every few milliseconds by the local loop: no Nagle delay.
+        let listener = listener.tap_io(|tcp: &mut tokio::net::TcpStream| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await;

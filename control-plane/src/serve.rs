@@ -22,6 +22,7 @@ use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post, put};
+use axum::serve::ListenerExt;
 use metrics::{counter, histogram};
 use metrics_exporter_prometheus::PrometheusHandle;
 use subtle::ConstantTimeEq;
@@ -426,7 +427,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
         .route("/metrics", get(metrics_handler))
         .merge(protected)
         .with_state(state);
-    let served = axum::serve(listener, app)
+    let served = axum::serve(listener.tap_io(no_delay), app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await;
     // The reconcile loop stops and the Lease is released before the process exits, so a
@@ -484,7 +485,7 @@ pub async fn serve_store_only(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let handle = tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
+        let _ = axum::serve(listener.tap_io(no_delay), app).await;
     });
     Ok((addr, handle))
 }
@@ -1041,6 +1042,15 @@ async fn app_logs(
         Body::from_stream(records),
     )
         .into_response())
+}
+
+/// Responses stream their headers and then their body in separate writes: with Nagle's
+/// algorithm the body waits for the client's delayed ACK of the headers, 40 ms on Linux,
+/// which was a third of a local save.
+pub(crate) fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+    }
 }
 
 #[cfg(test)]
