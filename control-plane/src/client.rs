@@ -188,7 +188,7 @@ impl Client {
         let mut pushed = Pushed::default();
         let mut small = Vec::new();
         let mut large = Vec::new();
-        for (digest, (path, size)) in &snap.blobs {
+        for (digest, (path, size)) in snap.blobs.iter() {
             if !missing.contains(&digest.to_string()) {
                 continue;
             }

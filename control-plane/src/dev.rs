@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 
 use crate::client::Client;
 use crate::publish::Publisher;
-use crate::{live, pack};
+use crate::{live, pack, snapshot};
 
 /// Quiet time that ends a burst of file events (editors write several files per save).
 pub const DEBOUNCE: Duration = Duration::from_millis(80);
@@ -24,16 +24,29 @@ pub struct Burst {
     pub quiet: Instant,
 }
 
-/// Watches `dir` recursively; yields one `Burst` per group of changes.
-pub fn watch(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Receiver<Burst>)> {
+/// Watches `dir` recursively; yields one `Burst` per group of changes, and marks the
+/// changed paths in `Changes` (before the burst is signalled) for the next snapshot.
+pub fn watch(
+    dir: &Path,
+) -> anyhow::Result<(
+    notify::RecommendedWatcher,
+    mpsc::Receiver<Burst>,
+    snapshot::Changes,
+)> {
     use notify::Watcher;
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
+    let changes = snapshot::Changes::default();
+    let marks = changes.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if let Ok(e) = event
-            && !matches!(e.kind, notify::EventKind::Access(_))
-        {
-            let _ = raw_tx.send(());
+        match event {
+            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
+            // The kernel's queue overflowed, or an event could not be read: paths may
+            // have been missed.
+            Ok(e) if e.need_rescan() => marks.mark_everything(),
+            Ok(e) => marks.mark(e.paths),
+            Err(_) => marks.mark_everything(),
         }
+        let _ = raw_tx.send(());
     })?;
     watcher
         .watch(dir, notify::RecursiveMode::Recursive)
@@ -62,7 +75,7 @@ pub fn watch(dir: &Path) -> anyhow::Result<(notify::RecommendedWatcher, mpsc::Re
             }
         }
     });
-    Ok((watcher, rx))
+    Ok((watcher, rx, changes))
 }
 
 /// Packs `dir` off the runtime.
@@ -188,7 +201,8 @@ impl DevLoop {
                 None => Ok(()),
             };
         }
-        let (_watcher, mut events) = watch(&self.dir)?;
+        let (_watcher, mut events, changes) = watch(&self.dir)?;
+        self.publisher.changes = Some(changes);
         let _logs = self.logs.then(|| {
             AbortOnDrop(tokio::spawn(follow_logs(
                 self.client.clone(),

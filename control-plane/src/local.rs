@@ -243,7 +243,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let status_url = format!("http://{status_addr}/status");
 
-    let (_watcher, mut bursts) = dev::watch(&dir)?;
+    let (_watcher, mut bursts, changes) = dev::watch(&dir)?;
     let stopping = stop_signals()?;
     let now = Instant::now();
     let mut next = Some(Burst {
@@ -255,6 +255,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
     let mut source = Source {
         format: args.format,
         cache: None,
+        changes,
         seq: None,
         stored: HashSet::new(),
     };
@@ -378,6 +379,8 @@ async fn stop((mut fetcher, mut supervisor): (Child, Child), grace: Duration) {
 struct Source {
     format: FormatArg,
     cache: Option<HashCache>,
+    /// What the watcher saw change since the last snapshot.
+    changes: snapshot::Changes,
     seq: Option<u64>,
     /// Blobs this loop has put in its store (which only it writes, and never prunes): a
     /// save asks the store only about the others, not about every file of the tree.
@@ -390,6 +393,8 @@ struct Stored {
     /// Identifies the tree's content (equal for an unchanged tree).
     tree: Digest,
     annotations: BTreeMap<String, String>,
+    /// How the tree was read: `pack`, `walk` (every path) or `patch` (the watcher's).
+    read: &'static str,
 }
 
 impl Source {
@@ -421,6 +426,7 @@ impl Source {
             return Ok(Some(Stored {
                 digest,
                 tree: digest,
+                read: "pack",
                 annotations,
             }));
         }
@@ -430,7 +436,8 @@ impl Source {
             seq,
             expires_at: None,
         };
-        let snap = snapshot::take(target.dir, &mut self.cache, release).await?;
+        let snap =
+            snapshot::take(target.dir, &mut self.cache, release, Some(&self.changes)).await?;
         if Some(snap.tree) == last {
             return Ok(None);
         }
@@ -468,6 +475,7 @@ impl Source {
         Ok(Some(Stored {
             digest: snap.digest,
             tree: snap.tree,
+            read: if snap.walked { "walk" } else { "patch" },
             annotations,
         }))
     }
@@ -495,7 +503,7 @@ async fn refresh_once(
         return Ok(None);
     };
     let t_store = Instant::now();
-    let digest = stored.digest;
+    let (digest, read) = (stored.digest, stored.read);
     let live_before = fetcher_status(target.http, target.status_url)
         .await
         .is_some_and(|s| s.current_digest == Some(digest));
@@ -556,9 +564,10 @@ async fn refresh_once(
         bail!("{} is live but the app did not restart", short(&digest));
     }
     let stages = format!(
-        "debounce {} ms, snapshot+store {} ms, fetch→live {} ms, restart {} ms",
+        "debounce {} ms, snapshot+store {} ms ({}), fetch→live {} ms, restart {} ms",
         (burst.quiet - burst.first).as_millis(),
         (t_store - burst.quiet).as_millis(),
+        read,
         (t_live - t_store).as_millis(),
         (t_app - t_live).as_millis(),
     );

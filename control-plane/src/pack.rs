@@ -11,7 +11,7 @@ use aether_common::archive::pack::ArchiveBuilder;
 use anyhow::Context;
 use flate2::Compression;
 
-const ALWAYS_SKIPPED: &[&str] = &[".git", "target", "node_modules"];
+pub(crate) const ALWAYS_SKIPPED: &[&str] = &[".git", "target", "node_modules"];
 
 /// A packed artifact.
 pub struct Packed {

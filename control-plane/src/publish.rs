@@ -46,6 +46,8 @@ pub struct Publisher {
     pub expires_in: Option<jiff::SignedDuration>,
     /// The source directory's hash cache (a publisher serves one directory).
     cache: Option<HashCache>,
+    /// What the directory's watcher saw change, when one runs (`aether dev`).
+    pub changes: Option<snapshot::Changes>,
     last_seq: Option<u64>,
 }
 
@@ -63,6 +65,7 @@ impl Publisher {
             format,
             expires_in: None,
             cache: None,
+            changes: None,
             last_seq: None,
         }
     }
@@ -98,7 +101,7 @@ impl Publisher {
             seq,
             expires_at: self.expires_at()?,
         };
-        let snap = snapshot::take(source, &mut self.cache, release).await?;
+        let snap = snapshot::take(source, &mut self.cache, release, self.changes.as_ref()).await?;
         if Some(snap.tree) == unchanged_from {
             return Ok(None);
         }

@@ -1,12 +1,15 @@
 //! The release manifest of a source directory: the files `pack` would archive, each named
 //! by its SHA-256, in the canonical form the fetcher verifies. A per-directory cache of
-//! (size, mtime, ctime, inode) → hash means a save re-hashes only the files that changed.
+//! (size, mtime, ctime, inode) → hash means a save re-hashes only the files that changed,
+//! and with the file watcher's `Changes` a save stats only the paths it reported, patching
+//! the last snapshot instead of walking the whole tree.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use aether_common::release::{Entry, EntryType, Manifest};
 use aether_common::{Digest, Sha256Writer};
@@ -21,7 +24,9 @@ pub const BLOBS_BESIDE: &str = "./";
 
 /// A manifest of a tree, with where each blob's bytes are on disk.
 pub struct Snapshot {
-    pub manifest: Manifest,
+    /// Shared with the directory's state, which patches it in place at the next save once
+    /// this snapshot is dropped.
+    pub manifest: Arc<Manifest>,
     /// The canonical bytes (the manifest blob).
     pub bytes: Vec<u8>,
     pub digest: Digest,
@@ -29,9 +34,11 @@ pub struct Snapshot {
     /// their `seq` and time.
     pub tree: Digest,
     /// Each distinct file hash, with one path holding those bytes and their size.
-    pub blobs: BTreeMap<Digest, (PathBuf, u64)>,
+    pub blobs: Arc<Blobs>,
     /// Files hashed for this snapshot (the rest came from the cache).
     pub hashed: usize,
+    /// Whether the whole tree was walked (else the last snapshot was patched).
+    pub walked: bool,
 }
 
 impl Snapshot {
@@ -44,6 +51,9 @@ impl Snapshot {
             .count()
     }
 }
+
+/// Each distinct file hash, with one path holding those bytes and their size.
+pub type Blobs = BTreeMap<Digest, (PathBuf, u64)>;
 
 /// A file's identity as far as the cache is concerned: any change to its bytes through
 /// the file system changes at least one of these.
@@ -80,12 +90,21 @@ struct Cached {
 
 /// The hash cache of one source directory, kept under the user's cache directory (never
 /// in the tree itself, which the watcher would see).
-#[derive(Default, Clone)]
+#[derive(Default)]
 pub struct HashCache {
     file: Option<PathBuf>,
     entries: HashMap<String, Cached>,
     /// When it was last written by `take`.
     saved_at: Option<std::time::Instant>,
+    /// The last snapshot, the base the next one patches (memory only).
+    last: Option<Last>,
+}
+
+/// The last snapshot of a directory, as a base to patch.
+struct Last {
+    manifest: Arc<Manifest>,
+    blobs: Arc<Blobs>,
+    tree: Digest,
 }
 
 /// `take` writes the cache at most this often: writing a large tree's cache costs tens of
@@ -109,22 +128,7 @@ impl HashCache {
             file,
             entries,
             saved_at: None,
-        }
-    }
-
-    /// Writes the cache (atomically); a failure only costs re-hashing next time.
-    pub fn save(&self) {
-        let Some(file) = &self.file else { return };
-        let write = || -> std::io::Result<()> {
-            if let Some(parent) = file.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
-            fs::write(&tmp, serde_json::to_vec(&self.entries)?)?;
-            fs::rename(&tmp, file)
-        };
-        if let Err(e) = write() {
-            tracing::debug!(error = %e, "could not save the hash cache");
+            last: None,
         }
     }
 
@@ -152,6 +156,22 @@ impl HashCache {
             },
         );
         Ok((digest, true))
+    }
+}
+
+/// Writes the cache (atomically); a failure only costs re-hashing next time.
+fn save_entries(file: Option<&Path>, entries: &HashMap<String, Cached>) {
+    let Some(file) = file else { return };
+    let write = || -> std::io::Result<()> {
+        if let Some(parent) = file.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        let tmp = file.with_extension(format!("tmp.{}", std::process::id()));
+        fs::write(&tmp, serde_json::to_vec(entries)?)?;
+        fs::rename(&tmp, file)
+    };
+    if let Err(e) = write() {
+        tracing::debug!(error = %e, "could not save the hash cache");
     }
 }
 
@@ -201,81 +221,177 @@ pub struct Release {
     pub expires_at: Option<jiff::Timestamp>,
 }
 
+/// Paths the file watcher saw change since the last snapshot took them. Shared between
+/// the watcher's thread, which marks them, and the save, which takes them all at its start:
+/// a change seen after that is kept for the next save, so none is lost.
+#[derive(Clone, Default)]
+pub struct Changes(Arc<Mutex<Pending>>);
+
+#[derive(Default)]
+struct Pending {
+    paths: HashSet<PathBuf>,
+    /// Too many paths, or events lost (the watcher's queue overflowed): walk everything.
+    everything: bool,
+}
+
+/// Past this many changed paths a save walks the tree: as fast by then, and the set stays
+/// bounded whatever a build or a `git checkout` does to the tree.
+const MAX_CHANGED: usize = 4096;
+
+/// Files whose change can change which paths a release holds.
+const IGNORE_FILES: &[&str] = &[".gitignore", ".ignore", ".aetherignore"];
+
+impl Changes {
+    /// Records paths the watcher reported.
+    pub fn mark(&self, paths: impl IntoIterator<Item = PathBuf>) {
+        let Ok(mut p) = self.0.lock() else { return };
+        if p.everything {
+            return;
+        }
+        p.paths.extend(paths);
+        if p.paths.len() > MAX_CHANGED {
+            p.everything = true;
+            p.paths = HashSet::new();
+        }
+    }
+
+    /// Records that changes may have been missed: the next save walks the whole tree.
+    pub fn mark_everything(&self) {
+        if let Ok(mut p) = self.0.lock() {
+            p.everything = true;
+            p.paths = HashSet::new();
+        }
+    }
+
+    /// The paths marked since the last call; `None` when the whole tree must be walked.
+    fn take(&self) -> Option<HashSet<PathBuf>> {
+        let mut p = self.0.lock().ok()?;
+        let taken = std::mem::take(&mut *p);
+        (!taken.everything).then_some(taken.paths)
+    }
+}
+
+/// One path of the tree as a manifest entry, with its blob for a file; `None` for what a
+/// release does not hold (sockets, FIFOs, devices, as in `pack`).
+fn entry_of(
+    rel: &str,
+    full: &Path,
+    meta: &fs::Metadata,
+    cache: &mut HashCache,
+    hashed: &mut usize,
+) -> anyhow::Result<Option<(Entry, Option<Digest>)>> {
+    let ft = meta.file_type();
+    let entry = if ft.is_symlink() {
+        let target = fs::read_link(full)?;
+        let target = target
+            .to_str()
+            .with_context(|| format!("the target of {} is not UTF-8", full.display()))?;
+        Entry {
+            mode: 0o777,
+            path: rel.to_owned(),
+            sha256: None,
+            size: None,
+            target: Some(target.to_owned()),
+            kind: EntryType::Symlink,
+        }
+    } else if ft.is_dir() {
+        Entry {
+            mode: 0o755,
+            path: rel.to_owned(),
+            sha256: None,
+            size: None,
+            target: None,
+            kind: EntryType::Dir,
+        }
+    } else if ft.is_file() {
+        let (digest, fresh) = cache.hash(rel, full, meta)?;
+        *hashed += usize::from(fresh);
+        let entry = Entry {
+            mode: if meta.mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            },
+            path: rel.to_owned(),
+            sha256: Some(digest.hex()),
+            size: Some(meta.len()),
+            target: None,
+            kind: EntryType::File,
+        };
+        return Ok(Some((entry, Some(digest))));
+    } else {
+        return Ok(None);
+    };
+    Ok(Some((entry, None)))
+}
+
 /// Builds the manifest of `dir` with the same files as `pack::pack` and the same modes
 /// (0755 for an executable file, else 0644; 0755 for directories).
 pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow::Result<Snapshot> {
+    cache.last = None;
     let mut entries = Vec::new();
-    let mut blobs = BTreeMap::new();
+    let mut blobs = Blobs::new();
     let mut hashed = 0;
     for rel in pack::walk(dir)? {
         let path = rel
             .to_str()
-            .with_context(|| format!("{} is not UTF-8", rel.display()))?
-            .to_owned();
+            .with_context(|| format!("{} is not UTF-8", rel.display()))?;
         let full = dir.join(&rel);
         let meta =
             fs::symlink_metadata(&full).with_context(|| format!("reading {}", full.display()))?;
-        let ft = meta.file_type();
-        let entry = if ft.is_symlink() {
-            let target = fs::read_link(&full)?;
-            let target = target
-                .to_str()
-                .with_context(|| format!("the target of {} is not UTF-8", full.display()))?;
-            Entry {
-                mode: 0o777,
-                path,
-                sha256: None,
-                size: None,
-                target: Some(target.to_owned()),
-                kind: EntryType::Symlink,
-            }
-        } else if ft.is_dir() {
-            Entry {
-                mode: 0o755,
-                path,
-                sha256: None,
-                size: None,
-                target: None,
-                kind: EntryType::Dir,
-            }
-        } else if ft.is_file() {
-            let (digest, fresh) = cache.hash(&path, &full, &meta)?;
-            hashed += usize::from(fresh);
-            blobs.entry(digest).or_insert((full, meta.len()));
-            Entry {
-                mode: if meta.mode() & 0o111 != 0 {
-                    0o755
-                } else {
-                    0o644
-                },
-                path,
-                sha256: Some(digest.hex()),
-                size: Some(meta.len()),
-                target: None,
-                kind: EntryType::File,
-            }
-        } else {
-            continue; // sockets, FIFOs, devices: not part of a release, as in `pack`
+        let Some((entry, digest)) = entry_of(path, &full, &meta, cache, &mut hashed)? else {
+            continue;
         };
+        if let Some(digest) = digest {
+            blobs.entry(digest).or_insert((full, meta.len()));
+        }
         entries.push(entry);
     }
     // Files deleted since the last snapshot leave the cache too.
-    let live: std::collections::HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    let live: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
     cache.entries.retain(|k, _| live.contains(k.as_str()));
     let manifest = Manifest {
-        app: release.app.clone(),
+        app: String::new(),
         blobs: BLOBS_BESIDE.to_owned(),
-        created_at: jiff::Timestamp::now().to_string(),
+        created_at: String::new(),
         entries,
-        expires_at: release.expires_at.map(|t| t.to_string()),
-        seq: release.seq,
+        expires_at: None,
+        seq: 0,
     };
+    finish(dir, cache, manifest, blobs, None, release, hashed)
+        .map(|s| Snapshot { walked: true, ..s })
+}
+
+/// Stamps the release on the entries, checks and serializes the manifest, and keeps it as
+/// the base of the next patch. `tree` is the entries' hash when known to be unchanged.
+fn finish(
+    dir: &Path,
+    cache: &mut HashCache,
+    mut manifest: Manifest,
+    blobs: Blobs,
+    tree: Option<Digest>,
+    release: &Release,
+    hashed: usize,
+) -> anyhow::Result<Snapshot> {
+    manifest.app = release.app.clone();
+    manifest.created_at = jiff::Timestamp::now().to_string();
+    manifest.expires_at = release.expires_at.map(|t| t.to_string());
+    manifest.seq = release.seq;
     if let Err(e) = manifest.validate() {
         bail!("{} cannot be released: {e}", dir.display());
     }
     let bytes = manifest.to_canonical();
     let digest = Digest::of(&bytes);
-    let tree = Digest::of(&serde_json::to_vec(&manifest.entries)?);
+    let tree = match tree {
+        Some(t) => t,
+        None => Digest::of(&serde_json::to_vec(&manifest.entries)?),
+    };
+    let (manifest, blobs) = (Arc::new(manifest), Arc::new(blobs));
+    cache.last = Some(Last {
+        manifest: manifest.clone(),
+        blobs: blobs.clone(),
+        tree,
+    });
     Ok(Snapshot {
         manifest,
         bytes,
@@ -283,22 +399,169 @@ pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow:
         tree,
         blobs,
         hashed,
+        walked: false,
     })
 }
 
-/// `snapshot` off the async runtime. `cache` is the directory's hash cache, loaded on
-/// first use and written in the background (off the save's path) after a snapshot that
-/// hashed anything, at most every `SAVE_EVERY`.
+/// The snapshot of `dir` as the last one with `changed` (the watcher's paths) looked at
+/// again; `Ok(None)` when only a walk of the whole tree can tell: a path whose kind
+/// changed, a directory created, removed or touched, a new file in a released directory
+/// (an ignore rule may exclude it), an ignore file changed, a path outside `dir`.
+fn patch(
+    dir: &Path,
+    cache: &mut HashCache,
+    changed: HashSet<PathBuf>,
+    release: &Release,
+) -> anyhow::Result<Option<Snapshot>> {
+    // Taken, not borrowed: a patch that fails half-way leaves no base, so the next save
+    // walks the whole tree.
+    let Some(Last {
+        manifest,
+        blobs,
+        tree,
+    }) = cache.last.take()
+    else {
+        return Ok(None);
+    };
+    // The watcher names paths under the absolute form of a relative `dir`.
+    let absolute = std::path::absolute(dir)?;
+    let mut rels = Vec::with_capacity(changed.len());
+    for path in &changed {
+        let rel = path
+            .strip_prefix(dir)
+            .or_else(|_| path.strip_prefix(&absolute));
+        let Some(rel) = rel.ok().and_then(Path::to_str) else {
+            return Ok(None);
+        };
+        if rel.is_empty() || rel.split('/').any(|c| pack::ALWAYS_SKIPPED.contains(&c)) {
+            continue;
+        }
+        if rel
+            .rsplit('/')
+            .next()
+            .is_some_and(|n| IGNORE_FILES.contains(&n))
+        {
+            return Ok(None);
+        }
+        rels.push(rel);
+    }
+    rels.sort_unstable();
+    // Cloned only when the last snapshot is still held elsewhere (never in a loop).
+    let mut manifest = Arc::unwrap_or_clone(manifest);
+    let mut blobs = Arc::unwrap_or_clone(blobs);
+    let find =
+        |entries: &[Entry], rel: &str| entries.binary_search_by(|e| e.path.as_str().cmp(rel));
+    let mut hashed = 0;
+    let mut dirty = false;
+    for rel in rels {
+        let full = dir.join(rel);
+        let meta = match fs::symlink_metadata(&full) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => return Ok(None),
+        };
+        let at = find(&manifest.entries, rel);
+        let (i, meta) = match (at, meta) {
+            // Came and went (an editor's temporary file).
+            (Err(_), None) => continue,
+            (Err(_), Some(_)) => {
+                // Under a directory the release does not hold, a walk would not list it
+                // either: that directory is ignored, or new and walked for its own event.
+                match rel.rsplit_once('/') {
+                    Some((parent, _)) if find(&manifest.entries, parent).is_err() => continue,
+                    _ => return Ok(None),
+                }
+            }
+            (Ok(i), meta) => (i, meta),
+        };
+        let old = &manifest.entries[i];
+        if old.kind == EntryType::Dir {
+            return Ok(None);
+        }
+        let old_blob = old.sha256.as_deref().map(Digest::from_hex).transpose()?;
+        let new = match meta {
+            None => None,
+            Some(meta) => {
+                let same_kind = match old.kind {
+                    EntryType::File => meta.file_type().is_file(),
+                    _ => meta.file_type().is_symlink(),
+                };
+                if !same_kind {
+                    return Ok(None);
+                }
+                let Some((entry, digest)) = entry_of(rel, &full, &meta, cache, &mut hashed)? else {
+                    return Ok(None);
+                };
+                if let Some(d) = digest {
+                    blobs.entry(d).or_insert((full.clone(), meta.len()));
+                }
+                Some(entry)
+            }
+        };
+        if new.as_ref() == Some(&manifest.entries[i]) {
+            continue;
+        }
+        dirty = true;
+        match new {
+            Some(entry) => manifest.entries[i] = entry,
+            None => {
+                manifest.entries.remove(i);
+                cache.entries.remove(rel);
+            }
+        }
+        if let Some(old) = old_blob {
+            rehome(&mut blobs, &manifest.entries, old, dir, &full);
+        }
+    }
+    let tree = (!dirty).then_some(tree);
+    finish(dir, cache, manifest, blobs, tree, release, hashed).map(Some)
+}
+
+/// After the file at `full` stopped holding `old`'s bytes: another file that holds them
+/// becomes the blob's source, or the blob leaves the release.
+fn rehome(blobs: &mut Blobs, entries: &[Entry], old: Digest, dir: &Path, full: &Path) {
+    if blobs.get(&old).is_none_or(|(p, _)| p != full) {
+        return;
+    }
+    let hex = old.hex();
+    match entries
+        .iter()
+        .find(|e| e.kind == EntryType::File && e.sha256.as_deref() == Some(hex.as_str()))
+    {
+        Some(e) => {
+            let size = e.size.unwrap_or(0);
+            blobs.insert(old, (dir.join(&e.path), size));
+        }
+        None => {
+            blobs.remove(&old);
+        }
+    }
+}
+
+/// `snapshot` off the async runtime, or with `changes` (the directory's watcher) a `patch`
+/// of the last one when it can tell. `cache` is the directory's hash cache, loaded on first
+/// use and written in the background (off the save's path) after a snapshot that hashed
+/// anything, at most every `SAVE_EVERY`.
 pub async fn take(
     dir: &Path,
     cache: &mut Option<HashCache>,
     release: Release,
+    changes: Option<&Changes>,
 ) -> anyhow::Result<Snapshot> {
     let held = cache.take();
     let dir = dir.to_path_buf();
+    // Taken before the tree is read: what changes from here on is marked for the next save.
+    let changed = changes.and_then(Changes::take);
     let (held, snap) = tokio::task::spawn_blocking(move || {
         let mut held = held.unwrap_or_else(|| HashCache::load(&dir));
-        let snap = snapshot(&dir, &mut held, &release);
+        let patched = match changed {
+            Some(changed) => patch(&dir, &mut held, changed, &release).transpose(),
+            None => None,
+        };
+        let snap = patched.unwrap_or_else(|| {
+            tracing::debug!(dir = %dir.display(), "walking the whole tree");
+            snapshot(&dir, &mut held, &release)
+        });
         (held, snap)
     })
     .await?;
@@ -306,8 +569,8 @@ pub async fn take(
     let due = held.saved_at.is_none_or(|t| t.elapsed() >= SAVE_EVERY);
     if snap.as_ref().is_ok_and(|s| s.hashed > 0) && due {
         held.saved_at = Some(std::time::Instant::now());
-        let copy = held.clone();
-        tokio::task::spawn_blocking(move || copy.save());
+        let (file, entries) = (held.file.clone(), held.entries.clone());
+        tokio::task::spawn_blocking(move || save_entries(file.as_deref(), &entries));
     }
     *cache = Some(held);
     snap
@@ -380,6 +643,233 @@ mod tests {
             .err()
             .unwrap();
         assert!(format!("{err:#}").contains("absolute"), "{err:#}");
+    }
+
+    /// A tree with a shared blob, a symlink, an ignored directory and a nested one.
+    fn tree() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().join("src");
+        fs::create_dir_all(d.join("lib/deep")).unwrap();
+        fs::create_dir_all(d.join("build")).unwrap();
+        fs::create_dir_all(d.join("node_modules/pkg")).unwrap();
+        fs::write(d.join(".gitignore"), "build/\n*.log\n").unwrap();
+        for i in 0..20 {
+            fs::write(d.join(format!("lib/m{i}.js")), format!("same {}", i % 3)).unwrap();
+        }
+        fs::write(d.join("lib/deep/x.js"), "x").unwrap();
+        fs::write(d.join("app.py"), "v1").unwrap();
+        std::os::unix::fs::symlink("lib/m1.js", d.join("link")).unwrap();
+        (tmp, d)
+    }
+
+    /// One edit of `tree()`: what it does, the paths the watcher reports for it, and
+    /// whether patching those paths can tell the result without walking the tree.
+    struct Edit {
+        what: &'static str,
+        paths: &'static [&'static str],
+        patched: bool,
+        apply: fn(&Path),
+    }
+
+    fn write(d: &Path, p: &str, b: &str) {
+        fs::write(d.join(p), b).unwrap();
+    }
+
+    const EDITS: &[Edit] = &[
+        Edit {
+            what: "an edit in place",
+            paths: &["app.py"],
+            patched: true,
+            apply: |d| write(d, "app.py", "v2"),
+        },
+        Edit {
+            what: "a temporary file renamed over the original (vim, JetBrains)",
+            paths: &["lib/.m0.js.tmp", "lib/m0.js"],
+            patched: true,
+            apply: |d| {
+                write(d, "lib/.m0.js.tmp", "saved atomically");
+                fs::rename(d.join("lib/.m0.js.tmp"), d.join("lib/m0.js")).unwrap();
+            },
+        },
+        Edit {
+            what: "the file holding a blob shared with others changed",
+            paths: &["lib/m3.js"],
+            patched: true,
+            apply: |d| write(d, "lib/m3.js", "new"),
+        },
+        Edit {
+            what: "chmod +x",
+            paths: &["app.py"],
+            patched: true,
+            apply: |d| {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(d.join("app.py"), fs::Permissions::from_mode(0o755)).unwrap();
+            },
+        },
+        Edit {
+            what: "a symlink pointed elsewhere",
+            paths: &["link"],
+            patched: true,
+            apply: |d| {
+                fs::remove_file(d.join("link")).unwrap();
+                std::os::unix::fs::symlink("lib/m2.js", d.join("link")).unwrap();
+            },
+        },
+        Edit {
+            what: "a file removed",
+            paths: &["lib/m5.js"],
+            patched: true,
+            apply: |d| fs::remove_file(d.join("lib/m5.js")).unwrap(),
+        },
+        Edit {
+            what: "a file in an ignored directory",
+            paths: &["build/out.o"],
+            patched: true,
+            apply: |d| write(d, "build/out.o", "obj"),
+        },
+        Edit {
+            what: "a file in node_modules",
+            paths: &["node_modules/pkg/i.js"],
+            patched: true,
+            apply: |d| write(d, "node_modules/pkg/i.js", "m"),
+        },
+        Edit {
+            what: "a new file",
+            paths: &["lib/new.js"],
+            patched: false,
+            apply: |d| write(d, "lib/new.js", "n"),
+        },
+        Edit {
+            what: "a new file an ignore rule excludes",
+            paths: &["debug.log"],
+            patched: false,
+            apply: |d| write(d, "debug.log", "ignored"),
+        },
+        Edit {
+            what: "a new directory",
+            paths: &["pkg", "pkg/sub", "pkg/sub/a.js"],
+            patched: false,
+            apply: |d| {
+                fs::create_dir_all(d.join("pkg/sub")).unwrap();
+                write(d, "pkg/sub/a.js", "a");
+            },
+        },
+        Edit {
+            what: "a directory moved",
+            paths: &["lib/deep", "moved"],
+            patched: false,
+            apply: |d| fs::rename(d.join("lib/deep"), d.join("moved")).unwrap(),
+        },
+        Edit {
+            what: "a directory removed",
+            paths: &["pkg/sub/a.js", "pkg/sub", "pkg"],
+            patched: false,
+            apply: |d| fs::remove_dir_all(d.join("pkg")).unwrap(),
+        },
+        Edit {
+            what: "an ignore rule changed",
+            paths: &[".gitignore"],
+            patched: false,
+            apply: |d| write(d, ".gitignore", "*.log\n"),
+        },
+        Edit {
+            what: "a file replaced by a directory",
+            paths: &["app.py"],
+            patched: false,
+            apply: |d| {
+                fs::remove_file(d.join("app.py")).unwrap();
+                fs::create_dir(d.join("app.py")).unwrap();
+            },
+        },
+        Edit {
+            what: "an edit after a walk",
+            paths: &["moved/x.js"],
+            patched: true,
+            apply: |d| write(d, "moved/x.js", "y"),
+        },
+    ];
+
+    /// Entries and blobs of a snapshot, with each blob's source checked to hold its bytes.
+    fn content(snap: &Snapshot) -> (Vec<Entry>, Vec<(Digest, u64)>) {
+        for (digest, (path, size)) in snap.blobs.iter() {
+            let bytes = fs::read(path).unwrap();
+            assert_eq!(
+                Digest::of(&bytes),
+                *digest,
+                "{} holds other bytes",
+                path.display()
+            );
+            assert_eq!(bytes.len() as u64, *size);
+        }
+        let blobs = snap.blobs.iter().map(|(d, (_, n))| (*d, *n)).collect();
+        (snap.manifest.entries.clone(), blobs)
+    }
+
+    fn walk(d: &Path) -> Snapshot {
+        snapshot(d, &mut HashCache::default(), &release()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_patch_of_the_changed_paths_equals_a_walk_and_walks_only_when_it_cannot_tell() {
+        let (_tmp, d) = tree();
+        let changes = Changes::default();
+        let mut cache = None;
+        let first = take(&d, &mut cache, release(), Some(&changes))
+            .await
+            .unwrap();
+        assert!(first.walked, "the first save walks the tree");
+        for edit in EDITS {
+            (edit.apply)(&d);
+            changes.mark(edit.paths.iter().map(|p| d.join(p)));
+            let snap = take(&d, &mut cache, release(), Some(&changes))
+                .await
+                .unwrap();
+            assert_eq!(!snap.walked, edit.patched, "{}", edit.what);
+            let walked = walk(&d);
+            assert!(content(&snap) == content(&walked), "{}", edit.what);
+            assert_eq!(snap.tree, walked.tree, "{}", edit.what);
+        }
+    }
+
+    #[tokio::test]
+    async fn saves_on_the_real_watchers_bursts_never_miss_a_change() {
+        let (_tmp, d) = tree();
+        let (_watcher, mut bursts, changes) = crate::dev::watch(&d).unwrap();
+        let mut cache = None;
+        take(&d, &mut cache, release(), Some(&changes))
+            .await
+            .unwrap();
+        for edit in EDITS {
+            (edit.apply)(&d);
+            // Saved on each burst, as the loop does, until a save equals a walk: the
+            // edit's events may come in more than one burst, but never in none.
+            loop {
+                tokio::time::timeout(std::time::Duration::from_secs(60), bursts.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("no burst after {}", edit.what))
+                    .expect("the watcher runs");
+                let snap = take(&d, &mut cache, release(), Some(&changes))
+                    .await
+                    .unwrap();
+                if content(&snap) == content(&walk(&d)) {
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn more_changes_than_tracked_ask_for_a_walk() {
+        let changes = Changes::default();
+        changes.mark([PathBuf::from("/a")]);
+        assert_eq!(changes.take().map(|p| p.len()), Some(1));
+        assert_eq!(changes.take().map(|p| p.len()), Some(0), "taken once");
+        changes.mark((0..=MAX_CHANGED).map(|i| PathBuf::from(format!("/f{i}"))));
+        assert!(changes.take().is_none());
+        changes.mark_everything();
+        changes.mark([PathBuf::from("/a")]);
+        assert!(changes.take().is_none());
+        assert!(changes.take().is_some(), "a walk clears the mark");
     }
 
     #[test]
