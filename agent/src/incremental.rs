@@ -201,12 +201,42 @@ impl Refresher {
     }
 
     /// Removes objects no kept release names, in the background but never beside a
-    /// refresh (it takes the objects lock).
+    /// refresh (it takes the objects lock), once swaps have been quiet for `GC_QUIET` or
+    /// at most `GC_AT_MOST` after the first swap it follows: listing a large tree's
+    /// objects and manifests costs more CPU than applying a save, and run at once it would
+    /// compete with the app's restart for the pod's cores.
     pub(crate) fn collect_garbage(&self) {
+        let collector = self.collector.clone();
+        {
+            let Ok(mut pending) = collector.pending.lock() else {
+                return;
+            };
+            if *pending {
+                // The run already scheduled collects this swap's objects too.
+                collector.poke.notify_one();
+                return;
+            }
+            *pending = true;
+        }
         let lock = self.objects_lock.clone();
         let ws = self.workspace.clone();
         tokio::spawn(async move {
+            let first = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(GC_QUIET) => break,
+                    () = collector.poke.notified() => {
+                        if first.elapsed() >= GC_AT_MOST {
+                            break;
+                        }
+                    }
+                }
+            }
             let _guard = lock.lock_owned().await;
+            // A swap from here on schedules another run.
+            if let Ok(mut pending) = collector.pending.lock() {
+                *pending = false;
+            }
             match tokio::task::spawn_blocking(move || objects::collect_garbage(&ws)).await {
                 Ok(Ok(removed)) if removed > 0 => tracing::debug!(removed, "objects removed"),
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not remove unused objects"),
@@ -215,6 +245,18 @@ impl Refresher {
         });
     }
 }
+
+/// Object collection after swaps: at most one run scheduled at a time.
+#[derive(Debug, Default)]
+pub struct Collector {
+    pending: std::sync::Mutex<bool>,
+    poke: tokio::sync::Notify,
+}
+
+/// Swaps this close together share one collection...
+const GC_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
+/// ...unless they keep coming this long after the first.
+const GC_AT_MOST: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Writes a verified manifest to `.aether/manifests/` (atomically) and keeps it parsed.
 fn keep_manifest(

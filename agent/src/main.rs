@@ -182,6 +182,7 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         require_manifest: settings.require_manifest,
         high_water: std::sync::Mutex::new(incremental::high_water(&workspace, previous.as_ref())),
         objects_lock: Arc::default(),
+        collector: Arc::default(),
     };
     let engine = Engine::new(
         EngineConfig {

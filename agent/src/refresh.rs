@@ -47,6 +47,8 @@ pub struct Refresher {
     /// Held while objects are brought in or collected: a collection running beside a
     /// refresh would remove objects the refresh has just fetched.
     pub objects_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Schedules object collections after swaps.
+    pub collector: Arc<crate::incremental::Collector>,
 }
 
 impl Refresher {
