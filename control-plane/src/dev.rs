@@ -37,7 +37,7 @@ pub fn watch(
     let (raw_tx, mut raw_rx) = mpsc::unbounded_channel::<()>();
     let changes = snapshot::Changes::default();
     let marks = changes.clone();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+    let handler = move |event: notify::Result<notify::Event>| {
         match event {
             Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
             // The kernel's queue overflowed, or an event could not be read: paths may
@@ -47,7 +47,11 @@ pub fn watch(
             Err(_) => marks.mark_everything(),
         }
         let _ = raw_tx.send(());
-    })?;
+    };
+    // Symlinks are not followed: a watch through `alias -> lib` would share `lib`'s
+    // inotify watch and name its events `alias/…`, paths the release does not hold.
+    let config = notify::Config::default().with_follow_symlinks(false);
+    let mut watcher = notify::RecommendedWatcher::new(handler, config)?;
     watcher
         .watch(dir, notify::RecursiveMode::Recursive)
         .with_context(|| format!("watching {}", dir.display()))?;
@@ -246,6 +250,10 @@ impl DevLoop {
                 }
                 Err(e) if self.exit_on_failure => return Err(e.context("--exit-on-failure")),
                 Err(e) => {
+                    // The next save walks the tree, in case what failed was a stale entry.
+                    if let Some(changes) = &self.publisher.changes {
+                        changes.mark_everything();
+                    }
                     if self.output.text() {
                         eprintln!("aether dev: {e:#} (waiting for the next change)");
                     }

@@ -300,6 +300,8 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
                 // The store may have lost blobs (a temporary directory cleaned under us):
                 // the next save asks it about every one.
                 source.stored.clear();
+                // And the tree is walked again, in case what failed was a stale entry.
+                source.changes.mark_everything();
                 println!("refresh failed: {e:#} (the app keeps running the previous release)")
             }
         }

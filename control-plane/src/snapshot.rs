@@ -98,6 +98,9 @@ pub struct HashCache {
     saved_at: Option<std::time::Instant>,
     /// The last snapshot, the base the next one patches (memory only).
     last: Option<Last>,
+    /// The next save walks the tree whatever changed: a directory was new, and files
+    /// written into it before the watcher watched it have no event.
+    walk_again: bool,
 }
 
 /// The last snapshot of a directory, as a base to patch.
@@ -105,6 +108,22 @@ struct Last {
     manifest: Arc<Manifest>,
     blobs: Arc<Blobs>,
     tree: Digest,
+    /// The ignore files above the directory, which the walk reads and the watcher does
+    /// not watch, as they were then.
+    above: Vec<Option<Stamp>>,
+}
+
+/// The ignore files of `dir`'s ancestors, as the walk reads them (following links).
+fn ignore_files_above(dir: &Path) -> Vec<Option<Stamp>> {
+    let Ok(absolute) = std::path::absolute(dir) else {
+        return Vec::new();
+    };
+    absolute
+        .ancestors()
+        .skip(1)
+        .flat_map(|a| IGNORE_FILES.iter().map(move |f| a.join(f)))
+        .map(|f| fs::metadata(f).ok().map(|m| Stamp::of(&m)))
+        .collect()
 }
 
 /// `take` writes the cache at most this often: writing a large tree's cache costs tens of
@@ -129,6 +148,7 @@ impl HashCache {
             entries,
             saved_at: None,
             last: None,
+            walk_again: false,
         }
     }
 
@@ -329,6 +349,8 @@ fn entry_of(
 /// (0755 for an executable file, else 0644; 0755 for directories).
 pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow::Result<Snapshot> {
     cache.last = None;
+    // Read before the walk reads them: a change from here on is seen by the next save.
+    let above = ignore_files_above(dir);
     let mut entries = Vec::new();
     let mut blobs = Blobs::new();
     let mut hashed = 0;
@@ -358,21 +380,39 @@ pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow:
         expires_at: None,
         seq: 0,
     };
-    finish(dir, cache, manifest, blobs, None, release, hashed)
-        .map(|s| Snapshot { walked: true, ..s })
+    let read = Found {
+        blobs,
+        tree: None,
+        above,
+        hashed,
+    };
+    finish(dir, cache, manifest, read, release).map(|s| Snapshot { walked: true, ..s })
+}
+
+/// What reading the tree found besides its entries.
+struct Found {
+    blobs: Blobs,
+    /// The entries' hash, when known to be unchanged.
+    tree: Option<Digest>,
+    above: Vec<Option<Stamp>>,
+    hashed: usize,
 }
 
 /// Stamps the release on the entries, checks and serializes the manifest, and keeps it as
-/// the base of the next patch. `tree` is the entries' hash when known to be unchanged.
+/// the base of the next patch.
 fn finish(
     dir: &Path,
     cache: &mut HashCache,
     mut manifest: Manifest,
-    blobs: Blobs,
-    tree: Option<Digest>,
+    read: Found,
     release: &Release,
-    hashed: usize,
 ) -> anyhow::Result<Snapshot> {
+    let Found {
+        blobs,
+        tree,
+        above,
+        hashed,
+    } = read;
     manifest.app = release.app.clone();
     manifest.created_at = jiff::Timestamp::now().to_string();
     manifest.expires_at = release.expires_at.map(|t| t.to_string());
@@ -391,6 +431,7 @@ fn finish(
         manifest: manifest.clone(),
         blobs: blobs.clone(),
         tree,
+        above,
     });
     Ok(Snapshot {
         manifest,
@@ -446,23 +487,32 @@ fn patch(
         manifest,
         blobs,
         tree,
+        above,
     }) = cache.last.take()
     else {
         return Ok(None);
     };
+    if ignore_files_above(dir) != above {
+        return Ok(None);
+    }
     // The watcher names paths under the absolute form of a relative `dir`.
     let absolute = std::path::absolute(dir)?;
     let mut rels = Vec::with_capacity(changed.len());
     for path in &changed {
-        let rel = path
+        let Ok(rel) = path
             .strip_prefix(dir)
-            .or_else(|_| path.strip_prefix(&absolute));
-        let Some(rel) = rel.ok().and_then(Path::to_str) else {
+            .or_else(|_| path.strip_prefix(&absolute))
+        else {
             return Ok(None);
         };
-        if rel.is_empty() || rel.split('/').any(|c| pack::ALWAYS_SKIPPED.contains(&c)) {
+        let skipped =
+            |c: std::path::Component<'_>| pack::ALWAYS_SKIPPED.iter().any(|s| c.as_os_str() == *s);
+        if rel.as_os_str().is_empty() || rel.components().any(skipped) {
             continue;
         }
+        let Some(rel) = rel.to_str() else {
+            return Ok(None);
+        };
         if rel
             .rsplit('/')
             .next()
@@ -491,7 +541,11 @@ fn patch(
         let (i, meta) = match (at, meta) {
             // Came and went (an editor's temporary file).
             (Err(_), None) => continue,
-            (Err(_), Some(_)) => {
+            (Err(_), Some(meta)) => {
+                if meta.is_dir() {
+                    cache.walk_again = true;
+                    return Ok(None);
+                }
                 // Under a directory the release does not hold, a walk would not list it
                 // either: that directory is ignored, or new and walked for its own event.
                 match rel.rsplit_once('/') {
@@ -513,7 +567,8 @@ fn patch(
                     EntryType::File => meta.file_type().is_file(),
                     _ => meta.file_type().is_symlink(),
                 };
-                if !same_kind {
+                // Another link to the same file changes with it, unreported.
+                if !same_kind || meta.nlink() > 1 && meta.is_file() {
                     return Ok(None);
                 }
                 let Some((entry, digest)) = entry_of(rel, &full, &meta, cache, &mut hashed)? else {
@@ -541,7 +596,13 @@ fn patch(
         }
     }
     let tree = (!dirty).then_some(tree);
-    finish(dir, cache, manifest, blobs, tree, release, hashed).map(Some)
+    let read = Found {
+        blobs,
+        tree,
+        above,
+        hashed,
+    };
+    finish(dir, cache, manifest, read, release).map(Some)
 }
 
 /// After the file at `full` stopped holding `old`'s bytes: another file that holds them
@@ -581,9 +642,10 @@ pub async fn take(
     let changed = changes.and_then(Changes::take);
     let (held, snap) = tokio::task::spawn_blocking(move || {
         let mut held = held.unwrap_or_else(|| HashCache::load(&dir));
+        let again = std::mem::take(&mut held.walk_again);
         let patched = match changed {
-            Some(changed) => patch(&dir, &mut held, changed, &release).transpose(),
-            None => None,
+            Some(changed) if !again => patch(&dir, &mut held, changed, &release).transpose(),
+            _ => None,
         };
         let snap = patched.unwrap_or_else(|| {
             tracing::debug!(dir = %dir.display(), "walking the whole tree");
@@ -678,7 +740,8 @@ mod tests {
         assert!(format!("{err:#}").contains("absolute"), "{err:#}");
     }
 
-    /// A tree with a shared blob, a symlink, an ignored directory and a nested one.
+    /// A tree with shared blobs, symlinks (one to a directory), an ignored directory and a
+    /// nested one.
     fn tree() -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let d = tmp.path().join("src");
@@ -692,6 +755,9 @@ mod tests {
         fs::write(d.join("lib/deep/x.js"), "x").unwrap();
         fs::write(d.join("app.py"), "v1").unwrap();
         std::os::unix::fs::symlink("lib/m1.js", d.join("link")).unwrap();
+        // Sorted after `lib`: a watcher that followed it would name `lib`'s events
+        // `z-alias/…`.
+        std::os::unix::fs::symlink("lib", d.join("z-alias")).unwrap();
         (tmp, d)
     }
 
@@ -725,10 +791,11 @@ mod tests {
             },
         },
         Edit {
+            // m0, then m12 (byte order), held "same 0" for the snapshot.
             what: "the file holding a blob shared with others changed",
-            paths: &["lib/m3.js"],
+            paths: &["lib/m12.js"],
             patched: true,
-            apply: |d| write(d, "lib/m3.js", "new"),
+            apply: |d| write(d, "lib/m12.js", "new"),
         },
         Edit {
             what: "chmod +x",
@@ -749,10 +816,16 @@ mod tests {
             },
         },
         Edit {
-            what: "a file removed",
-            paths: &["lib/m5.js"],
+            what: "the file holding a blob shared with others removed",
+            paths: &["lib/m11.js"],
             patched: true,
-            apply: |d| fs::remove_file(d.join("lib/m5.js")).unwrap(),
+            apply: |d| fs::remove_file(d.join("lib/m11.js")).unwrap(),
+        },
+        Edit {
+            what: "the only file holding a blob removed",
+            paths: &["lib/deep/x.js"],
+            patched: true,
+            apply: |d| fs::remove_file(d.join("lib/deep/x.js")).unwrap(),
         },
         Edit {
             what: "a file in an ignored directory",
@@ -788,6 +861,14 @@ mod tests {
             },
         },
         Edit {
+            // Files written into a new directory before the watcher watches it have no
+            // event: the save after a new directory walks too.
+            what: "an edit after a new directory",
+            paths: &["app.py"],
+            patched: false,
+            apply: |d| write(d, "app.py", "v3"),
+        },
+        Edit {
             what: "a directory moved",
             paths: &["lib/deep", "moved"],
             patched: false,
@@ -798,6 +879,25 @@ mod tests {
             paths: &["pkg/sub/a.js", "pkg/sub", "pkg"],
             patched: false,
             apply: |d| fs::remove_dir_all(d.join("pkg")).unwrap(),
+        },
+        Edit {
+            what: "a hard link made",
+            paths: &["lib/hard.js"],
+            patched: false,
+            apply: |d| fs::hard_link(d.join("lib/m7.js"), d.join("lib/hard.js")).unwrap(),
+        },
+        Edit {
+            // Only the edited name is reported; the other changes with it.
+            what: "a file with another link edited",
+            paths: &["lib/m7.js"],
+            patched: false,
+            apply: |d| write(d, "lib/m7.js", "both names"),
+        },
+        Edit {
+            what: "an ignore file above the directory changed (not watched)",
+            paths: &[],
+            patched: false,
+            apply: |d| fs::write(d.parent().unwrap().join(".gitignore"), "m9.js\n").unwrap(),
         },
         Edit {
             what: "an ignore rule changed",
@@ -816,24 +916,27 @@ mod tests {
         },
         Edit {
             what: "an edit after a walk",
-            paths: &["moved/x.js"],
+            paths: &["lib/m8.js"],
             patched: true,
-            apply: |d| write(d, "moved/x.js", "y"),
+            apply: |d| write(d, "lib/m8.js", "y"),
         },
     ];
 
-    /// Entries and blobs of a snapshot, with each blob's source checked to hold its bytes.
-    fn content(snap: &Snapshot) -> (Vec<Entry>, Vec<(Digest, u64)>) {
+    /// Each blob's source file holds its bytes.
+    fn assert_holders(snap: &Snapshot, what: &str) {
         for (digest, (path, size)) in snap.blobs.iter() {
-            let bytes = fs::read(path).unwrap();
+            let bytes = fs::read(path).unwrap_or_else(|e| panic!("{what}: {path:?}: {e}"));
             assert_eq!(
                 Digest::of(&bytes),
                 *digest,
-                "{} holds other bytes",
-                path.display()
+                "{what}: {path:?} holds other bytes"
             );
-            assert_eq!(bytes.len() as u64, *size);
+            assert_eq!(bytes.len() as u64, *size, "{what}");
         }
+    }
+
+    /// Entries and blobs of a snapshot.
+    fn content(snap: &Snapshot) -> (Vec<Entry>, Vec<(Digest, u64)>) {
         let blobs = snap.blobs.iter().map(|(d, (_, n))| (*d, *n)).collect();
         (snap.manifest.entries.clone(), blobs)
     }
@@ -861,6 +964,7 @@ mod tests {
             let walked = walk(&d);
             assert!(content(&snap) == content(&walked), "{}", edit.what);
             assert_eq!(snap.tree, walked.tree, "{}", edit.what);
+            assert_holders(&snap, edit.what);
         }
     }
 
@@ -874,6 +978,10 @@ mod tests {
             .unwrap();
         for edit in EDITS {
             (edit.apply)(&d);
+            if edit.paths.is_empty() {
+                // No event (nothing watched changed): the next edit's save sees it.
+                continue;
+            }
             // Saved on each burst, as the loop does, until a save equals a walk: the
             // edit's events may come in more than one burst, but never in none.
             loop {
@@ -884,7 +992,10 @@ mod tests {
                 let snap = take(&d, &mut cache, release(), Some(&changes))
                     .await
                     .unwrap();
+                // A save between two bursts of one edit may name a holder the rest of the
+                // edit changed; the one that sees the whole edit must not.
                 if content(&snap) == content(&walk(&d)) {
+                    assert_holders(&snap, edit.what);
                     break;
                 }
             }
