@@ -123,11 +123,17 @@ pub fn build_from(
     Ok((staging, false))
 }
 
-/// A manifest with no entries (the base of a release built from objects alone).
+/// A manifest with no entries (the base of a release built from objects alone). Field by
+/// field: `..like.clone()` would copy every entry first, 10 MB for 40,000 files, at the
+/// moment a first release holds the most.
 pub fn empty(like: &Manifest) -> Manifest {
     Manifest {
+        app: like.app.clone(),
+        blobs: like.blobs.clone(),
+        created_at: like.created_at.clone(),
         entries: Vec::new(),
-        ..like.clone()
+        expires_at: like.expires_at.clone(),
+        seq: like.seq,
     }
 }
 

@@ -14,10 +14,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aether_common::Sha256Writer;
 use aether_common::release::{
     BLOB_BATCH_PATH, BlobBatchRequest, Entry, EntryType, Manifest, file_mode,
 };
+use aether_common::{Digest, Sha256Writer};
 use futures::{StreamExt, TryStreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -557,18 +557,39 @@ pub fn collect_garbage(ws: &Workspace) -> io::Result<usize> {
             continue;
         }
         let manifest = ws.kept_manifest(&digest)?;
-        for (_, (_, names)) in wanted(&manifest) {
-            keep.extend(names);
+        for e in manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryType::File)
+        {
+            if let Some(hash) = e.sha256.as_deref().and_then(|h| Digest::from_hex(h).ok()) {
+                keep.insert((hash, object_mode(e.mode)));
+            }
+        }
+    }
+    // Objects by (hash, mode) rather than by name: 36 bytes each instead of a string, so
+    // collecting a 40,000-file tree's objects stays a few MiB beside its kept manifests.
+    let kept = |name: &str| {
+        name.split_once('-')
+            .and_then(|(hex, mode)| {
+                let mode = u32::from_str_radix(mode, 8).ok()?;
+                Some((Digest::from_hex(hex).ok()?, mode))
+            })
+            .is_some_and(|object| keep.contains(&object))
+    };
+    let mut unused = Vec::new();
+    for entry in fs::read_dir(ws.objects_dir())? {
+        let name = entry?.file_name();
+        if !name.to_str().is_some_and(kept) {
+            unused.push(name);
         }
     }
     let mut removed = 0;
-    for n in list(ws.objects_dir())? {
-        if !keep.contains(&n) {
-            match fs::remove_file(ws.objects_dir().join(&n)) {
-                Ok(()) => removed += 1,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+    for n in unused {
+        match fs::remove_file(ws.objects_dir().join(&n)) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(removed)
