@@ -241,6 +241,10 @@ impl DevLoop {
                     if sent.tree.is_some() {
                         last = sent.tree;
                     }
+                    if sent.failed.is_some() {
+                        // A pod may have failed on a blob the store no longer holds.
+                        self.publisher.forget_stored();
+                    }
                     if self.exit_on_failure
                         && let Some(why) = sent.refused
                     {
@@ -250,10 +254,12 @@ impl DevLoop {
                 }
                 Err(e) if self.exit_on_failure => return Err(e.context("--exit-on-failure")),
                 Err(e) => {
-                    // The next save walks the tree, in case what failed was a stale entry.
+                    // The next save walks the tree, in case what failed was a stale entry,
+                    // and asks the store about every blob.
                     if let Some(changes) = &self.publisher.changes {
                         changes.mark_everything();
                     }
+                    self.publisher.forget_stored();
                     if self.output.text() {
                         eprintln!("aether dev: {e:#} (waiting for the next change)");
                     }

@@ -2,6 +2,7 @@
 //! (default: only the blobs the store lacks travel) or a whole tar.gz. Shared by `aether
 //! deploy`, `aether dev --hot` and `aether rollback`.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use aether_common::contract::annotations::Format;
@@ -49,6 +50,10 @@ pub struct Publisher {
     /// What the directory's watcher saw change, when one runs (`aether dev`).
     pub changes: Option<snapshot::Changes>,
     last_seq: Option<u64>,
+    /// Blobs of the last snapshot the store holds (it said so, or took them): a save asks
+    /// only about the others. The store never deletes a blob; `forget_stored` after a
+    /// failed or refused release asks about every blob again, in case one went missing.
+    stored: HashSet<Digest>,
 }
 
 impl Publisher {
@@ -67,7 +72,13 @@ impl Publisher {
             cache: None,
             changes: None,
             last_seq: None,
+            stored: HashSet::new(),
         }
+    }
+
+    /// The next save asks the store about every blob again.
+    pub fn forget_stored(&mut self) {
+        self.stored.clear();
     }
 
     /// When a manifest made now expires.
@@ -105,7 +116,7 @@ impl Publisher {
         if Some(snap.tree) == unchanged_from {
             return Ok(None);
         }
-        let pushed = client.push(&snap).await?;
+        let pushed = client.push(&snap, &mut self.stored).await?;
         self.last_seq = Some(seq);
         Ok(Some(Prepared {
             request: self.manifest_request(&snap.digest),

@@ -688,7 +688,7 @@ async fn with_required_signatures_unsigned_and_badly_signed_releases_are_refused
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
     let plane = Plane::start(&[]).await;
-    let src = plane.source(&[("index.html", "version one")]);
+    let src = plane.source(&[("index.html", "version one"), ("a.js", "a"), ("b.js", "b")]);
     plane.deploy_dev_hot("web", &src).await;
     // The "pod": an emulated Pod object plus a real fetcher process watching it.
     let port = free_port();
@@ -703,12 +703,29 @@ async fn dev_hot_puts_an_edit_live_in_the_pod_and_prints_a_plausible_latency() {
         "first release live via the reconcile loop"
     );
 
-    let dev = plane.cli(&["dev", "--hot", "web", src.to_str().unwrap()], &[]);
+    let dev = plane.cli(
+        &["dev", "--hot", "web", src.to_str().unwrap()],
+        &[("RUST_LOG", "info,aether::client=debug".into())],
+    );
     // The watch is set up before the first release, so an edit after its line is seen.
     dev.wait_for_lines("live sha256:", 1, LONG).await.unwrap();
     std::fs::write(src.join("index.html"), "version two").unwrap();
     let line = dev.wait_for_lines("live sha256:", 2, LONG).await.unwrap();
     assert_eq!(read("index.html").as_deref(), Some("version two"));
+    // The first save asks the store about its three blobs and the manifest; the next, only
+    // about what the loop does not already know to be stored: the edit and its manifest.
+    let asked: Vec<String> = dev
+        .lines_with("which blobs it lacks")
+        .iter()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("asked=")))
+        .map(str::to_owned)
+        .collect();
+    // (A loaded machine may split the write into two saves: each asks about two.)
+    assert!(
+        asked.len() >= 2 && asked[0] == "asked=4" && asked[1..].iter().all(|a| a == "asked=2"),
+        "{:?}",
+        dev.lines_with("lacks")
+    );
     assert!(line.contains("on 1/1 pods"), "{line}");
     let ms: u64 = line
         .split(" in ")
