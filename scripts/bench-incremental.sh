@@ -6,6 +6,7 @@
 # test: the figures go into the README (Performance).
 #
 # usage: scripts/bench-incremental.sh
+#   The local loop runs the host build of the fetcher, the "pods" the static musl build.
 #   SAVES (30) saves per manifest run, TAR_SAVES (10) per tar.gz run (a 200 MB tar.gz save
 #   takes seconds), TREES (20000000:1000,200000000:5000,200000000:40000) as SIZE:FILES.
 # Prints one JSON line per (tree, format, set-up), then a markdown table.
@@ -17,10 +18,15 @@ TREES=${TREES:-20000000:1000,200000000:5000,200000000:40000}
 
 echo "building release binaries..." >&2
 cargo build --release --locked -q -p aether -p aether-fetcher -p aether-example-server -p aether-testkit --bins >&2
+# The pods run the image's static musl fetcher (its allocator and memory are a pod's).
+command -v musl-gcc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq musl-tools >/dev/null; }
+rustup target list --installed | grep -x x86_64-unknown-linux-musl >/dev/null || rustup target add x86_64-unknown-linux-musl >&2
+cargo build --release --locked -q --target x86_64-unknown-linux-musl -p aether-fetcher >&2
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 AETHER_QUIET_CHILDREN=1 target/release/aether-bench-incremental \
   --aether target/release/aether --fetcher target/release/aether-fetcher \
+  --pod-fetcher target/x86_64-unknown-linux-musl/release/aether-fetcher \
   --app target/release/aether-example-server \
   --trees "$TREES" --saves "$SAVES" --tar-saves "$TAR_SAVES" | tee "$out"
 

@@ -573,6 +573,8 @@ pub fn collect_garbage(ws: &Workspace) -> io::Result<usize> {
         name.split_once('-')
             .and_then(|(hex, mode)| {
                 let mode = u32::from_str_radix(mode, 8).ok()?;
+                // Exactly the name `name()` gives it: `-0444` or `-+444` is a stray file.
+                (name == self::name(hex, mode)).then_some(())?;
                 Some((Digest::from_hex(hex).ok()?, mode))
             })
             .is_some_and(|object| keep.contains(&object))
@@ -589,7 +591,9 @@ pub fn collect_garbage(ws: &Workspace) -> io::Result<usize> {
         match fs::remove_file(ws.objects_dir().join(&n)) {
             Ok(()) => removed += 1,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            // One entry that cannot go (a directory someone made there) must not stop
+            // every later collection.
+            Err(e) => tracing::warn!(object = ?n, error = %e, "could not remove an unused object"),
         }
     }
     Ok(removed)
@@ -641,6 +645,51 @@ mod tests {
 
     fn sha(bytes: &[u8]) -> String {
         aether_common::Digest::of(bytes).to_string()
+    }
+
+    #[test]
+    fn collection_keeps_what_kept_releases_name_and_removes_strays_past_an_unremovable_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        let hex = aether_common::Digest::of(b"kept").hex();
+        let manifest = Manifest {
+            app: "web".into(),
+            blobs: "./".into(),
+            created_at: "2026-12-01T00:00:00Z".into(),
+            entries: vec![Entry {
+                mode: 0o644,
+                path: "f".into(),
+                sha256: Some(hex.clone()),
+                size: Some(4),
+                target: None,
+                kind: EntryType::File,
+            }],
+            expires_at: None,
+            seq: 1,
+        };
+        let bytes = manifest.to_canonical();
+        let digest = aether_common::Digest::of(&bytes);
+        std::fs::write(ws.manifest_path(&digest), &bytes).unwrap();
+        let staging = ws.stage(&digest).unwrap();
+        ws.commit(staging, &digest).unwrap();
+        let objects = ws.objects_dir();
+        let gone = aether_common::Digest::of(b"gone").hex();
+        for n in [
+            name(&hex, 0o644),
+            format!("{hex}-0444"),
+            format!("{hex}-+444"),
+            name(&gone, 0o644),
+        ] {
+            std::fs::write(objects.join(n), b"x").unwrap();
+        }
+        // A directory cannot be unlinked: the collection goes on past it.
+        std::fs::create_dir(objects.join("a-directory")).unwrap();
+        assert_eq!(collect_garbage(&ws).unwrap(), 3);
+        let mut left: Vec<String> = list(objects).unwrap().into_iter().collect();
+        left.sort();
+        let mut want = vec!["a-directory".to_owned(), name(&hex, 0o644)];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]

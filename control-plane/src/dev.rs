@@ -343,6 +343,10 @@ impl DevLoop {
                     total: p.total,
                 });
                 sent.superseded_by = next;
+                if !p.retrying.is_empty() || !p.refused.is_empty() {
+                    // Saves faster than the wait's timeout must not hide a lost blob.
+                    self.publisher.forget_stored();
+                }
                 return Ok(sent);
             }
             live::Outcome::TimedOut(p) => {

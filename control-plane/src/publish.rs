@@ -54,7 +54,13 @@ pub struct Publisher {
     /// only about the others. The store never deletes a blob; `forget_stored` after a
     /// failed or refused release asks about every blob again, in case one went missing.
     stored: HashSet<Digest>,
+    /// When the store was last asked about every blob: at least every `ASK_ALL_EVERY`,
+    /// since a pod that starts later may need a blob no release of this loop saw fail.
+    asked_all: Option<std::time::Instant>,
 }
+
+/// How long the loop trusts what it knows to be stored before asking about every blob.
+const ASK_ALL_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Publisher {
     pub fn new(
@@ -73,6 +79,7 @@ impl Publisher {
             changes: None,
             last_seq: None,
             stored: HashSet::new(),
+            asked_all: None,
         }
     }
 
@@ -116,7 +123,14 @@ impl Publisher {
         if Some(snap.tree) == unchanged_from {
             return Ok(None);
         }
+        if self.asked_all.is_none_or(|t| t.elapsed() >= ASK_ALL_EVERY) {
+            self.stored.clear();
+        }
+        let asking_all = self.stored.is_empty();
         let pushed = client.push(&snap, &mut self.stored).await?;
+        if asking_all {
+            self.asked_all = Some(std::time::Instant::now());
+        }
         self.last_seq = Some(seq);
         Ok(Some(Prepared {
             request: self.manifest_request(&snap.digest),

@@ -14,7 +14,7 @@
 //!
 //! Prints one JSON object per (tree, format, set-up).
 //!
-//! usage: aether-bench-incremental --aether PATH --fetcher PATH --app PATH
+//! usage: aether-bench-incremental --aether PATH --fetcher PATH [--pod-fetcher PATH] --app PATH
 //!        [--trees 20000000:1000,200000000:5000,200000000:40000] [--saves 30] [--tar-saves 10]
 
 use std::path::{Path, PathBuf};
@@ -31,14 +31,18 @@ const CHANGED_BYTES: usize = 10 * 1024;
 
 struct Bins {
     aether: PathBuf,
+    /// The local loop's fetcher (what `aether` finds beside itself on a developer's machine).
     fetcher: PathBuf,
+    /// The "pods'" fetcher: the static musl build the image holds, whose allocator and
+    /// memory are what a pod has.
+    pod_fetcher: PathBuf,
     app: PathBuf,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut aether, mut fetcher, mut app) = (None, None, None);
+    let (mut aether, mut fetcher, mut pod_fetcher, mut app) = (None, None, None, None);
     let mut trees = "20000000:1000,200000000:5000,200000000:40000".to_owned();
     let mut saves = 30usize;
     let mut tar_saves = 10usize;
@@ -49,6 +53,7 @@ async fn main() -> anyhow::Result<()> {
         match arg.as_str() {
             "--aether" => aether = Some(PathBuf::from(value)),
             "--fetcher" => fetcher = Some(PathBuf::from(value)),
+            "--pod-fetcher" => pod_fetcher = Some(PathBuf::from(value)),
             "--app" => app = Some(PathBuf::from(value)),
             "--trees" => trees = value,
             "--saves" => saves = value.parse()?,
@@ -61,8 +66,10 @@ async fn main() -> anyhow::Result<()> {
         let p = p.with_context(|| format!("--{what} is required"))?;
         std::fs::canonicalize(&p).with_context(|| format!("--{what} {}", p.display()))
     };
+    let fetcher = Some(abs(fetcher, "fetcher")?);
     let bins = Bins {
         aether: abs(aether, "aether")?,
+        pod_fetcher: abs(pod_fetcher.or_else(|| fetcher.clone()), "pod-fetcher")?,
         fetcher: abs(fetcher, "fetcher")?,
         app: abs(app, "app")?,
     };
@@ -214,6 +221,10 @@ async fn local_loop(
         })
         .await?;
     }
+    // Where a save's time went, as the loop itself reports it (for the README's analysis).
+    if let Some(line) = dev.lines_with("app restarted in").last() {
+        eprintln!("local {format}, last save: {line}");
+    }
     drop(dev);
     std::fs::write(src.join(CHANGED), save_bytes(0))?;
     Ok(latency)
@@ -293,7 +304,7 @@ async fn cluster(
         let ws = work.join(&name);
         std::fs::create_dir_all(&ws)?;
         let fetcher = Proc::spawn(
-            &bins.fetcher,
+            &bins.pod_fetcher,
             &[],
             &[
                 ("KUBECONFIG", kubeconfig.display().to_string()),
@@ -308,7 +319,7 @@ async fn cluster(
             ],
         )?;
         let app = Proc::spawn(
-            &bins.fetcher,
+            &bins.pod_fetcher,
             &[
                 "supervise",
                 "--grace-sec",
@@ -372,6 +383,9 @@ async fn cluster(
         })
         .await?;
         bytes.push((downloaded().await - before) / pods.len() as f64);
+    }
+    if let Some(line) = dev.lines_with("live sha256").last() {
+        eprintln!("cluster {format}, last save: {line}");
     }
     let mut apply = Vec::new();
     for (p, before) in pods.iter().zip(oks_before) {
