@@ -97,11 +97,8 @@ fn matched<'a>(
 /// and kept ones were written from parsed ones); sorting here keeps the merge right even
 /// for one that is not.
 fn in_order(m: &Manifest) -> Vec<&Entry> {
-    let mut entries: Vec<&Entry> = m.entries.iter().collect();
-    if !entries.windows(2).all(|w| w[0].path < w[1].path) {
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
-        entries.dedup_by(|a, b| a.path == b.path);
-    }
+    let mut entries = m.in_path_order();
+    entries.dedup_by(|a, b| a.path == b.path);
     entries
 }
 

@@ -569,20 +569,17 @@ pub fn collect_garbage(ws: &Workspace) -> io::Result<usize> {
     }
     // Objects by (hash, mode) rather than by name: 36 bytes each instead of a string, so
     // collecting a 40,000-file tree's objects stays a few MiB beside its kept manifests.
-    let kept = |name: &str| {
-        name.split_once('-')
-            .and_then(|(hex, mode)| {
-                let mode = u32::from_str_radix(mode, 8).ok()?;
-                // Exactly the name `name()` gives it: `-0444` or `-+444` is a stray file.
-                (name == self::name(hex, mode)).then_some(())?;
-                Some((Digest::from_hex(hex).ok()?, mode))
-            })
-            .is_some_and(|object| keep.contains(&object))
+    let kept = |name: &str| -> Option<()> {
+        let (hex, mode) = name.split_once('-')?;
+        let mode = u32::from_str_radix(mode, 8).ok()?;
+        let object = (Digest::from_hex(hex).ok()?, mode);
+        // Exactly the name `name()` gives it: `-0444` or `-+444` is a stray file.
+        (keep.contains(&object) && name == self::name(hex, mode)).then_some(())
     };
     let mut unused = Vec::new();
     for entry in fs::read_dir(ws.objects_dir())? {
         let name = entry?.file_name();
-        if !name.to_str().is_some_and(kept) {
+        if name.to_str().and_then(kept).is_none() {
             unused.push(name);
         }
     }

@@ -114,6 +114,16 @@ impl Manifest {
         serde_json::to_vec(&sorted).unwrap_or_default()
     }
 
+    /// The entries in path order (sorted only when they are not already, as parsed
+    /// manifests are), duplicates side by side.
+    pub fn in_path_order(&self) -> Vec<&Entry> {
+        let mut sorted: Vec<&Entry> = self.entries.iter().collect();
+        if !sorted.is_sorted_by(|a, b| a.path <= b.path) {
+            sorted.sort_by(|a, b| a.path.cmp(&b.path));
+        }
+        sorted
+    }
+
     fn is_sorted(&self) -> bool {
         self.entries.windows(2).all(|w| w[0].path < w[1].path)
     }
@@ -208,7 +218,7 @@ impl Manifest {
                 }
             }
         }
-        let tree = Paths::of(&self.entries);
+        let tree = Paths(self.in_path_order());
         if let Some(w) = tree.0.windows(2).find(|w| w[0].path == w[1].path) {
             return Err(invalid(format!("{}: duplicate path", w[0].path)));
         }
@@ -294,15 +304,6 @@ impl Manifest {
 struct Paths<'a>(Vec<&'a Entry>);
 
 impl<'a> Paths<'a> {
-    fn of(entries: &'a [Entry]) -> Self {
-        let mut sorted: Vec<&Entry> = entries.iter().collect();
-        // Parsed manifests are sorted already (canonical form).
-        if !sorted.is_sorted_by(|a, b| a.path <= b.path) {
-            sorted.sort_by(|a, b| a.path.cmp(&b.path));
-        }
-        Paths(sorted)
-    }
-
     fn get(&self, path: &str) -> Option<&'a Entry> {
         let i = self
             .0

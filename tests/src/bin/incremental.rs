@@ -66,11 +66,14 @@ async fn main() -> anyhow::Result<()> {
         let p = p.with_context(|| format!("--{what} is required"))?;
         std::fs::canonicalize(&p).with_context(|| format!("--{what} {}", p.display()))
     };
-    let fetcher = Some(abs(fetcher, "fetcher")?);
+    let fetcher = abs(fetcher, "fetcher")?;
     let bins = Bins {
         aether: abs(aether, "aether")?,
-        pod_fetcher: abs(pod_fetcher.or_else(|| fetcher.clone()), "pod-fetcher")?,
-        fetcher: abs(fetcher, "fetcher")?,
+        pod_fetcher: match pod_fetcher {
+            Some(p) => abs(Some(p), "pod-fetcher")?,
+            None => fetcher.clone(),
+        },
+        fetcher,
         app: abs(app, "app")?,
     };
     aether_testkit::process::install_crypto();
