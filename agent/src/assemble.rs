@@ -97,6 +97,10 @@ fn matched<'a>(
 /// and kept ones were written from parsed ones); sorting here keeps the merge right even
 /// for one that is not.
 fn in_order(m: &Manifest) -> Vec<&Entry> {
+    // One pass for what parsing guarantees: strictly sorted is sorted without duplicates.
+    if m.entries.is_sorted_by(|a, b| a.path < b.path) {
+        return m.entries.iter().collect();
+    }
     let mut entries = m.in_path_order();
     entries.dedup_by(|a, b| a.path == b.path);
     entries
@@ -108,11 +112,15 @@ pub fn build_from(
     ws: &Workspace,
     manifest: &Manifest,
     digest: &Digest,
-    base: Option<(Digest, Arc<Manifest>)>,
+    base: Option<Base>,
 ) -> io::Result<(Staging, bool)> {
-    if let Some((base, base_manifest)) = base {
-        let staging = ws.take_release(&base, digest)?;
-        patch(ws, staging.path(), &base_manifest, manifest)?;
+    if let Some(base) = base {
+        let staging = if base.spare {
+            ws.take_spare(&base.digest, digest)?
+        } else {
+            ws.take_release(&base.digest, digest)?
+        };
+        patch(ws, staging.path(), &base.manifest, manifest)?;
         return Ok((staging, true));
     }
     let staging = ws.stage(digest)?;
@@ -134,9 +142,18 @@ pub fn empty(like: &Manifest) -> Manifest {
     }
 }
 
+/// What a release is patched from.
+pub struct Base {
+    /// The release it holds.
+    pub digest: Digest,
+    pub manifest: Arc<Manifest>,
+    /// The spare copy of that release, not the release itself.
+    pub spare: bool,
+}
+
 /// The newest kept manifest release that no one may be using: not live, not marked in
-/// use by the supervisor (an app of it may still be shutting down).
-pub fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Arc<Manifest>)> {
+/// use by the supervisor (an app of it may still be shutting down); else the spare copy.
+pub fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<Base> {
     // Marks that cannot be read protect nothing: then no release is patched.
     let in_use = ws.in_use().ok()?;
     for digest in ws.releases().ok()? {
@@ -144,11 +161,52 @@ pub fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<(Digest, Arc<M
             continue;
         }
         // Without one: a tar.gz release, or one whose manifest was lost.
-        if let Ok(m) = ws.kept_manifest(&digest) {
-            return Some((digest, m));
+        if let Ok(manifest) = ws.kept_manifest(&digest) {
+            return Some(Base {
+                digest,
+                manifest,
+                spare: false,
+            });
         }
     }
-    None
+    let digest = ws.spare()?;
+    let manifest = ws.kept_manifest(&digest).ok()?;
+    Some(Base {
+        digest,
+        manifest,
+        spare: true,
+    })
+}
+
+/// Builds a spare copy of the live manifest release when it is the only kept manifest
+/// release: a first save after start then patches the copy instead of hard-linking every
+/// file of the tree (700 ms for 40,000 files against 50 ms). Removes a spare that is no
+/// longer needed or no longer matches a kept manifest. Returns whether it built one.
+pub fn prepare_spare(ws: &Workspace) -> io::Result<bool> {
+    let live = ws
+        .live_digest()
+        .and_then(|d| Some((d, ws.kept_manifest(&d).ok()?)));
+    let Some((live, manifest)) = live else {
+        // Nothing to copy: no release, or a tar.gz one.
+        ws.remove_spares()?;
+        return Ok(false);
+    };
+    // Another kept manifest release is the next base (once no app runs from it).
+    let other_base = ws
+        .releases()?
+        .iter()
+        .any(|d| *d != live && ws.manifest_path(d).exists());
+    if other_base || ws.spare() == Some(live) {
+        if other_base {
+            ws.remove_spares()?;
+        }
+        return Ok(false);
+    }
+    ws.remove_spares()?;
+    let staging = ws.stage(&live)?;
+    patch(ws, staging.path(), &empty(&manifest), &manifest)?;
+    ws.keep_spare(staging, &live)?;
+    Ok(true)
 }
 
 /// Two entries that leave the same thing on disk.
@@ -390,6 +448,40 @@ mod tests {
         let (d3, patched) = release(&ws, &m3, Some(&d2));
         assert!(patched, "built from the first release");
         assert_eq!(fs::read(ws.release_dir(&d3).join("cache")).unwrap(), b"c");
+    }
+
+    #[test]
+    fn a_first_save_patches_a_spare_copy_of_the_only_release_and_no_spare_is_kept_beside_a_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = Workspace::open(dir.path()).unwrap();
+        store(
+            &ws,
+            &[("f", b"1", 0o644), ("g", b"g", 0o644), ("f", b"2", 0o644)],
+        );
+        let m1 = manifest(1, vec![file("f", b"1", 0o644), file("g", b"g", 0o644)]);
+        let (d1, _) = release(&ws, &m1, None);
+        assert!(
+            prepare_spare(&ws).unwrap(),
+            "the only release gets a spare copy"
+        );
+        assert_eq!(ws.spare(), Some(d1));
+        assert!(!prepare_spare(&ws).unwrap(), "one spare is enough");
+        let m2 = manifest(2, vec![file("f", b"2", 0o644), file("g", b"g", 0o644)]);
+        let (d2, patched) = release(&ws, &m2, Some(&d1));
+        assert!(patched, "patched from the spare, not built from objects");
+        assert_eq!(ws.spare(), None, "the spare became the new release");
+        assert_eq!(fs::read(ws.release_dir(&d2).join("f")).unwrap(), b"2");
+        assert_eq!(fs::read(ws.release_dir(&d2).join("g")).unwrap(), b"g");
+        assert_eq!(
+            fs::read(ws.release_dir(&d1).join("f")).unwrap(),
+            b"1",
+            "the release the spare copied is untouched"
+        );
+        assert!(ws.manifest_path(&d1).exists(), "and keeps its manifest");
+        // The first release is now the next base: no spare is built, a stale one goes.
+        fs::create_dir(dir.path().join(".aether/spare").join(d1.hex())).unwrap();
+        assert!(!prepare_spare(&ws).unwrap());
+        assert_eq!(ws.spare(), None);
     }
 
     #[test]

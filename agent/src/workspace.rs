@@ -65,6 +65,8 @@ pub struct Workspace {
     objects: PathBuf,
     manifests: PathBuf,
     in_use: PathBuf,
+    /// At most one spare copy of a release, `<hex>` (see `assemble::prepare_spare`).
+    spare: PathBuf,
     /// The kept manifests read last, parsed, newest first: one refresh reads the live
     /// release's, its base's and (collecting objects) every kept one, and a manifest of a
     /// large tree takes tens of milliseconds to parse. Few, because each is the size of
@@ -113,6 +115,7 @@ impl Workspace {
             objects: meta.join("objects"),
             manifests: meta.join("manifests"),
             in_use: meta.join("in-use"),
+            spare: meta.join("spare"),
             meta,
             parsed: Mutex::default(),
         };
@@ -122,6 +125,7 @@ impl Workspace {
             &ws.objects,
             &ws.manifests,
             &ws.in_use,
+            &ws.spare,
         ] {
             fs::create_dir_all(dir)?;
         }
@@ -169,10 +173,22 @@ impl Workspace {
 
     /// Keeps a verified manifest parsed (the one a refresh just wrote).
     pub fn remember_manifest(&self, digest: Digest, manifest: Arc<Manifest>) {
-        if let Ok(mut parsed) = self.parsed.lock() {
-            parsed.retain(|(d, _)| *d != digest);
-            parsed.insert(0, (digest, manifest));
-            parsed.truncate(PARSED_MANIFESTS);
+        let evicted = match self.parsed.lock() {
+            Ok(mut parsed) => {
+                parsed.retain(|(d, _)| *d != digest);
+                parsed.insert(0, (digest, manifest));
+                let keep = PARSED_MANIFESTS.min(parsed.len());
+                parsed.split_off(keep)
+            }
+            Err(_) => return,
+        };
+        // Freeing a 40,000-entry manifest's strings takes milliseconds: not on a
+        // refresh's path.
+        if !evicted.is_empty() {
+            // Could the thread not start, the closure and the manifest are dropped here.
+            let _ = std::thread::Builder::new()
+                .name("drop-manifest".into())
+                .spawn(move || drop(evicted));
         }
     }
 
@@ -259,6 +275,37 @@ impl Workspace {
         fs::rename(self.release_dir(digest), &path)?;
         remove_if_present(&self.manifest_path(digest))?;
         Ok(Staging { path, keep: false })
+    }
+
+    /// The digest of the release the spare copy holds, if there is one.
+    pub fn spare(&self) -> Option<Digest> {
+        digests_in(&self.spare).ok()?.into_iter().next()
+    }
+
+    /// Takes the spare copy of `digest` (into staging) to be patched into another release;
+    /// the release itself and its manifest stay.
+    pub fn take_spare(&self, digest: &Digest, into: &Digest) -> io::Result<Staging> {
+        let path = self.temp_path(&into.hex());
+        fs::rename(self.spare.join(digest.hex()), &path)?;
+        Ok(Staging { path, keep: false })
+    }
+
+    /// Makes a complete staging directory the spare copy of `digest`.
+    pub fn keep_spare(&self, mut staging: Staging, digest: &Digest) -> io::Result<()> {
+        fs::rename(&staging.path, self.spare.join(digest.hex()))?;
+        staging.keep = true;
+        Ok(())
+    }
+
+    /// Removes every spare copy.
+    pub fn remove_spares(&self) -> io::Result<()> {
+        for entry in fs::read_dir(&self.spare)? {
+            match fs::remove_dir_all(entry?.path()) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     pub fn release_dir(&self, digest: &Digest) -> PathBuf {

@@ -436,8 +436,12 @@ async fn an_object_of_the_live_release_that_went_missing_is_fetched_again() {
     rig.point_at_manifest(&url, &d1).await;
     wait_live(addr, &d1).await;
     // Someone removes an object the live release uses. The next release has no base to
-    // patch (the only kept release is live), so it is linked from objects alone, and every
-    // object is looked for.
+    // patch (the only kept release is live, and its spare copy is removed too), so it is
+    // linked from objects alone, and every object is looked for.
+    let spare = rig.workspace.join(".aether/spare").join(d1.hex());
+    let copied = wait_until(LONG, || async { spare.is_dir() }).await;
+    assert!(copied, "the only release gets a spare copy");
+    std::fs::remove_dir_all(&spare).unwrap();
     let kept_hex = Digest::of(b"kept bytes").hex();
     let object = rig
         .objects()

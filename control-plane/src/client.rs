@@ -12,6 +12,7 @@ use crate::api::{
     ReleaseResponse, UploadResponse,
 };
 use crate::cluster::AppStatus;
+use crate::known::KnownBlobs;
 use crate::snapshot::Snapshot;
 use crate::store::BatchReport;
 
@@ -182,21 +183,13 @@ impl Client {
     /// already known to be `stored`), sends the small ones in batches and the large ones
     /// alone, then the manifest itself. Once all is sent, `stored` holds the snapshot's
     /// blobs: a one-file save of a 40,000-file tree then asks about one blob, not all.
-    pub async fn push(
-        &self,
-        snap: &Snapshot,
-        stored: &mut std::collections::HashSet<Digest>,
-    ) -> anyhow::Result<Pushed> {
-        let mut wanted: Vec<Digest> = snap
-            .blobs
-            .keys()
-            .filter(|d| !stored.contains(*d))
-            .copied()
-            .collect();
+    pub async fn push(&self, snap: &Snapshot, known: &mut KnownBlobs) -> anyhow::Result<Pushed> {
+        let unknown = known.unknown(snap);
+        let mut wanted = unknown.clone();
         wanted.push(snap.digest);
         tracing::debug!(
             asked = wanted.len(),
-            known = stored.len(),
+            known = known.len(),
             "asking the store which blobs it lacks"
         );
         let missing: std::collections::HashSet<String> =
@@ -204,7 +197,10 @@ impl Client {
         let mut pushed = Pushed::default();
         let mut small = Vec::new();
         let mut large = Vec::new();
-        for (digest, (path, size)) in snap.blobs.iter() {
+        for digest in &unknown {
+            let Some((path, size)) = snap.blobs.get(digest) else {
+                continue;
+            };
             if !missing.contains(&digest.to_string()) {
                 continue;
             }
@@ -238,9 +234,7 @@ impl Client {
             pushed.bytes += snap.bytes.len() as u64;
             self.put_blob(&snap.digest, snap.bytes.clone()).await?;
         }
-        // Only the snapshot's: the set never outgrows the tree.
-        stored.clear();
-        stored.extend(snap.blobs.keys().copied());
+        known.confirm(snap, unknown);
         Ok(pushed)
     }
 

@@ -9,7 +9,7 @@
 //! each child asks the kernel (`PR_SET_PDEATHSIG`) for a SIGTERM should `aether` itself be
 //! killed outright; the supervisor passes it on to the app's process group.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::dev::{self, Burst, short};
+use crate::known::KnownBlobs;
 use crate::live;
 use crate::publish::FormatArg;
 use crate::snapshot::{self, HashCache};
@@ -257,7 +258,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         cache: None,
         changes,
         seq: None,
-        stored: HashSet::new(),
+        stored: KnownBlobs::default(),
     };
     let children = (fetcher, supervisor);
     loop {
@@ -386,7 +387,7 @@ struct Source {
     seq: Option<u64>,
     /// Blobs this loop has put in its store (which only it writes, and never prunes): a
     /// save asks the store only about the others, not about every file of the tree.
-    stored: HashSet<Digest>,
+    stored: KnownBlobs,
 }
 
 /// A release in the store, ready to be annotated.
@@ -441,14 +442,10 @@ impl Source {
         let snap =
             snapshot::take(target.dir, &mut self.cache, release, Some(&self.changes)).await?;
         if Some(snap.tree) == last {
+            self.stored.unchanged(&snap);
             return Ok(None);
         }
-        let wanted: Vec<Digest> = snap
-            .blobs
-            .keys()
-            .filter(|d| !self.stored.contains(*d))
-            .copied()
-            .collect();
+        let wanted = self.stored.unknown(&snap);
         for digest in target.store.missing_blobs(&wanted).await? {
             let Some((path, _)) = snap.blobs.get(&digest) else {
                 continue;
@@ -466,7 +463,7 @@ impl Source {
             .put_of(Kind::Blob, snap.digest, one_chunk(snap.bytes.clone()))
             .await
             .context("storing the manifest")?;
-        self.stored.extend(wanted);
+        self.stored.confirm(&snap, wanted);
         self.seq = Some(seq);
         annotations.insert(DIGEST.to_owned(), snap.digest.to_string());
         annotations.insert(

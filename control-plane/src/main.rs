@@ -6,6 +6,7 @@ mod cluster;
 mod dev;
 mod install;
 mod keys;
+mod known;
 mod lease;
 mod live;
 mod local;

@@ -2,7 +2,6 @@
 //! (default: only the blobs the store lacks travel) or a whole tar.gz. Shared by `aether
 //! deploy`, `aether dev --hot` and `aether rollback`.
 
-use std::collections::HashSet;
 use std::path::Path;
 
 use aether_common::contract::annotations::Format;
@@ -12,6 +11,7 @@ use anyhow::Context;
 
 use crate::api::ReleaseRequest;
 use crate::client::Client;
+use crate::known::KnownBlobs;
 use crate::snapshot::{self, HashCache};
 
 /// `--format`: how releases travel.
@@ -53,7 +53,7 @@ pub struct Publisher {
     /// Blobs of the last snapshot the store holds (it said so, or took them): a save asks
     /// only about the others. The store never deletes a blob; `forget_stored` after a
     /// failed or refused release asks about every blob again, in case one went missing.
-    stored: HashSet<Digest>,
+    stored: KnownBlobs,
     /// When the store was last asked about every blob: at least every `ASK_ALL_EVERY`,
     /// since a pod that starts later may need a blob no release of this loop saw fail.
     asked_all: Option<std::time::Instant>,
@@ -78,7 +78,7 @@ impl Publisher {
             cache: None,
             changes: None,
             last_seq: None,
-            stored: HashSet::new(),
+            stored: KnownBlobs::default(),
             asked_all: None,
         }
     }
@@ -121,6 +121,7 @@ impl Publisher {
         };
         let snap = snapshot::take(source, &mut self.cache, release, self.changes.as_ref()).await?;
         if Some(snap.tree) == unchanged_from {
+            self.stored.unchanged(&snap);
             return Ok(None);
         }
         if self.asked_all.is_none_or(|t| t.elapsed() >= ASK_ALL_EVERY) {

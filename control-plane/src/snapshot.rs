@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use aether_common::release::{Entry, EntryType, Manifest};
+use aether_common::release::{Entry, EntryType, Manifest, ManifestError};
 use aether_common::{Digest, Sha256Writer};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,10 @@ pub struct Snapshot {
     pub hashed: usize,
     /// Whether the whole tree was walked (else the last snapshot was patched).
     pub walked: bool,
+    /// The digest of the snapshot this one patched (`None` after a walk)...
+    pub patched_from: Option<Digest>,
+    /// ...and the blobs the patch added to that snapshot's (the only ones it may lack).
+    pub added: Vec<Digest>,
 }
 
 impl Snapshot {
@@ -105,6 +109,7 @@ pub struct HashCache {
 
 /// The last snapshot of a directory, as a base to patch.
 struct Last {
+    digest: Digest,
     manifest: Arc<Manifest>,
     blobs: Arc<Blobs>,
     tree: Digest,
@@ -385,6 +390,8 @@ pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow:
         tree: None,
         above,
         hashed,
+        patched_from: None,
+        added: Vec::new(),
     };
     finish(dir, cache, manifest, read, release).map(|s| Snapshot { walked: true, ..s })
 }
@@ -396,6 +403,9 @@ struct Found {
     tree: Option<Digest>,
     above: Vec<Option<Stamp>>,
     hashed: usize,
+    /// The snapshot patched, and the blobs the patch added.
+    patched_from: Option<Digest>,
+    added: Vec<Digest>,
 }
 
 /// Stamps the release on the entries, checks and serializes the manifest, and keeps it as
@@ -412,22 +422,37 @@ fn finish(
         tree,
         above,
         hashed,
+        patched_from,
+        added,
     } = read;
     manifest.app = release.app.clone();
     manifest.created_at = jiff::Timestamp::now().to_string();
     manifest.expires_at = release.expires_at.map(|t| t.to_string());
     manifest.seq = release.seq;
-    if let Err(e) = manifest.validate() {
+    // Checked, serialized and hashed twice (the release, the entries): for a large tree
+    // each takes milliseconds, and they share nothing but the manifest, so they run on two
+    // cores at once.
+    let parallel = manifest.entries.len() >= PARALLEL_FROM;
+    let (valid, bytes, digest, tree) = std::thread::scope(|s| {
+        let validating = parallel.then(|| s.spawn(|| manifest.validate()));
+        let bytes = manifest.to_canonical();
+        let (digest, tree) = hash_both(&manifest, &bytes, tree, parallel);
+        let valid = match validating {
+            // A check that panicked has not passed.
+            Some(v) => v
+                .join()
+                .unwrap_or_else(|_| Err(ManifestError::Invalid("validation failed".into()))),
+            None => manifest.validate(),
+        };
+        (valid, bytes, digest, tree)
+    });
+    if let Err(e) = valid {
         bail!("{} cannot be released: {e}", dir.display());
     }
-    let bytes = manifest.to_canonical();
-    let digest = Digest::of(&bytes);
-    let tree = match tree {
-        Some(t) => t,
-        None => tree_of(&manifest, &bytes)?,
-    };
+    let tree = tree?;
     let (manifest, blobs) = (Arc::new(manifest), Arc::new(blobs));
     cache.last = Some(Last {
+        digest,
         manifest: manifest.clone(),
         blobs: blobs.clone(),
         tree,
@@ -441,8 +466,34 @@ fn finish(
         blobs,
         hashed,
         walked: false,
+        patched_from,
+        added,
     })
 }
+
+/// The release digest of `bytes` and the tree digest (`known`, or hashed beside it).
+fn hash_both(
+    manifest: &Manifest,
+    bytes: &[u8],
+    known: Option<Digest>,
+    parallel: bool,
+) -> (Digest, anyhow::Result<Digest>) {
+    match known {
+        Some(t) => (Digest::of(bytes), Ok(t)),
+        None if parallel => std::thread::scope(|s| {
+            let hashing = s.spawn(|| tree_of(manifest, bytes));
+            let digest = Digest::of(bytes);
+            let tree = hashing
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("hashing the tree failed")));
+            (digest, tree)
+        }),
+        None => (Digest::of(bytes), tree_of(manifest, bytes)),
+    }
+}
+
+/// Snapshots of at least this many entries are checked and hashed on two threads.
+const PARALLEL_FROM: usize = 4096;
 
 /// The hash of the entries' JSON, read from the canonical bytes where they are a slice
 /// (serializing a large tree's entries a second time costs tens of milliseconds).
@@ -484,6 +535,7 @@ fn patch(
     // Taken, not borrowed: a patch that fails half-way leaves no base, so the next save
     // walks the whole tree.
     let Some(Last {
+        digest: base,
         manifest,
         blobs,
         tree,
@@ -530,6 +582,7 @@ fn patch(
         |entries: &[Entry], rel: &str| entries.binary_search_by(|e| e.path.as_str().cmp(rel));
     let mut hashed = 0;
     let mut dirty = false;
+    let mut added = Vec::new();
     for rel in rels {
         let full = dir.join(rel);
         let meta = match fs::symlink_metadata(&full) {
@@ -574,8 +627,11 @@ fn patch(
                 let Some((entry, digest)) = entry_of(rel, &full, &meta, cache, &mut hashed)? else {
                     return Ok(None);
                 };
-                if let Some(d) = digest {
-                    blobs.entry(d).or_insert((full.clone(), meta.len()));
+                if let Some(d) = digest
+                    && let std::collections::btree_map::Entry::Vacant(v) = blobs.entry(d)
+                {
+                    v.insert((full.clone(), meta.len()));
+                    added.push(d);
                 }
                 Some(entry)
             }
@@ -601,6 +657,8 @@ fn patch(
         tree,
         above,
         hashed,
+        patched_from: Some(base),
+        added,
     };
     finish(dir, cache, manifest, read, release).map(Some)
 }
@@ -954,6 +1012,7 @@ mod tests {
             .await
             .unwrap();
         assert!(first.walked, "the first save walks the tree");
+        let mut last = first;
         for edit in EDITS {
             (edit.apply)(&d);
             changes.mark(edit.paths.iter().map(|p| d.join(p)));
@@ -965,6 +1024,19 @@ mod tests {
             assert!(content(&snap) == content(&walked), "{}", edit.what);
             assert_eq!(snap.tree, walked.tree, "{}", edit.what);
             assert_holders(&snap, edit.what);
+            // What a save asks the store about relies on this: a patch names the
+            // snapshot it patched and every blob that one did not have.
+            if !snap.walked {
+                assert_eq!(snap.patched_from, Some(last.digest), "{}", edit.what);
+                for blob in snap.blobs.keys() {
+                    assert!(
+                        last.blobs.contains_key(blob) || snap.added.contains(blob),
+                        "{}: a new blob is not named as added",
+                        edit.what
+                    );
+                }
+            }
+            last = snap;
         }
     }
 
