@@ -66,33 +66,25 @@ impl Refresher {
                 (fetched, n)
             }
         };
+        // Verified before it is parsed: unverified bytes could be a parse made to exhaust
+        // the pod's memory.
+        verify::digest(&digest, &Digest::of(&bytes))?;
         let bytes = bytes::Bytes::from(bytes);
-        // Hashed and parsed at once, on two cores; nothing acts on the parse unless the
-        // hash matches.
-        let (hashed, parsed) = {
-            let (a, b) = (bytes.clone(), bytes.clone());
-            tokio::join!(
-                tokio::task::spawn_blocking(move || Digest::of(&a)),
-                tokio::task::spawn_blocking(move || Manifest::parse(&b)),
-            )
-        };
-        let joined = |e: tokio::task::JoinError| RefreshError::new(Reason::Io, e);
-        verify::digest(&digest, &hashed.map_err(joined)?)?;
-        let manifest = Arc::new(parsed.map_err(joined)?.map_err(refused)?);
-        let new_release = !self.workspace.has_release(&digest);
-        // A new release's manifest is kept before anything else (a release on disk always
-        // has its manifest; one left without a release, by a refusal, a failure or a kill,
-        // is removed by the next collection). Written on another core while the refresh
-        // goes on, and awaited before the release is built: 6 MB for 40,000 files.
-        let writing = (new_release && manifest_bytes > 0).then(|| {
-            let (ws, bytes) = (self.workspace.clone(), bytes.clone());
-            tokio::task::spawn_blocking(move || write_manifest(&ws, &digest, &bytes))
-        });
+        let manifest = Arc::new(Manifest::parse(&bytes).map_err(refused)?);
         let high_water = self.high_water.lock().ok().and_then(|h| *h);
         manifest
             .check_fresh(app, high_water, jiff::Timestamp::now())
             .map_err(refused)?;
         self.check_limits(&manifest)?;
+        let new_release = !self.workspace.has_release(&digest);
+        // A new release's manifest is kept before anything else (a release on disk always
+        // has its manifest; one left without a release, by a refusal, a failure or a kill,
+        // is removed by the next collection). Only an accepted one; written on another core while the refresh
+        // goes on, and awaited before the release is built: 6 MB for 40,000 files.
+        let writing = (new_release && manifest_bytes > 0).then(|| {
+            let (ws, bytes) = (self.workspace.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || write_manifest(&ws, &digest, &bytes))
+        });
         let mut applied = Applied {
             downloaded: manifest_bytes,
             reused: true,
@@ -137,7 +129,7 @@ impl Refresher {
             if let Some(writing) = writing {
                 writing
                     .await
-                    .map_err(joined)?
+                    .map_err(|e| RefreshError::new(Reason::Io, e))?
                     .map_err(|e| RefreshError::new(Reason::Io, e))?;
             }
             let delta = blocking(move || {
@@ -168,9 +160,11 @@ impl Refresher {
         {
             *h = applied.seq.map(|s| (s, digest));
         }
+        // Scheduled before the objects lock is let go, so that a save coming next finds
+        // the spare copy being built and waits for it (best effort: it is a task).
+        self.prepare_spare();
         drop(_objects);
         self.collect_garbage();
-        self.prepare_spare();
         Ok(applied)
     }
 

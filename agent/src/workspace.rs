@@ -312,10 +312,16 @@ impl Workspace {
         self.releases.join(digest.hex())
     }
 
-    /// Removes everything a killed process may have left half-written: staging directories
-    /// and temporary files. Returns how many entries were removed.
+    /// Removes everything a killed process may have left half-written: staging directories,
+    /// temporary files and spare copies (one being built or removed when the process
+    /// stopped may be incomplete; a spare is rebuilt after the next swap). Returns how many
+    /// entries were removed.
     pub fn clean_staging(&self) -> io::Result<usize> {
         let mut removed = 0;
+        if self.spare().is_some() {
+            self.remove_spares()?;
+            removed += 1;
+        }
         for entry in fs::read_dir(&self.staging)? {
             let path = entry?.path();
             match fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path)) {
