@@ -196,10 +196,11 @@ pub fn prepare_spare(ws: &Workspace) -> io::Result<bool> {
         .releases()?
         .iter()
         .any(|d| *d != live && ws.manifest_path(d).exists());
-    if other_base || ws.spare() == Some(live) {
-        if other_base {
-            ws.remove_spares()?;
-        }
+    if other_base {
+        ws.remove_spares()?;
+        return Ok(false);
+    }
+    if ws.spare() == Some(live) {
         return Ok(false);
     }
     ws.remove_spares()?;

@@ -79,8 +79,9 @@ impl Refresher {
         let new_release = !self.workspace.has_release(&digest);
         // A new release's manifest is kept before anything else (a release on disk always
         // has its manifest; one left without a release, by a refusal, a failure or a kill,
-        // is removed by the next collection). Only an accepted one; written on another core while the refresh
-        // goes on, and awaited before the release is built: 6 MB for 40,000 files.
+        // is removed by the next collection). Only an accepted one; written on another
+        // core while the refresh goes on, and awaited before the release is built: 6 MB
+        // for 40,000 files.
         let writing = (new_release && manifest_bytes > 0).then(|| {
             let (ws, bytes) = (self.workspace.clone(), bytes.clone());
             tokio::task::spawn_blocking(move || write_manifest(&ws, &digest, &bytes))

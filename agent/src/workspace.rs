@@ -297,15 +297,17 @@ impl Workspace {
         Ok(())
     }
 
-    /// Removes every spare copy.
-    pub fn remove_spares(&self) -> io::Result<()> {
+    /// Removes every spare copy; returns how many entries were removed.
+    pub fn remove_spares(&self) -> io::Result<usize> {
+        let mut removed = 0;
         for entry in fs::read_dir(&self.spare)? {
             match fs::remove_dir_all(entry?.path()) {
+                Ok(()) => removed += 1,
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
+                Err(_) => {}
             }
         }
-        Ok(())
+        Ok(removed)
     }
 
     pub fn release_dir(&self, digest: &Digest) -> PathBuf {
@@ -317,11 +319,7 @@ impl Workspace {
     /// stopped may be incomplete; a spare is rebuilt after the next swap). Returns how many
     /// entries were removed.
     pub fn clean_staging(&self) -> io::Result<usize> {
-        let mut removed = 0;
-        if self.spare().is_some() {
-            self.remove_spares()?;
-            removed += 1;
-        }
+        let mut removed = self.remove_spares()?;
         for entry in fs::read_dir(&self.staging)? {
             let path = entry?.path();
             match fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path)) {

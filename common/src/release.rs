@@ -154,21 +154,7 @@ impl Manifest {
         if manifest.entries.len() > MAX_ENTRIES {
             return Err(invalid(format!("more than {MAX_ENTRIES} entries")));
         }
-        // The two checks read the manifest and nothing else: a large one is checked on
-        // two cores at once (each takes milliseconds at 40,000 entries).
-        let (canonical, valid) = if manifest.entries.len() >= PARALLEL_CHECKS {
-            std::thread::scope(|s| {
-                let valid = s.spawn(|| manifest.validate());
-                let canonical = is_canonical(&manifest, bytes);
-                // A check that panicked has not passed.
-                let valid = valid
-                    .join()
-                    .unwrap_or_else(|_| Err(invalid("validation failed")));
-                (canonical, valid)
-            })
-        } else {
-            (is_canonical(&manifest, bytes), manifest.validate())
-        };
+        let (valid, canonical) = manifest.validate_beside(|| is_canonical(&manifest, bytes));
         if !canonical {
             return Err(invalid(
                 "not in canonical form (keys sorted, entries sorted by path, no whitespace)",
@@ -277,6 +263,26 @@ impl Manifest {
         Ok(())
     }
 
+    /// `validate`, and `work` beside it: on another core for a large manifest (each of
+    /// the callers' checks, serializations and hashes takes milliseconds at 40,000
+    /// entries, and they only read the manifest). A check that panicked has not passed.
+    pub fn validate_beside<T: Send>(
+        &self,
+        work: impl FnOnce() -> T + Send,
+    ) -> (Result<(), ManifestError>, T) {
+        if self.entries.len() < PARALLEL_CHECKS {
+            return (self.validate(), work());
+        }
+        std::thread::scope(|s| {
+            let validating = s.spawn(|| self.validate());
+            let done = work();
+            let valid = validating
+                .join()
+                .unwrap_or_else(|_| Err(invalid("validation failed")));
+            (valid, done)
+        })
+    }
+
     /// Replay and freshness: the release must be for `app`, newer than the highest `seq`
     /// made live (or that same release again), and not expired at `now`.
     pub fn check_fresh(
@@ -330,7 +336,7 @@ impl<'a> Paths<'a> {
 }
 
 /// Manifests with at least this many entries are checked on two threads.
-const PARALLEL_CHECKS: usize = 4096;
+pub const PARALLEL_CHECKS: usize = 4096;
 
 /// Whether `bytes` are exactly `manifest`'s canonical form. Compared as it is written: no
 /// second copy of a large manifest in memory.

@@ -180,9 +180,9 @@ impl Client {
     }
 
     /// Sends what the store lacks of a snapshot: asks which blobs are missing (of those not
-    /// already known to be `stored`), sends the small ones in batches and the large ones
-    /// alone, then the manifest itself. Once all is sent, `stored` holds the snapshot's
-    /// blobs: a one-file save of a 40,000-file tree then asks about one blob, not all.
+    /// `known` to be stored), sends the small ones in batches and the large ones alone,
+    /// then the manifest itself. Once all is sent, `known` covers the snapshot: a one-file
+    /// save of a 40,000-file tree then asks about one blob, not all.
     pub async fn push(&self, snap: &Snapshot, known: &mut KnownBlobs) -> anyhow::Result<Pushed> {
         let unknown = known.unknown(snap);
         let mut wanted = unknown.clone();

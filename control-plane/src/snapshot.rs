@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use aether_common::release::{Entry, EntryType, Manifest, ManifestError};
+use aether_common::release::{Entry, EntryType, Manifest, PARALLEL_CHECKS};
 use aether_common::{Digest, Sha256Writer};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
@@ -432,19 +432,10 @@ fn finish(
     // Checked, serialized and hashed twice (the release, the entries): for a large tree
     // each takes milliseconds, and they share nothing but the manifest, so they run on two
     // cores at once.
-    let parallel = manifest.entries.len() >= PARALLEL_FROM;
-    let (valid, bytes, digest, tree) = std::thread::scope(|s| {
-        let validating = parallel.then(|| s.spawn(|| manifest.validate()));
+    let (valid, (bytes, digest, tree)) = manifest.validate_beside(|| {
         let bytes = manifest.to_canonical();
-        let (digest, tree) = hash_both(&manifest, &bytes, tree, parallel);
-        let valid = match validating {
-            // A check that panicked has not passed.
-            Some(v) => v
-                .join()
-                .unwrap_or_else(|_| Err(ManifestError::Invalid("validation failed".into()))),
-            None => manifest.validate(),
-        };
-        (valid, bytes, digest, tree)
+        let (digest, tree) = hash_both(&manifest, &bytes, tree);
+        (bytes, digest, tree)
     });
     if let Err(e) = valid {
         bail!("{} cannot be released: {e}", dir.display());
@@ -476,11 +467,10 @@ fn hash_both(
     manifest: &Manifest,
     bytes: &[u8],
     known: Option<Digest>,
-    parallel: bool,
 ) -> (Digest, anyhow::Result<Digest>) {
     match known {
         Some(t) => (Digest::of(bytes), Ok(t)),
-        None if parallel => std::thread::scope(|s| {
+        None if manifest.entries.len() >= PARALLEL_CHECKS => std::thread::scope(|s| {
             let hashing = s.spawn(|| tree_of(manifest, bytes));
             let digest = Digest::of(bytes);
             let tree = hashing
@@ -491,9 +481,6 @@ fn hash_both(
         None => (Digest::of(bytes), tree_of(manifest, bytes)),
     }
 }
-
-/// Snapshots of at least this many entries are checked and hashed on two threads.
-const PARALLEL_FROM: usize = 4096;
 
 /// The hash of the entries' JSON, read from the canonical bytes where they are a slice
 /// (serializing a large tree's entries a second time costs tens of milliseconds).
