@@ -358,23 +358,25 @@ pub async fn run(
         tracing::info!(workspace = %workspace.display(), "waiting for the first release in `current`");
     }
     loop {
-        if app.is_none()
-            && restart_at.is_some_and(|t| Instant::now() >= t)
-            && let Some(release) = mark_live(&workspace, ws.as_ref(), &[])
-        {
+        if app.is_none() && restart_at.is_some_and(|t| Instant::now() >= t) {
+            // Without a release yet, the start waits for one (below; the watcher or the
+            // poll wakes the loop) instead of staying due, which spun a core until the
+            // first release arrived.
             restart_at = None;
-            match start(&args.command, &release) {
-                Ok(a) => {
-                    crashed_release = None;
-                    app = Some(a);
-                }
-                Err(e) => {
-                    if let Some(ws) = &ws {
-                        unmark(ws, &release);
+            if let Some(release) = mark_live(&workspace, ws.as_ref(), &[]) {
+                match start(&args.command, &release) {
+                    Ok(a) => {
+                        crashed_release = None;
+                        app = Some(a);
                     }
-                    tracing::error!("{e:#}");
-                    restart_at = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(CRASH_BACKOFF_MAX);
+                    Err(e) => {
+                        if let Some(ws) = &ws {
+                            unmark(ws, &release);
+                        }
+                        tracing::error!("{e:#}");
+                        restart_at = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(CRASH_BACKOFF_MAX);
+                    }
                 }
             }
         }
@@ -435,6 +437,11 @@ pub async fn run(
             } else if app.is_none() && crashed_release.as_ref().is_some_and(|r| r != &live) {
                 crashed_release = None;
                 backoff = CRASH_BACKOFF_MIN;
+                restart_at = Some(Instant::now());
+            } else if app.is_none() && restart_at.is_none() {
+                // A release to start from at last: the first, or `current` resolvable
+                // again after a due start found none (the crash backoff, if any, is over
+                // and keeps its length).
                 restart_at = Some(Instant::now());
             }
         }

@@ -82,6 +82,45 @@ async fn a_new_release_restarts_the_app_there_and_the_old_process_is_gone() {
     );
 }
 
+/// CPU time a process has used, in clock ticks (10 ms).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // utime and stime: fields 14 and 15, counted from after the command name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supervisor_waiting_for_its_first_release_sleeps_and_starts_the_app_when_it_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    let rel = ws.join(".aether/releases/a");
+    std::fs::create_dir_all(&rel).unwrap();
+    std::fs::write(rel.join("v"), "a").unwrap();
+    let sup = supervise(&ws, "3", "echo started $(cat v) $$; exec sleep 1000");
+    sup.wait_for_log("waiting for the first release", LONG)
+        .await
+        .unwrap();
+    let pid = sup.pid().unwrap();
+    let before = cpu_ticks(pid);
+    // A window, not a wait for an event: a pod's first release can take minutes, and
+    // the supervisor used to spin a whole core meanwhile (about 100 ticks a second
+    // alone, still dozens on a busy machine). Sleeping, it uses none.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used <= 10,
+        "the waiting supervisor used {used} ticks in one second"
+    );
+    swap(&ws, "a");
+    sup.wait_for_log("started a", LONG).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_ignoring_sigterm_is_killed_after_the_grace_period() {
     let (_d, ws) = workspace(&["a", "b"]);
