@@ -70,12 +70,31 @@ impl Refresher {
         // the pod's memory.
         verify::digest(&digest, &Digest::of(&bytes))?;
         let bytes = bytes::Bytes::from(bytes);
-        let manifest = Arc::new(Manifest::parse(&bytes).map_err(refused)?);
+        let manifest = {
+            let known = self.known_manifest();
+            let bytes = bytes.clone();
+            Arc::new(
+                blocking(move || Ok(parse(&bytes, known)))
+                    .await?
+                    .map_err(refused)?,
+            )
+        };
         let high_water = self.high_water.lock().ok().and_then(|h| *h);
         manifest
             .check_fresh(app, high_water, jiff::Timestamp::now())
             .map_err(refused)?;
         self.check_limits(&manifest)?;
+        // Kept for the next save to be parsed against, when the live release is a
+        // manifest release too: a first one (on a new pod, or after tar.gz releases)
+        // downloads every blob and uses the most memory, without 6 MB more for 40,000
+        // files. The save after it is parsed in full, then kept.
+        if let Ok(mut last) = self.last_manifest.lock() {
+            let follows_manifest = self
+                .workspace
+                .live_digest()
+                .is_some_and(|d| self.workspace.manifest_path(&d).exists());
+            *last = follows_manifest.then(|| (digest, bytes.clone()));
+        }
         let new_release = !self.workspace.has_release(&digest);
         // A new release's manifest is kept before anything else (a release on disk always
         // has its manifest; one left without a release, by a refusal, a failure or a kill,
@@ -104,8 +123,9 @@ impl Refresher {
             let blobs = url.join(&manifest.blobs).map_err(|e| {
                 RefreshError::new(Reason::Extract, format!("manifest blobs URL: {e}")).settled()
             })?;
-            // The bytes are let go once written: 6 MB for 40,000 files, while a first
-            // release's downloads hold the most memory.
+            // The bytes are let go once written (unless kept to parse the next save
+            // against): 6 MB for 40,000 files, while a first release's downloads hold
+            // the most memory.
             drop(bytes);
             let ws = self.workspace.clone();
             let live = ws.live_digest();
@@ -167,6 +187,13 @@ impl Refresher {
         drop(_objects);
         self.collect_garbage();
         Ok(applied)
+    }
+
+    /// The manifest accepted last with its bytes, while it is among the parsed ones at
+    /// hand: both of one digest, as `Manifest::parse_against` needs them.
+    fn known_manifest(&self) -> Option<(Arc<Manifest>, bytes::Bytes)> {
+        let (digest, bytes) = self.last_manifest.lock().ok()?.clone()?;
+        Some((self.workspace.parsed_manifest(&digest)?, bytes))
     }
 
     /// The manifest's bytes, at most `MAX_MANIFEST_BYTES` (and the artifact cap).
@@ -303,6 +330,19 @@ pub struct Collector {
 const GC_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 /// ...unless they keep coming this long after the first.
 const GC_AT_MOST: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Parses verified manifest bytes: against a known manifest when there is one (a save
+/// changes a few entries of many: 10 instead of 34 ms for 40,000 entries with the image's
+/// allocator), in full otherwise.
+fn parse(
+    bytes: &[u8],
+    known: Option<(Arc<Manifest>, bytes::Bytes)>,
+) -> Result<Manifest, ManifestError> {
+    match known {
+        Some((manifest, known_bytes)) => Manifest::parse_against(bytes, &manifest, &known_bytes),
+        None => Manifest::parse(bytes),
+    }
+}
 
 /// Writes a verified manifest to `.aether/manifests/` (atomically) and keeps it parsed.
 fn keep_manifest(

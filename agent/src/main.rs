@@ -183,6 +183,7 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         high_water: std::sync::Mutex::new(incremental::high_water(&workspace, previous.as_ref())),
         objects_lock: Arc::default(),
         collector: Arc::default(),
+        last_manifest: std::sync::Mutex::default(),
     };
     let engine = Engine::new(
         EngineConfig {

@@ -49,6 +49,9 @@ pub struct Refresher {
     pub objects_lock: Arc<tokio::sync::Mutex<()>>,
     /// Schedules object collections after swaps.
     pub collector: Arc<crate::incremental::Collector>,
+    /// The bytes of the manifest accepted last, by digest: the next one is parsed
+    /// against it (`Manifest::parse_against`).
+    pub last_manifest: Mutex<Option<(Digest, bytes::Bytes)>>,
 }
 
 impl Refresher {

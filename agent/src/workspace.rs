@@ -162,7 +162,8 @@ impl Workspace {
         Ok(manifest)
     }
 
-    fn parsed_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
+    /// The manifest kept for a release if it is among those parsed (never read).
+    pub fn parsed_manifest(&self, digest: &Digest) -> Option<Arc<Manifest>> {
         let mut parsed = self.parsed.lock().ok()?;
         let at = parsed.iter().position(|(d, _)| d == digest)?;
         let hit = parsed.remove(at);

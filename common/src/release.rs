@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::Digest;
 
+mod against;
+
 /// Largest manifest accepted (about 400,000 entries of typical length).
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// Most entries in one manifest.
@@ -171,48 +173,9 @@ impl Manifest {
         if self.entries.len() > MAX_ENTRIES {
             return Err(invalid(format!("more than {MAX_ENTRIES} entries")));
         }
-        if self.app.is_empty() || self.app.len() > 253 {
-            return Err(invalid("app must be a name of 1 to 253 characters"));
-        }
-        check_time("created_at", &self.created_at)?;
-        if let Some(t) = &self.expires_at {
-            check_time("expires_at", t)?;
-        }
+        self.validate_header()?;
         for entry in &self.entries {
-            check_path(&entry.path)?;
-            match entry.kind {
-                EntryType::File => {
-                    if !entry.sha256.as_deref().is_some_and(is_hex_digest) {
-                        return Err(invalid(format!("{}: sha256 must be 64 hex", entry.path)));
-                    }
-                    if entry.size.is_none() || entry.target.is_some() {
-                        return Err(invalid(format!(
-                            "{}: a file has a size and no target",
-                            entry.path
-                        )));
-                    }
-                }
-                EntryType::Dir => {
-                    if entry.sha256.is_some() || entry.size.is_some() || entry.target.is_some() {
-                        return Err(invalid(format!(
-                            "{}: a directory has no sha256, size or target",
-                            entry.path
-                        )));
-                    }
-                }
-                EntryType::Symlink => {
-                    let target = entry.target.as_deref().unwrap_or("");
-                    if target.is_empty() || target.len() > MAX_PATH || target.contains('\0') {
-                        return Err(invalid(format!("{}: bad symlink target", entry.path)));
-                    }
-                    if entry.sha256.is_some() || entry.size.is_some() {
-                        return Err(invalid(format!(
-                            "{}: a symlink has no sha256 or size",
-                            entry.path
-                        )));
-                    }
-                }
-            }
+            check_entry(entry)?;
         }
         let tree = Paths(self.in_path_order());
         if let Some(w) = tree.0.windows(2).find(|w| w[0].path == w[1].path) {
@@ -259,6 +222,18 @@ impl Manifest {
                 &mut lookups,
             )
             .map_err(|why| invalid(format!("{}: symlink {why}", entry.path)))?;
+        }
+        Ok(())
+    }
+
+    /// The rules on the fields other than `entries`.
+    fn validate_header(&self) -> Result<(), ManifestError> {
+        if self.app.is_empty() || self.app.len() > 253 {
+            return Err(invalid("app must be a name of 1 to 253 characters"));
+        }
+        check_time("created_at", &self.created_at)?;
+        if let Some(t) = &self.expires_at {
+            check_time("expires_at", t)?;
         }
         Ok(())
     }
@@ -397,6 +372,45 @@ fn check_time(field: &str, value: &str) -> Result<(), ManifestError> {
         .map_err(|e| invalid(format!("{field} {value:?} is not an RFC 3339 time: {e}")))
 }
 
+/// The rules on one entry alone: its path, and the fields its type has.
+fn check_entry(entry: &Entry) -> Result<(), ManifestError> {
+    check_path(&entry.path)?;
+    match entry.kind {
+        EntryType::File => {
+            if !entry.sha256.as_deref().is_some_and(is_hex_digest) {
+                return Err(invalid(format!("{}: sha256 must be 64 hex", entry.path)));
+            }
+            if entry.size.is_none() || entry.target.is_some() {
+                return Err(invalid(format!(
+                    "{}: a file has a size and no target",
+                    entry.path
+                )));
+            }
+        }
+        EntryType::Dir => {
+            if entry.sha256.is_some() || entry.size.is_some() || entry.target.is_some() {
+                return Err(invalid(format!(
+                    "{}: a directory has no sha256, size or target",
+                    entry.path
+                )));
+            }
+        }
+        EntryType::Symlink => {
+            let target = entry.target.as_deref().unwrap_or("");
+            if target.is_empty() || target.len() > MAX_PATH || target.contains('\0') {
+                return Err(invalid(format!("{}: bad symlink target", entry.path)));
+            }
+            if entry.sha256.is_some() || entry.size.is_some() {
+                return Err(invalid(format!(
+                    "{}: a symlink has no sha256 or size",
+                    entry.path
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_path(path: &str) -> Result<(), ManifestError> {
     if path.is_empty() || path.len() > MAX_PATH || path.contains('\0') {
         return Err(invalid(format!("bad path {path:?}")));
@@ -471,7 +485,8 @@ pub fn dir_mode(mode: u32) -> u32 {
 mod tests {
     use super::*;
 
-    fn file(path: &str, content: &[u8]) -> Entry {
+    pub(super) fn file(path: &str, content: impl AsRef<[u8]>) -> Entry {
+        let content = content.as_ref();
         Entry {
             mode: 0o644,
             path: path.into(),
@@ -482,7 +497,7 @@ mod tests {
         }
     }
 
-    fn dir(path: &str) -> Entry {
+    pub(super) fn dir(path: &str) -> Entry {
         Entry {
             mode: 0o755,
             path: path.into(),
@@ -493,7 +508,7 @@ mod tests {
         }
     }
 
-    fn link(path: &str, target: &str) -> Entry {
+    pub(super) fn link(path: &str, target: &str) -> Entry {
         Entry {
             mode: 0o777,
             path: path.into(),

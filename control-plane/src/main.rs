@@ -1,6 +1,7 @@
 //! `aether`: the thin control plane (`aether serve`) and the user CLI.
 
 mod api;
+mod checked;
 mod client;
 mod cluster;
 mod dev;

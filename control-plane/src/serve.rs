@@ -11,7 +11,7 @@ use aether_common::contract::annotations::{self, AnnotationError, Format};
 use aether_common::contract::on_release::OnRelease;
 use aether_common::contract::signature::load_public_key;
 use aether_common::kube::manifest::{self, AppSpec};
-use aether_common::release::{BlobBatchRequest, MAX_BLOB_BATCH, MAX_BLOB_BATCH_BYTES, Manifest};
+use aether_common::release::{BlobBatchRequest, MAX_BLOB_BATCH, MAX_BLOB_BATCH_BYTES};
 use aether_common::{Digest, PublicKey};
 use anyhow::{Context, bail};
 use axum::Router;
@@ -142,6 +142,8 @@ struct AppState {
     cache: reconcile::Cache,
     /// Bounds the app log streams served at once.
     log_streams: crate::logs::Limiter,
+    /// Each recent app's last release manifest, its next one is checked against.
+    checked: Arc<crate::checked::CheckedManifests>,
 }
 
 type Shared = Arc<AppState>;
@@ -389,6 +391,7 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
         app_keys,
         metrics,
         log_streams: crate::logs::Limiter::default(),
+        checked: Arc::default(),
     });
     // JSON bodies are small; only artifact uploads may be large (up to the store's cap,
     // enforced while streaming).
@@ -868,7 +871,10 @@ async fn check_manifest(s: &AppState, app: &str, digest: &Digest) -> Result<(), 
         }
         read => read.map_err(store_error)?,
     };
-    let manifest = Manifest::parse(&bytes)
+    let (checked, owner) = (s.checked.clone(), app.to_owned());
+    let manifest = tokio::task::spawn_blocking(move || checked.parse(&owner, bytes))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| unprocessable(format!("{digest} is not a valid release manifest: {e}")))?;
     if manifest.app != app {
         return Err(unprocessable(format!(

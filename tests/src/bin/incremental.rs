@@ -16,6 +16,7 @@
 //!
 //! usage: aether-bench-incremental --aether PATH --fetcher PATH [--pod-fetcher PATH] --app PATH
 //!        [--trees 20000000:1000,200000000:5000,200000000:40000] [--saves 30] [--tar-saves 10]
+//!        [--formats manifest,tar]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -46,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
     let mut trees = "20000000:1000,200000000:5000,200000000:40000".to_owned();
     let mut saves = 30usize;
     let mut tar_saves = 10usize;
+    let mut formats = "manifest,tar".to_owned();
     while let Some(arg) = args.next() {
         let value = args
             .next()
@@ -58,6 +60,7 @@ async fn main() -> anyhow::Result<()> {
             "--trees" => trees = value,
             "--saves" => saves = value.parse()?,
             "--tar-saves" => tar_saves = value.parse()?,
+            "--formats" => formats = value,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -76,6 +79,16 @@ async fn main() -> anyhow::Result<()> {
         fetcher,
         app: abs(app, "app")?,
     };
+    let formats: Vec<&str> = formats.split(',').collect();
+    if formats.is_empty()
+        || formats.iter().any(|f| !matches!(*f, "manifest" | "tar"))
+        || formats
+            .iter()
+            .enumerate()
+            .any(|(i, f)| formats[..i].contains(f))
+    {
+        bail!("--formats {formats:?}: manifest and/or tar, each once");
+    }
     aether_testkit::process::install_crypto();
     let root = std::env::temp_dir().join(format!("aether-bench-inc-{}", std::process::id()));
     for spec in trees.split(',') {
@@ -83,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         let (size, files): (usize, usize) = (size.parse()?, files.parse()?);
         let src = root.join(format!("tree-{size}-{files}"));
         generate(&src, size, files)?;
-        for format in ["manifest", "tar"] {
+        for &format in &formats {
             let n = if format == "tar" { tar_saves } else { saves };
             let work = root.join(format!("work-{size}-{files}-{format}"));
             let local = local_loop(&bins, &src, &work.join("local"), format, n).await?;
