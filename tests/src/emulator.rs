@@ -1215,10 +1215,10 @@ async fn pod_proxy(
         })?
         .to_owned();
     let url = format!("http://{addr}/{}", rest.join("/"));
-    crate::process::install_crypto();
-    let response = reqwest::Client::new()
+    let client = crate::process::loopback_client()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e))?;
+    let response = client
         .get(&url)
-        .timeout(Duration::from_secs(5))
         .send()
         .await
         .map_err(|e| {

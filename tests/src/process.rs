@@ -217,14 +217,32 @@ pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// GETs a URL on loopback; returns status and body.
-pub async fn http_get(url: &str) -> Result<(u16, String), String> {
+/// One HTTP client for every loopback request of a test or benchmark process. Building a
+/// client loads the system's root certificates: built per request, a helper polling every
+/// few milliseconds kept a core busy and slowed what it measured. No idle connections are
+/// kept: each request's connection lives on the runtime that sent it (every test has its
+/// own), and loopback connections cost little.
+pub fn loopback_client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(client) = CLIENT.get() {
+        return Ok(client);
+    }
     install_crypto();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
         .build()
         .map_err(|e| e.to_string())?;
-    let r = client.get(url).send().await.map_err(|e| e.to_string())?;
+    Ok(CLIENT.get_or_init(|| client))
+}
+
+/// GETs a URL on loopback; returns status and body.
+pub async fn http_get(url: &str) -> Result<(u16, String), String> {
+    let r = loopback_client()?
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
     let status = r.status().as_u16();
     let body = r.text().await.map_err(|e| e.to_string())?;
     Ok((status, body))
