@@ -31,12 +31,15 @@ pub struct Delta {
     pub patched: bool,
 }
 
-/// The files `new` adds, changes, removes and keeps against `old`.
+/// The files `new` adds, changes, removes and keeps against `old`: one merge, counted
+/// as it goes.
 pub fn delta(old: &Manifest, new: &Manifest) -> Delta {
+    let (old, new) = (&old.entries, &new.entries);
     let is_file = |e: &&Entry| e.kind == EntryType::File;
     let mut d = Delta::default();
     for (before, after) in matched(old, new) {
-        match (before.filter(is_file), after.filter(is_file)) {
+        let before = before.map(|i| &old[i]).filter(is_file);
+        match (before, after.map(|i| &new[i]).filter(is_file)) {
             (None, Some(_)) => d.added += 1,
             (Some(b), Some(a)) if same(b, a) => d.reused += 1,
             (Some(_), Some(_)) => d.changed += 1,
@@ -47,63 +50,89 @@ pub fn delta(old: &Manifest, new: &Manifest) -> Delta {
     d
 }
 
-/// The files of `new` that are not the same file at the same path in `old`.
-pub fn differing_files<'a>(old: &'a Manifest, new: &'a Manifest) -> Vec<&'a Entry> {
-    matched(old, new)
-        .into_iter()
-        .filter_map(|(before, after)| {
-            let after = after.filter(|a| a.kind == EntryType::File)?;
-            (!before.is_some_and(|b| same(b, after))).then_some(after)
+/// Where a release differs from the one it is built from: the entries matched by path
+/// that leave something else on disk, or a directory with another mode, as indices into
+/// the two manifests' entries, in path order. Found by one merge per release and used
+/// both to look for objects and to patch: a large tree's manifests differ in a few of
+/// tens of thousands of entries, and each pass over them all compares every path.
+#[derive(Debug, Default)]
+pub struct Changes(Vec<(Option<usize>, Option<usize>)>);
+
+impl Changes {
+    pub fn between(old: &Manifest, new: &Manifest) -> Self {
+        let (o, n) = (&old.entries, &new.entries);
+        Self(
+            matched(o, n)
+                .filter(|&(before, after)| match (before, after) {
+                    (Some(b), Some(a)) => {
+                        let (b, a) = (&o[b], &n[a]);
+                        !same(b, a)
+                            || (a.kind == EntryType::Dir && dir_mode(b.mode) != dir_mode(a.mode))
+                    }
+                    _ => true,
+                })
+                .collect(),
+        )
+    }
+
+    /// The changed entries, `(old, new)`, of the manifests these changes are between.
+    fn pairs<'a>(
+        &'a self,
+        old: &'a Manifest,
+        new: &'a Manifest,
+    ) -> impl DoubleEndedIterator<Item = (Option<&'a Entry>, Option<&'a Entry>)> + 'a {
+        self.0.iter().map(|&(before, after)| {
+            (
+                before.and_then(|i| old.entries.get(i)),
+                after.and_then(|i| new.entries.get(i)),
+            )
         })
-        .collect()
+    }
+
+    /// The files of `new` that are not the same file at the same path in `old`: those
+    /// linked from objects.
+    pub fn files_to_link<'a>(&'a self, old: &'a Manifest, new: &'a Manifest) -> Vec<&'a Entry> {
+        self.pairs(old, new)
+            .filter_map(|(before, after)| {
+                let after = after.filter(|a| a.kind == EntryType::File)?;
+                (!before.is_some_and(|b| same(b, after))).then_some(after)
+            })
+            .collect()
+    }
 }
 
-/// The entries of two manifests matched by path, in path order: `(old, new)`. One merge
-/// of the two sorted lists: a large tree's manifests differ in a few entries, and maps
-/// of every path (what this replaced) cost more than the rest of a refresh.
+/// The entries of two lists matched by path, in path order: `(old, new)` indices. One
+/// merge, which takes both in strict path order, as parsing leaves every manifest (and a
+/// kept one is bytes that were parsed). Were one not, a path of both could come out as
+/// one removed and one added: patching removes before it adds, so the tree is still
+/// right, or it fails to create a file before its directory; never a file missed.
 fn matched<'a>(
-    old: &'a Manifest,
-    new: &'a Manifest,
-) -> Vec<(Option<&'a Entry>, Option<&'a Entry>)> {
-    let (old, new) = (in_order(old), in_order(new));
-    let mut out = Vec::with_capacity(old.len().max(new.len()));
+    old: &'a [Entry],
+    new: &'a [Entry],
+) -> impl Iterator<Item = (Option<usize>, Option<usize>)> + 'a {
     let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
+    std::iter::from_fn(move || {
         let order = match (old.get(i), new.get(j)) {
             (Some(o), Some(n)) => o.path.cmp(&n.path),
             (Some(_), None) => std::cmp::Ordering::Less,
-            _ => std::cmp::Ordering::Greater,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => return None,
         };
-        match order {
+        Some(match order {
             std::cmp::Ordering::Less => {
-                out.push((Some(old[i]), None));
                 i += 1;
+                (Some(i - 1), None)
             }
             std::cmp::Ordering::Greater => {
-                out.push((None, Some(new[j])));
                 j += 1;
+                (None, Some(j - 1))
             }
             std::cmp::Ordering::Equal => {
-                out.push((Some(old[i]), Some(new[j])));
-                i += 1;
-                j += 1;
+                (i, j) = (i + 1, j + 1);
+                (Some(i - 1), Some(j - 1))
             }
-        }
-    }
-    out
-}
-
-/// A manifest's entries in strict path order. Manifests are (parsing refuses any other,
-/// and kept ones were written from parsed ones); sorting here keeps the merge right even
-/// for one that is not.
-fn in_order(m: &Manifest) -> Vec<&Entry> {
-    // One pass for what parsing guarantees: strictly sorted is sorted without duplicates.
-    if m.entries.is_sorted_by(|a, b| a.path < b.path) {
-        return m.entries.iter().collect();
-    }
-    let mut entries = m.in_path_order();
-    entries.dedup_by(|a, b| a.path == b.path);
-    entries
+        })
+    })
 }
 
 /// Builds `manifest` in staging from `base` (a kept release and its manifest, renamed
@@ -120,11 +149,11 @@ pub fn build_from(
         } else {
             ws.take_release(&base.digest, digest)?
         };
-        patch(ws, staging.path(), &base.manifest, manifest)?;
+        patch(ws, staging.path(), &base.manifest, manifest, &base.changes)?;
         return Ok((staging, true));
     }
     let staging = ws.stage(digest)?;
-    patch(ws, staging.path(), &empty(manifest), manifest)?;
+    build_all(ws, staging.path(), manifest)?;
     Ok((staging, false))
 }
 
@@ -149,11 +178,14 @@ pub struct Base {
     pub manifest: Arc<Manifest>,
     /// The spare copy of that release, not the release itself.
     pub spare: bool,
+    /// How the release to build differs from it.
+    pub changes: Changes,
 }
 
 /// The newest kept manifest release that no one may be using: not live, not marked in
 /// use by the supervisor (an app of it may still be shutting down); else the spare copy.
-pub fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<Base> {
+/// With how `new` differs from it.
+pub fn pick_base(ws: &Workspace, live: Option<&Digest>, new: &Manifest) -> Option<Base> {
     // Marks that cannot be read protect nothing: then no release is patched.
     let in_use = ws.in_use().ok()?;
     for digest in ws.releases().ok()? {
@@ -164,6 +196,7 @@ pub fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<Base> {
         if let Ok(manifest) = ws.kept_manifest(&digest) {
             return Some(Base {
                 digest,
+                changes: Changes::between(&manifest, new),
                 manifest,
                 spare: false,
             });
@@ -173,6 +206,7 @@ pub fn pick_base(ws: &Workspace, live: Option<&Digest>) -> Option<Base> {
     let manifest = ws.kept_manifest(&digest).ok()?;
     Some(Base {
         digest,
+        changes: Changes::between(&manifest, new),
         manifest,
         spare: true,
     })
@@ -205,7 +239,7 @@ pub fn prepare_spare(ws: &Workspace) -> io::Result<bool> {
     }
     ws.remove_spares()?;
     let staging = ws.stage(&live)?;
-    patch(ws, staging.path(), &empty(&manifest), &manifest)?;
+    build_all(ws, staging.path(), &manifest)?;
     ws.keep_spare(staging, &live)?;
     Ok(true)
 }
@@ -223,12 +257,29 @@ fn same(a: &Entry, b: &Entry) -> bool {
         }
 }
 
-/// Turns the tree at `root`, which holds `old`, into `new`: removals deepest first, then
-/// additions parents first, then directory modes.
-fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Result<()> {
-    let pairs = matched(old, new);
+/// Builds the tree of `manifest` at `root`, an empty directory, from objects alone.
+fn build_all(ws: &Workspace, root: &Path, manifest: &Manifest) -> io::Result<()> {
+    let none = empty(manifest);
+    patch(
+        ws,
+        root,
+        &none,
+        manifest,
+        &Changes::between(&none, manifest),
+    )
+}
+
+/// Turns the tree at `root`, which holds `old`, into `new` by `changes` (between the
+/// two): removals deepest first, then additions parents first, then directory modes.
+fn patch(
+    ws: &Workspace,
+    root: &Path,
+    old: &Manifest,
+    new: &Manifest,
+    changes: &Changes,
+) -> io::Result<()> {
     // Reverse path order visits `a/b` before `a`.
-    for (before, after) in pairs.iter().rev() {
+    for (before, after) in changes.pairs(old, new).rev() {
         let Some(before) = before else { continue };
         if after.is_some_and(|after| same(before, after)) {
             continue;
@@ -245,7 +296,7 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
         }
     }
     let objects_dir = ws.objects_dir();
-    for (before, after) in &pairs {
+    for (before, after) in changes.pairs(old, new) {
         let Some(after) = after else { continue };
         if before.is_some_and(|b| same(b, after)) {
             continue;
@@ -264,7 +315,7 @@ fn patch(ws: &Workspace, root: &Path, old: &Manifest, new: &Manifest) -> io::Res
             }
         }
     }
-    for (before, after) in &pairs {
+    for (before, after) in changes.pairs(old, new) {
         let Some(after) = after.filter(|e| e.kind == EntryType::Dir) else {
             continue;
         };
@@ -356,7 +407,7 @@ mod tests {
 
     fn release(ws: &Workspace, m: &Manifest, live: Option<&Digest>) -> (Digest, bool) {
         let d = m.digest();
-        let (staging, patched) = build_from(ws, m, &d, pick_base(ws, live)).unwrap();
+        let (staging, patched) = build_from(ws, m, &d, pick_base(ws, live, m)).unwrap();
         fs::write(ws.manifest_path(&d), m.to_canonical()).unwrap();
         ws.commit(staging, &d).unwrap();
         ws.activate(&d).unwrap();
@@ -499,5 +550,65 @@ mod tests {
         let (_, patched) = release(&ws, &m3, Some(&d2));
         assert!(!patched);
         assert!(ws.has_release(&d1), "the release in use is still there");
+    }
+    #[test]
+    fn changes_are_the_entries_that_differ_on_disk_or_in_a_directory_mode() {
+        let mut lib = entry("lib", EntryType::Dir, None);
+        let old = manifest(
+            1,
+            vec![
+                file("a", b"a", 0o644),
+                file("b", b"b", 0o644),
+                lib.clone(),
+                file("lib/x", b"x", 0o644),
+                entry("link", EntryType::Symlink, Some("a")),
+                file("run", b"r", 0o644),
+            ],
+        );
+        lib.mode = 0o700;
+        let new = manifest(
+            2,
+            vec![
+                file("a", b"a", 0o644),
+                file("b", b"B", 0o644),
+                file("c", b"c", 0o644),
+                lib,
+                file("lib/x", b"x", 0o644),
+                entry("link", EntryType::Symlink, Some("a")),
+                file("run", b"r", 0o755),
+            ],
+        );
+        let changes = Changes::between(&old, &new);
+        let paths: Vec<(Option<&str>, Option<&str>)> = changes
+            .pairs(&old, &new)
+            .map(|(b, a)| (b.map(|e| e.path.as_str()), a.map(|e| e.path.as_str())))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                (Some("b"), Some("b")),
+                (None, Some("c")),
+                (Some("lib"), Some("lib")),
+                (Some("run"), Some("run")),
+            ],
+            "content, a new file, a directory's mode and a file's object mode; not the same"
+        );
+        let linked: Vec<&str> = changes
+            .files_to_link(&old, &new)
+            .iter()
+            .map(|e| e.path.as_str())
+            .collect();
+        assert_eq!(linked, ["b", "c", "run"], "a directory is not linked");
+        assert_eq!(
+            delta(&old, &new),
+            Delta {
+                added: 1,
+                changed: 2,
+                removed: 0,
+                reused: 2,
+                patched: false
+            }
+        );
+        assert!(Changes::between(&new, &new).0.is_empty());
     }
 }

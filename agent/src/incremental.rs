@@ -132,18 +132,12 @@ impl Refresher {
             // The release this one is patched from, chosen first: the objects to look for
             // are exactly those of the files that differ from it (every one without a base).
             let base = {
-                let ws = ws.clone();
-                blocking(move || Ok(assemble::pick_base(&ws, live.as_ref()))).await?
+                let (ws, manifest) = (ws.clone(), manifest.clone());
+                blocking(move || Ok(assemble::pick_base(&ws, live.as_ref(), &manifest))).await?
             };
-            let fetched = objects::fetch_missing(
-                &ws,
-                &self.http,
-                &blobs,
-                &manifest,
-                base.as_ref().map(|b| b.manifest.as_ref()),
-                cancel,
-            )
-            .await?;
+            let fetched =
+                objects::fetch_missing(&ws, &self.http, &blobs, &manifest, base.as_ref(), cancel)
+                    .await?;
             applied.downloaded += fetched.downloaded;
             applied.reused = false;
             applied.bytes_reused = manifest.total_size().saturating_sub(fetched.downloaded);

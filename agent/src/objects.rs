@@ -104,7 +104,7 @@ pub async fn fetch_missing(
     http: &reqwest::Client,
     blobs_url: &reqwest::Url,
     manifest: &Manifest,
-    base: Option<&Manifest>,
+    base: Option<&assemble::Base>,
     cancel: &CancellationToken,
 ) -> Result<Fetched, RefreshError> {
     let (wanted, present) = match base {
@@ -112,7 +112,7 @@ pub async fn fetch_missing(
         // from objects, so only theirs are looked for, one by one (a save of a large tree
         // changes a few), with the same bytes' objects of the usual modes to copy from.
         Some(base) => {
-            let differ = assemble::differing_files(base, manifest);
+            let differ = base.changes.files_to_link(&base.manifest, manifest);
             let wanted = wanted_of(differ.iter().copied());
             let present: HashSet<String> = wanted
                 .iter()
