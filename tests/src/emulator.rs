@@ -1217,17 +1217,13 @@ async fn pod_proxy(
     let url = format!("http://{addr}/{}", rest.join("/"));
     let client = crate::process::loopback_client()
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", e))?;
-    let response = client
-        .get(&url)
-        .send()
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "ServiceUnavailable",
-                format!("proxy to {url}: {e}"),
-            )
-        })?;
+    let response = client.get(&url).send().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            format!("proxy to {url}: {e}"),
+        )
+    })?;
     let status =
         StatusCode::from_u16(response.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     let body = response.bytes().await.unwrap_or_default();
