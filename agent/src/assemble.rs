@@ -50,29 +50,35 @@ pub fn delta(old: &Manifest, new: &Manifest) -> Delta {
     d
 }
 
-/// Where a release differs from the one it is built from: the entries matched by path
-/// that leave something else on disk, or a directory with another mode, as indices into
-/// the two manifests' entries, in path order. Found by one merge per release and used
+/// Where a release differs from the one it is built from: the entries added, removed,
+/// or matched by path but leaving something else on disk or a directory with another
+/// mode, as indices into the two manifests' entries, in path order. Found by one merge per release and used
 /// both to look for objects and to patch: a large tree's manifests differ in a few of
 /// tens of thousands of entries, and each pass over them all compares every path.
 #[derive(Debug, Default)]
-pub struct Changes(Vec<(Option<usize>, Option<usize>)>);
+pub struct Changes {
+    pairs: Vec<(Option<usize>, Option<usize>)>,
+    /// How many entries the two manifests have: the pairs index exactly those.
+    lens: (usize, usize),
+}
 
 impl Changes {
     pub fn between(old: &Manifest, new: &Manifest) -> Self {
         let (o, n) = (&old.entries, &new.entries);
-        Self(
-            matched(o, n)
-                .filter(|&(before, after)| match (before, after) {
-                    (Some(b), Some(a)) => {
-                        let (b, a) = (&o[b], &n[a]);
-                        !same(b, a)
-                            || (a.kind == EntryType::Dir && dir_mode(b.mode) != dir_mode(a.mode))
-                    }
-                    _ => true,
-                })
-                .collect(),
-        )
+        let pairs = matched(o, n)
+            .filter(|&(before, after)| match (before, after) {
+                (Some(b), Some(a)) => {
+                    let (b, a) = (&o[b], &n[a]);
+                    !same(b, a)
+                        || (a.kind == EntryType::Dir && dir_mode(b.mode) != dir_mode(a.mode))
+                }
+                _ => true,
+            })
+            .collect();
+        Self {
+            pairs,
+            lens: (o.len(), n.len()),
+        }
     }
 
     /// The changed entries, `(old, new)`, of the manifests these changes are between.
@@ -81,7 +87,12 @@ impl Changes {
         old: &'a Manifest,
         new: &'a Manifest,
     ) -> impl DoubleEndedIterator<Item = (Option<&'a Entry>, Option<&'a Entry>)> + 'a {
-        self.0.iter().map(|&(before, after)| {
+        debug_assert_eq!(
+            self.lens,
+            (old.entries.len(), new.entries.len()),
+            "changes used with manifests other than those they are between"
+        );
+        self.pairs.iter().map(|&(before, after)| {
             (
                 before.and_then(|i| old.entries.get(i)),
                 after.and_then(|i| new.entries.get(i)),
@@ -102,14 +113,20 @@ impl Changes {
 }
 
 /// The entries of two lists matched by path, in path order: `(old, new)` indices. One
-/// merge, which takes both in strict path order, as parsing leaves every manifest (and a
-/// kept one is bytes that were parsed). Were one not, a path of both could come out as
-/// one removed and one added: patching removes before it adds, so the tree is still
-/// right, or it fails to create a file before its directory; never a file missed.
+/// merge: both lists must be strictly in path order, as parsing leaves every manifest
+/// (and a kept one is bytes that were parsed); unsorted, a file could be lost.
 fn matched<'a>(
     old: &'a [Entry],
     new: &'a [Entry],
 ) -> impl Iterator<Item = (Option<usize>, Option<usize>)> + 'a {
+    debug_assert!(
+        old.is_sorted_by(|a, b| a.path < b.path),
+        "old is not in path order"
+    );
+    debug_assert!(
+        new.is_sorted_by(|a, b| a.path < b.path),
+        "new is not in path order"
+    );
     let (mut i, mut j) = (0, 0);
     std::iter::from_fn(move || {
         let order = match (old.get(i), new.get(j)) {
@@ -432,8 +449,8 @@ mod tests {
                 entry("lib", EntryType::Dir, None),
                 file("lib/a.py", b"a", 0o644),
                 file("lib/old.py", b"old", 0o644),
-                file("run.sh", b"#!/bin/sh", 0o755),
                 entry("link", EntryType::Symlink, Some("lib/a.py")),
+                file("run.sh", b"#!/bin/sh", 0o755),
             ],
         );
         let (d1, patched) = release(&ws, &m1, None);
@@ -449,9 +466,9 @@ mod tests {
                 file("app.py", b"v3", 0o644),
                 entry("lib", EntryType::Dir, None),
                 file("lib/a.py", b"a", 0o644),
+                entry("link", EntryType::Symlink, Some("app.py")),
                 file("new.txt", b"n", 0o644),
                 file("run.sh", b"#!/bin/sh", 0o755),
-                entry("link", EntryType::Symlink, Some("app.py")),
             ],
         );
         let (d3, patched) = release(&ws, &m3, Some(&d2));
@@ -609,6 +626,6 @@ mod tests {
                 patched: false
             }
         );
-        assert!(Changes::between(&new, &new).0.is_empty());
+        assert!(Changes::between(&new, &new).pairs.is_empty());
     }
 }
