@@ -52,9 +52,10 @@ pub fn delta(old: &Manifest, new: &Manifest) -> Delta {
 
 /// Where a release differs from the one it is built from: the entries added, removed,
 /// or matched by path but leaving something else on disk or a directory with another
-/// mode, as indices into the two manifests' entries, in path order. Found by one merge per release and used
-/// both to look for objects and to patch: a large tree's manifests differ in a few of
-/// tens of thousands of entries, and each pass over them all compares every path.
+/// mode, as indices into the two manifests' entries, in path order. Found by one merge
+/// per release and used both to look for objects and to patch: a large tree's manifests
+/// differ in a few of tens of thousands of entries, and each pass over them all compares
+/// every path.
 #[derive(Debug, Default)]
 pub struct Changes {
     pairs: Vec<(Option<usize>, Option<usize>)>,
@@ -568,6 +569,7 @@ mod tests {
         assert!(!patched);
         assert!(ws.has_release(&d1), "the release in use is still there");
     }
+
     #[test]
     fn changes_are_the_entries_that_differ_on_disk_or_in_a_directory_mode() {
         let mut lib = entry("lib", EntryType::Dir, None);
