@@ -36,10 +36,12 @@ impl CheckedManifests {
             .lock()
             .ok()
             .and_then(|c| c.iter().find(|c| c.app == app).cloned());
-        let manifest = Arc::new(match &known {
-            Some(k) => Manifest::parse_against(&bytes, &k.manifest, &k.bytes)?,
-            None => Manifest::parse(&bytes)?,
-        });
+        let manifest = Arc::new(Manifest::parse_against(
+            &bytes,
+            known
+                .as_deref()
+                .map(|k| (k.manifest.as_ref(), k.bytes.as_slice())),
+        )?);
         if manifest.app == app && bytes.len() <= BUDGET {
             let checked = Arc::new(Checked {
                 app: app.to_owned(),

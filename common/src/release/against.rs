@@ -32,18 +32,17 @@ struct Outline {
 }
 
 impl Manifest {
-    /// `Manifest::parse` of `bytes`, knowing `known`, an earlier manifest whose canonical
-    /// bytes are `known_bytes` (those it was parsed from or serialized to: the caller
-    /// keeps them together). The entries that did not change are cloned from `known`
-    /// instead of parsed and checked again; anything else is checked as `parse` checks
-    /// it, and whatever this cannot take apart is parsed in full. Accepts and refuses
-    /// exactly what `parse` does.
+    /// `Manifest::parse` of `bytes`, knowing `known` when there is one: an earlier
+    /// manifest and its canonical bytes (those it was parsed from or serialized to: the
+    /// caller keeps them together). The entries that did not change are cloned from the
+    /// known manifest instead of parsed and checked again; anything else is checked as
+    /// `parse` checks it, and whatever this cannot take apart is parsed in full. Accepts
+    /// and refuses exactly what `parse` does.
     pub fn parse_against(
         bytes: &[u8],
-        known: &Manifest,
-        known_bytes: &[u8],
+        known: Option<(&Manifest, &[u8])>,
     ) -> Result<Self, ManifestError> {
-        match shortcut(bytes, known, known_bytes) {
+        match known.and_then(|(manifest, known_bytes)| shortcut(bytes, manifest, known_bytes)) {
             Some(manifest) => Ok(manifest),
             None => Self::parse(bytes),
         }
@@ -349,7 +348,7 @@ mod tests {
     fn agree(bytes: &[u8], known: &Manifest, known_bytes: &[u8]) -> bool {
         let full = Manifest::parse(bytes);
         assert_eq!(
-            Manifest::parse_against(bytes, known, known_bytes),
+            Manifest::parse_against(bytes, Some((known, known_bytes))),
             full,
             "{}",
             String::from_utf8_lossy(bytes)
@@ -420,7 +419,7 @@ mod tests {
                 agree(&bytes, &known, &known_bytes),
                 "{what}: not taken apart"
             );
-            let parsed = Manifest::parse_against(&bytes, &known, &known_bytes).unwrap();
+            let parsed = Manifest::parse_against(&bytes, Some((&known, &known_bytes))).unwrap();
             assert_eq!(parsed, new, "{what}");
         }
         // Against an empty manifest, and to one: every entry differs.
