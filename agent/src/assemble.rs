@@ -15,7 +15,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use aether_common::Digest;
-use aether_common::release::{Entry, EntryType, Manifest, dir_mode};
+use aether_common::release::{Entry, EntryType, Manifest, SharedEnds, dir_mode};
 
 use crate::objects;
 use crate::workspace::{Staging, Workspace};
@@ -29,25 +29,6 @@ pub struct Delta {
     pub reused: u64,
     /// Whether a kept release was patched into it (false: built from objects alone).
     pub patched: bool,
-}
-
-/// The files `new` adds, changes, removes and keeps against `old`: one merge, counted
-/// as it goes.
-pub fn delta(old: &Manifest, new: &Manifest) -> Delta {
-    let (old, new) = (&old.entries, &new.entries);
-    let is_file = |e: &&Entry| e.kind == EntryType::File;
-    let mut d = Delta::default();
-    for (before, after) in matched(old, new) {
-        let before = before.map(|i| &old[i]).filter(is_file);
-        match (before, after.map(|i| &new[i]).filter(is_file)) {
-            (None, Some(_)) => d.added += 1,
-            (Some(b), Some(a)) if same(b, a) => d.reused += 1,
-            (Some(_), Some(_)) => d.changed += 1,
-            (Some(_), None) => d.removed += 1,
-            (None, None) => {}
-        }
-    }
-    d
 }
 
 /// Where a release differs from the one it is built from: the entries added, removed,
@@ -65,8 +46,24 @@ pub struct Changes {
 
 impl Changes {
     pub fn between(old: &Manifest, new: &Manifest) -> Self {
+        Self::between_known(old, new, None)
+    }
+
+    /// `between`, knowing that the two share `ends` when known: only the entries between
+    /// the ends are compared.
+    pub fn between_known(old: &Manifest, new: &Manifest, ends: Option<SharedEnds>) -> Self {
         let (o, n) = (&old.entries, &new.entries);
-        let pairs = matched(o, n)
+        let ends = ends
+            .filter(|e| e.head.saturating_add(e.tail) <= o.len().min(n.len()))
+            .unwrap_or(SharedEnds { head: 0, tail: 0 });
+        debug_assert!(
+            o[..ends.head] == n[..ends.head]
+                && o[o.len() - ends.tail..] == n[n.len() - ends.tail..],
+            "the manifests do not share {ends:?}"
+        );
+        let (head, tail) = (ends.head, ends.tail);
+        let pairs = matched(&o[head..o.len() - tail], &n[head..n.len() - tail])
+            .map(|(before, after)| (before.map(|i| i + head), after.map(|i| i + head)))
             .filter(|&(before, after)| match (before, after) {
                 (Some(b), Some(a)) => {
                     let (b, a) = (&o[b], &n[a]);
@@ -99,6 +96,26 @@ impl Changes {
                 after.and_then(|i| new.entries.get(i)),
             )
         })
+    }
+
+    /// The files `new` adds, changes, removes and keeps against `old` (those these
+    /// changes are between).
+    pub fn delta(&self, old: &Manifest, new: &Manifest) -> Delta {
+        let is_file = |e: &&Entry| e.kind == EntryType::File;
+        let mut d = Delta::default();
+        for (before, after) in self.pairs(old, new) {
+            match (before.filter(is_file), after.filter(is_file)) {
+                (None, Some(_)) => d.added += 1,
+                (Some(b), Some(a)) if same(b, a) => {}
+                (Some(_), Some(_)) => d.changed += 1,
+                (Some(_), None) => d.removed += 1,
+                (None, None) => {}
+            }
+        }
+        // Every other file of `new` is the same as in `old`.
+        let files = new.entries.iter().filter(is_file).count() as u64;
+        d.reused = files.saturating_sub(d.added + d.changed);
+        d
     }
 
     /// The files of `new` that are not the same file at the same path in `old`: those
@@ -200,10 +217,57 @@ pub struct Base {
     pub changes: Changes,
 }
 
+/// How recent manifests share entries: each with the manifest it was parsed against and
+/// the entries the two share at either end (`Manifest::parse_against_ends`). A digest
+/// names exact bytes, so what is recorded stays true; only the last few are kept.
+#[derive(Debug, Default, Clone)]
+pub struct Lineage(std::collections::VecDeque<(Digest, Digest, SharedEnds)>);
+
+/// Links kept: a base is at most a few saves behind the release built from it.
+const LINEAGE: usize = 8;
+
+impl Lineage {
+    /// `child` was parsed against `parent` and shares `ends` with it.
+    pub fn record(&mut self, child: Digest, parent: Digest, ends: SharedEnds) {
+        if self.0.len() == LINEAGE {
+            self.0.pop_back();
+        }
+        self.0.push_front((child, parent, ends));
+    }
+
+    /// The entries `descendant` is known to share with `ancestor` at either end, by the
+    /// chain of parses between them.
+    pub fn between(&self, ancestor: &Digest, descendant: &Digest) -> Option<SharedEnds> {
+        let mut shared = SharedEnds {
+            head: usize::MAX,
+            tail: usize::MAX,
+        };
+        let mut at = *descendant;
+        for _ in 0..LINEAGE {
+            let (_, parent, ends) = self.0.iter().find(|(child, _, _)| *child == at)?;
+            shared = shared.then(*ends);
+            if parent == ancestor {
+                return Some(shared);
+            }
+            at = *parent;
+        }
+        None
+    }
+}
+
 /// The newest kept manifest release that no one may be using: not live, not marked in
 /// use by the supervisor (an app of it may still be shutting down); else the spare copy.
-/// With how `new` differs from it.
-pub fn pick_base(ws: &Workspace, live: Option<&Digest>, new: &Manifest) -> Option<Base> {
+/// With how `new` (of digest `digest`) differs from it.
+pub fn pick_base(
+    ws: &Workspace,
+    live: Option<&Digest>,
+    new: &Manifest,
+    digest: &Digest,
+    lineage: &Lineage,
+) -> Option<Base> {
+    let changes = |base: &Digest, manifest: &Manifest| {
+        Changes::between_known(manifest, new, lineage.between(base, digest))
+    };
     // Marks that cannot be read protect nothing: then no release is patched.
     let in_use = ws.in_use().ok()?;
     for digest in ws.releases().ok()? {
@@ -213,8 +277,8 @@ pub fn pick_base(ws: &Workspace, live: Option<&Digest>, new: &Manifest) -> Optio
         // Without one: a tar.gz release, or one whose manifest was lost.
         if let Ok(manifest) = ws.kept_manifest(&digest) {
             return Some(Base {
+                changes: changes(&digest, &manifest),
                 digest,
-                changes: Changes::between(&manifest, new),
                 manifest,
                 spare: false,
             });
@@ -223,8 +287,8 @@ pub fn pick_base(ws: &Workspace, live: Option<&Digest>, new: &Manifest) -> Optio
     let digest = ws.spare()?;
     let manifest = ws.kept_manifest(&digest).ok()?;
     Some(Base {
+        changes: changes(&digest, &manifest),
         digest,
-        changes: Changes::between(&manifest, new),
         manifest,
         spare: true,
     })
@@ -425,7 +489,8 @@ mod tests {
 
     fn release(ws: &Workspace, m: &Manifest, live: Option<&Digest>) -> (Digest, bool) {
         let d = m.digest();
-        let (staging, patched) = build_from(ws, m, &d, pick_base(ws, live, m)).unwrap();
+        let base = pick_base(ws, live, m, &d, &Lineage::default());
+        let (staging, patched) = build_from(ws, m, &d, base).unwrap();
         fs::write(ws.manifest_path(&d), m.to_canonical()).unwrap();
         ws.commit(staging, &d).unwrap();
         ws.activate(&d).unwrap();
@@ -475,7 +540,7 @@ mod tests {
         let (d3, patched) = release(&ws, &m3, Some(&d2));
         assert!(patched);
         assert_eq!(
-            delta(&m2, &m3),
+            Changes::between(&m2, &m3).delta(&m2, &m3),
             Delta {
                 added: 1,
                 changed: 1,
@@ -619,7 +684,7 @@ mod tests {
             .collect();
         assert_eq!(linked, ["b", "c", "run"], "a directory is not linked");
         assert_eq!(
-            delta(&old, &new),
+            changes.delta(&old, &new),
             Delta {
                 added: 1,
                 changed: 2,
@@ -629,5 +694,80 @@ mod tests {
             }
         );
         assert!(Changes::between(&new, &new).pairs.is_empty());
+    }
+
+    #[test]
+    fn changes_found_between_shared_ends_are_those_of_a_full_diff_across_saves() {
+        let files = |edit: &dyn Fn(&mut Vec<Entry>)| {
+            let mut entries: Vec<Entry> = (0..60)
+                .map(|i| file(&format!("f{i:02}"), format!("{i}").as_bytes(), 0o644))
+                .collect();
+            edit(&mut entries);
+            entries
+        };
+        let m1 = manifest(1, files(&|_| {}));
+        let m2 = manifest(
+            2,
+            files(&|e| {
+                e[20] = file("f20", b"changed", 0o644);
+                e.insert(31, file("f30a", b"added", 0o644));
+                e.remove(45);
+            }),
+        );
+        let m3 = manifest(
+            3,
+            files(&|e| {
+                e[20] = file("f20", b"changed", 0o644);
+                e.insert(31, file("f30a", b"added", 0o644));
+                e.remove(45);
+                e[5] = file("f05", b"changed", 0o755);
+            }),
+        );
+        let (d1, d2, d3) = (m1.digest(), m2.digest(), m3.digest());
+        let mut lineage = Lineage::default();
+        for (known, new, d_known, d_new) in [(&m1, &m2, d1, d2), (&m2, &m3, d2, d3)] {
+            let (parsed, ends) = Manifest::parse_against_ends(
+                &new.to_canonical(),
+                Some((known, &known.to_canonical())),
+            )
+            .unwrap();
+            assert_eq!(&parsed, new);
+            let ends = ends.expect("parsed by the difference");
+            assert!(ends.head > 0 && ends.tail > 0, "{ends:?}");
+            lineage.record(d_new, d_known, ends);
+        }
+        for (old, new, ends) in [
+            (&m1, &m2, lineage.between(&d1, &d2)),
+            (&m2, &m3, lineage.between(&d2, &d3)),
+            (&m1, &m3, lineage.between(&d1, &d3)),
+        ] {
+            let ends = ends.expect("known through the lineage");
+            let (full, known) = (
+                Changes::between(old, new),
+                Changes::between_known(old, new, Some(ends)),
+            );
+            assert_eq!(full.pairs, known.pairs);
+            assert!(!known.pairs.is_empty());
+            assert_eq!(full.delta(old, new), known.delta(old, new));
+        }
+        assert_eq!(
+            Changes::between(&m1, &m3).delta(&m1, &m3),
+            Delta {
+                added: 1,
+                changed: 2,
+                removed: 1,
+                reused: 57,
+                patched: false
+            }
+        );
+        // A newer manifest is no ancestor, an unknown one has no lineage, and ends that
+        // cannot be shared are not used.
+        assert_eq!(lineage.between(&d3, &d1), None);
+        assert_eq!(lineage.between(&d1, &Digest::of(b"unknown")), None);
+        let too_long = SharedEnds { head: 60, tail: 60 };
+        assert_eq!(
+            Changes::between_known(&m1, &m3, Some(too_long)).pairs,
+            Changes::between(&m1, &m3).pairs
+        );
     }
 }

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::failure::{Reason, RefreshError};
 use crate::hook::Live;
 use crate::metrics::Metrics;
-use crate::refresh::Refresher;
+use crate::refresh::{Refresher, Stage};
 use crate::source::Observed;
 use crate::status::{LastError, Status};
 use crate::workspace::{State, Workspace};
@@ -357,6 +357,11 @@ impl Engine {
                     files_removed = d.removed,
                     files_reused = d.reused,
                     patched = d.patched,
+                    artifact_ms = applied.stages.ms(Stage::Artifact),
+                    manifest_ms = applied.stages.ms(Stage::Manifest),
+                    objects_ms = applied.stages.ms(Stage::Objects),
+                    assemble_ms = applied.stages.ms(Stage::Assemble),
+                    swap_ms = applied.stages.ms(Stage::Swap),
                     attempt_ms = started.elapsed().as_millis() as u64,
                     "release details"
                 );

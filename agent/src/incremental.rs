@@ -6,6 +6,7 @@
 use std::fs;
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Instant;
 
 use aether_common::contract::annotations::DesiredRelease;
 use aether_common::release::{MAX_MANIFEST_BYTES, Manifest, ManifestError};
@@ -13,7 +14,7 @@ use aether_common::{Digest, Sha256Writer};
 use tokio_util::sync::CancellationToken;
 
 use crate::failure::{Reason, RefreshError};
-use crate::refresh::{Applied, Refresher, blocking};
+use crate::refresh::{Applied, Refresher, Stage, Stages, blocking};
 use crate::workspace::{State, Workspace};
 use crate::{assemble, fetch, objects, verify};
 
@@ -39,6 +40,7 @@ impl Refresher {
         cancel: &CancellationToken,
     ) -> Result<Applied, RefreshError> {
         let digest = desired.digest;
+        let mut clock = Instant::now();
         let Some(app) = self.app.as_deref() else {
             return Err(RefreshError::new(
                 Reason::Replay,
@@ -70,23 +72,36 @@ impl Refresher {
             }
         };
         let bytes = bytes::Bytes::from(bytes);
-        let manifest = {
+        let (manifest, parent) = {
             let known = self.known_manifest();
             let bytes = bytes.clone();
-            Arc::new(
-                blocking(move || {
-                    let known = known.as_ref().map(|(m, b)| (m.as_ref(), b.as_ref()));
-                    Ok(Manifest::parse_against(&bytes, known))
-                })
-                .await?
-                .map_err(refused)?,
-            )
+            let (manifest, parent) = blocking(move || {
+                let parsed = Manifest::parse_against_ends(
+                    &bytes,
+                    known.as_ref().map(|(_, m, b)| (m.as_ref(), b.as_ref())),
+                );
+                Ok(parsed.map(|(m, ends)| (m, known.map(|(d, _, _)| d).zip(ends))))
+            })
+            .await?
+            .map_err(refused)?;
+            (Arc::new(manifest), parent)
         };
         let high_water = self.high_water.lock().ok().and_then(|h| *h);
         manifest
             .check_fresh(app, high_water, jiff::Timestamp::now())
             .map_err(refused)?;
         self.check_limits(&manifest)?;
+        // Accepted: what it shares with the manifest it was parsed against spares the
+        // diffs against its base and the live release a pass over every entry.
+        let lineage = {
+            let Ok(mut lineage) = self.lineage.lock() else {
+                return Err(RefreshError::new(Reason::Io, "lineage lock poisoned"));
+            };
+            if let Some((parent, ends)) = parent {
+                lineage.record(digest, parent, ends);
+            }
+            lineage.clone()
+        };
         // Kept for the next save to be parsed against, when the live release is a
         // manifest release too: a first one (on a new pod, or after tar.gz releases)
         // downloads every blob and uses the most memory, without 6 MB more for 40,000
@@ -114,7 +129,9 @@ impl Refresher {
             seq: Some(manifest.seq),
             delta: None,
             bytes_reused: 0,
+            stages: Stages::default(),
         };
+        applied.stages.lap(Stage::Manifest, &mut clock);
         if !new_release {
             if manifest_bytes > 0 {
                 // The release is on disk but its manifest was lost: kept again, so the
@@ -134,9 +151,14 @@ impl Refresher {
             let live = ws.live_digest();
             // The release this one is patched from, chosen first: the objects to look for
             // are exactly those of the files that differ from it (every one without a base).
-            let base = {
+            let (base, lineage) = {
                 let (ws, manifest) = (ws.clone(), manifest.clone());
-                blocking(move || Ok(assemble::pick_base(&ws, live.as_ref(), &manifest))).await?
+                blocking(move || {
+                    let base =
+                        assemble::pick_base(&ws, live.as_ref(), &manifest, &digest, &lineage);
+                    Ok((base, lineage))
+                })
+                .await?
             };
             let fetched =
                 objects::fetch_missing(&ws, &self.http, &blobs, &manifest, base.as_ref(), cancel)
@@ -144,6 +166,7 @@ impl Refresher {
             applied.downloaded += fetched.downloaded;
             applied.reused = false;
             applied.bytes_reused = manifest.total_size().saturating_sub(fetched.downloaded);
+            applied.stages.lap(Stage::Objects, &mut clock);
             if let Some(writing) = writing {
                 writing
                     .await
@@ -151,11 +174,24 @@ impl Refresher {
                     .map_err(|e| RefreshError::new(Reason::Io, e))?;
             }
             let delta = blocking(move || {
-                // What the user changed: the difference from the live release.
-                let before = live
-                    .and_then(|d| ws.kept_manifest(&d).ok())
-                    .unwrap_or_else(|| Arc::new(assemble::empty(&manifest)));
-                let mut delta = assemble::delta(&before, &manifest);
+                // What the user changed: the difference from the live release (often the
+                // base itself, as its spare copy).
+                let mut delta = match (&base, live) {
+                    (Some(base), Some(live)) if base.digest == live => {
+                        base.changes.delta(&base.manifest, &manifest)
+                    }
+                    _ => {
+                        let before = live.and_then(|d| Some((d, ws.kept_manifest(&d).ok()?)));
+                        let ends = before
+                            .as_ref()
+                            .and_then(|(d, _)| lineage.between(d, &digest));
+                        let before = before
+                            .map(|(_, m)| m)
+                            .unwrap_or_else(|| Arc::new(assemble::empty(&manifest)));
+                        assemble::Changes::between_known(&before, &manifest, ends)
+                            .delta(&before, &manifest)
+                    }
+                };
                 // Remembered only now: the live and base manifests must stay among the
                 // last few used until the release is built from them.
                 ws.remember_manifest(digest, manifest.clone());
@@ -166,6 +202,7 @@ impl Refresher {
             })
             .await?;
             applied.delta = Some(delta);
+            applied.stages.lap(Stage::Assemble, &mut clock);
         }
         // A newer release or the deadline arrived while the release was built: it stays
         // on disk (a later refresh reuses it) but does not go live.
@@ -173,6 +210,7 @@ impl Refresher {
             return Err(RefreshError::Cancelled);
         }
         self.swap(digest).await?;
+        applied.stages.lap(Stage::Swap, &mut clock);
         if let Ok(mut h) = self.high_water.lock()
             && applied.seq > h.map(|(s, _)| s)
         {
@@ -188,9 +226,9 @@ impl Refresher {
 
     /// The manifest accepted last with its bytes, while it is among the parsed ones at
     /// hand: both of one digest, as `Manifest::parse_against` needs them.
-    fn known_manifest(&self) -> Option<(Arc<Manifest>, bytes::Bytes)> {
+    fn known_manifest(&self) -> Option<(Digest, Arc<Manifest>, bytes::Bytes)> {
         let (digest, bytes) = self.last_manifest.lock().ok()?.clone()?;
-        Some((self.workspace.parsed_manifest(&digest)?, bytes))
+        Some((digest, self.workspace.parsed_manifest(&digest)?, bytes))
     }
 
     /// The manifest's bytes, at most `MAX_MANIFEST_BYTES` (and the artifact cap), and

@@ -184,6 +184,7 @@ async fn run_inner(settings: Settings, shutdown: CancellationToken) -> anyhow::R
         objects_lock: Arc::default(),
         collector: Arc::default(),
         last_manifest: std::sync::Mutex::default(),
+        lineage: std::sync::Mutex::default(),
     };
     let engine = Engine::new(
         EngineConfig {

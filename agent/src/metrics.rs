@@ -22,6 +22,10 @@ pub use aether_common::contract::metrics::*;
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
+/// A stage of a one-file save takes milliseconds; a first release's, seconds.
+const STAGE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
 
 /// The recorder and the series the exporter cannot hold: `dev_hot_current_info` and
 /// `dev_hot_desired_info` carry a digest as a label, and the old series must disappear
@@ -45,6 +49,8 @@ impl Metrics {
         let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REFRESH_LATENCY.into()), LATENCY_BUCKETS)
             .context("latency buckets")?
+            .set_buckets_for_metric(Matcher::Full(REFRESH_STAGE.into()), STAGE_BUCKETS)
+            .context("stage buckets")?
             .install_recorder()
             .context("installing the metrics recorder")?;
         describe_counter!(
@@ -74,6 +80,12 @@ impl Metrics {
         describe_counter!(
             REFRESH_FILES_TOTAL,
             "Files of the manifest releases made live, by change against their base"
+        );
+        describe_histogram!(
+            REFRESH_STAGE,
+            Unit::Seconds,
+            "Time successful refreshes spent in each stage: artifact (tar.gz download, \
+             check and extraction), manifest, objects, assemble, swap"
         );
         describe_counter!(
             HOOK_TOTAL,
@@ -112,6 +124,9 @@ impl Metrics {
     pub fn applied(&self, applied: &Applied) {
         counter!(REFRESH_BYTES_TOTAL, "source" => "downloaded").increment(applied.downloaded);
         counter!(REFRESH_BYTES_TOTAL, "source" => "reused").increment(applied.bytes_reused);
+        for (stage, took) in applied.stages.iter() {
+            histogram!(REFRESH_STAGE, "stage" => stage.as_str()).record(took.as_secs_f64());
+        }
         if let Some(d) = applied.delta {
             for (change, n) in FILE_CHANGES
                 .iter()

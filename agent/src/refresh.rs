@@ -4,6 +4,7 @@
 //! swap of `current`. A manifest release takes the incremental path (`incremental`).
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use aether_common::archive::extract::Limits;
 use aether_common::contract::annotations::{DesiredRelease, Format};
@@ -14,6 +15,62 @@ use crate::assemble::Delta;
 use crate::failure::{Reason, RefreshError};
 use crate::workspace::{Staging, Workspace};
 use crate::{extract_bridge, fetch, verify};
+
+/// The steps of a refresh timed on their own (`dev_hot_refresh_stage_seconds{stage}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Artifact,
+    Manifest,
+    Objects,
+    Assemble,
+    Swap,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Artifact,
+        Stage::Manifest,
+        Stage::Objects,
+        Stage::Assemble,
+        Stage::Swap,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Artifact => "artifact",
+            Stage::Manifest => "manifest",
+            Stage::Objects => "objects",
+            Stage::Assemble => "assemble",
+            Stage::Swap => "swap",
+        }
+    }
+}
+
+/// How long each stage a refresh went through took.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stages([Option<Duration>; Stage::ALL.len()]);
+
+impl Stages {
+    /// Records the time since `*since` as `stage`'s, and restarts the clock.
+    pub fn lap(&mut self, stage: Stage, since: &mut Instant) {
+        let now = Instant::now();
+        self.0[stage as usize] = Some(now - *since);
+        *since = now;
+    }
+
+    /// The stages gone through, in order.
+    pub fn iter(&self) -> impl Iterator<Item = (Stage, Duration)> + '_ {
+        Stage::ALL
+            .into_iter()
+            .zip(self.0)
+            .filter_map(|(stage, d)| Some((stage, d?)))
+    }
+
+    /// Milliseconds of `stage` (0 if the refresh did not go through it), for the log.
+    pub fn ms(&self, stage: Stage) -> f64 {
+        self.0[stage as usize].map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    }
+}
 
 /// What a successful refresh did.
 #[derive(Debug, Clone, Copy)]
@@ -28,6 +85,7 @@ pub struct Applied {
     pub delta: Option<Delta>,
     /// A manifest release that was built: bytes of its files already on the volume.
     pub bytes_reused: u64,
+    pub stages: Stages,
 }
 
 /// Everything a refresh needs; cheap to share.
@@ -52,6 +110,8 @@ pub struct Refresher {
     /// The bytes of the manifest accepted last, by digest: the next one is parsed
     /// against it (`Manifest::parse_against`).
     pub last_manifest: Mutex<Option<(Digest, bytes::Bytes)>>,
+    /// How the manifests accepted last share entries with those parsed against.
+    pub lineage: Mutex<crate::assemble::Lineage>,
 }
 
 impl Refresher {
@@ -79,25 +139,31 @@ impl Refresher {
             .settled());
         }
         let digest = desired.digest;
-        let applied = if self.workspace.has_release(&digest) {
+        let mut clock = Instant::now();
+        let mut applied = if self.workspace.has_release(&digest) {
             Applied {
                 downloaded: 0,
                 reused: true,
                 seq: None,
                 delta: None,
                 bytes_reused: 0,
+                stages: Stages::default(),
             }
         } else {
             let downloaded = self.download(url, &digest, cancel).await?;
+            let mut stages = Stages::default();
+            stages.lap(Stage::Artifact, &mut clock);
             Applied {
                 downloaded,
                 reused: false,
                 seq: None,
                 delta: None,
                 bytes_reused: 0,
+                stages,
             }
         };
         self.swap(digest).await?;
+        applied.stages.lap(Stage::Swap, &mut clock);
         // Objects of manifest releases this one replaced.
         self.collect_garbage();
         Ok(applied)

@@ -13,6 +13,8 @@ use crate::Digest;
 
 mod against;
 
+pub use against::SharedEnds;
+
 /// Largest manifest accepted (about 400,000 entries of typical length).
 pub const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 /// Most entries in one manifest.

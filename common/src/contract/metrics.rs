@@ -23,6 +23,12 @@ pub const REFRESH_BYTES_TOTAL: &str = "dev_hot_refresh_bytes_total";
 /// Counter of the files of manifest releases made live, by `change`: `added`, `changed`,
 /// `removed` (against the release they were built from) and `reused`.
 pub const REFRESH_FILES_TOTAL: &str = "dev_hot_refresh_files_total";
+/// Histogram of the time a successful refresh spent in each `stage`: `artifact` (a tar.gz
+/// release downloaded, verified and extracted in one pass), `manifest` (a manifest
+/// downloaded, verified, parsed and checked), `objects` (the base chosen and the missing
+/// objects fetched), `assemble` (the release built from its base and committed) and
+/// `swap` (`current` swapped, old releases pruned).
+pub const REFRESH_STAGE: &str = "dev_hot_refresh_stage_seconds";
 /// Counter of webhook calls (`AETHER_WEBHOOK_URL`) by `result`: `success` or `failure`
 /// (each failed attempt counts; retries included).
 pub const HOOK_TOTAL: &str = "dev_hot_hook_total";

@@ -31,7 +31,40 @@ struct Outline {
     seq: u64,
 }
 
+/// How many entries two manifests have in common at their beginning (`head`) and at their
+/// end (`tail`): the same entries in the same places, counted from either end. A one-file
+/// save's manifest shares all but one or two with the manifest before it, and a diff of
+/// the two need only look between the ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedEnds {
+    pub head: usize,
+    pub tail: usize,
+}
+
+impl SharedEnds {
+    /// What `a` and `c` share, knowing that `a` and `b` share `self` and `b` and `c` share
+    /// `next`.
+    pub fn then(self, next: SharedEnds) -> SharedEnds {
+        SharedEnds {
+            head: self.head.min(next.head),
+            tail: self.tail.min(next.tail),
+        }
+    }
+}
+
 impl Manifest {
+    /// `Manifest::parse_against`, and the entries the manifest shares with the known one
+    /// when it was parsed by the difference (`None` when it was parsed in full).
+    pub fn parse_against_ends(
+        bytes: &[u8],
+        known: Option<(&Manifest, &[u8])>,
+    ) -> Result<(Self, Option<SharedEnds>), ManifestError> {
+        match known.and_then(|(manifest, known_bytes)| shortcut(bytes, manifest, known_bytes)) {
+            Some((manifest, ends)) => Ok((manifest, Some(ends))),
+            None => Ok((Self::parse(bytes)?, None)),
+        }
+    }
+
     /// `Manifest::parse` of `bytes`, knowing `known` when there is one: an earlier
     /// manifest and its canonical bytes (those it was parsed from or serialized to: the
     /// caller keeps them together). The entries that did not change are cloned from the
@@ -42,16 +75,14 @@ impl Manifest {
         bytes: &[u8],
         known: Option<(&Manifest, &[u8])>,
     ) -> Result<Self, ManifestError> {
-        match known.and_then(|(manifest, known_bytes)| shortcut(bytes, manifest, known_bytes)) {
-            Some(manifest) => Ok(manifest),
-            None => Self::parse(bytes),
-        }
+        Self::parse_against_ends(bytes, known).map(|(manifest, _)| manifest)
     }
 }
 
-/// The manifest of `bytes` built from `known` and the entries that differ, if `bytes` are
-/// a valid canonical manifest of that shape; `None` leaves the verdict to a full parse.
-fn shortcut(bytes: &[u8], known: &Manifest, known_bytes: &[u8]) -> Option<Manifest> {
+/// The manifest of `bytes` built from `known` and the entries that differ, with the
+/// entries the two share at either end, if `bytes` are a valid canonical manifest of that
+/// shape; `None` leaves the verdict to a full parse.
+fn shortcut(bytes: &[u8], known: &Manifest, known_bytes: &[u8]) -> Option<(Manifest, SharedEnds)> {
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return None;
     }
@@ -139,7 +170,13 @@ fn shortcut(bytes: &[u8], known: &Manifest, known_bytes: &[u8]) -> Option<Manife
     if !only_files {
         manifest.validate().ok()?;
     }
-    Some(manifest)
+    Some((
+        manifest,
+        SharedEnds {
+            head: k,
+            tail: n - j,
+        },
+    ))
 }
 
 impl Manifest {
@@ -354,11 +391,19 @@ mod tests {
             String::from_utf8_lossy(bytes)
         );
         let cut = shortcut(bytes, known, known_bytes);
-        if let Some(m) = &cut {
+        if let Some((m, ends)) = &cut {
             assert_eq!(
                 Ok(m),
                 full.as_ref(),
                 "the shortcut accepted what parse refuses"
+            );
+            let (a, b) = (&known.entries, &m.entries);
+            assert!(ends.head + ends.tail <= a.len().min(b.len()), "{ends:?}");
+            assert_eq!(a[..ends.head], b[..ends.head], "shared head");
+            assert_eq!(
+                a[a.len() - ends.tail..],
+                b[b.len() - ends.tail..],
+                "shared tail"
             );
         }
         cut.is_some()

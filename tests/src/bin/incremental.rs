@@ -9,8 +9,10 @@
 //!   real `aether-fetcher` watching its Pod object and `aether-fetcher supervise` running
 //!   the example server) and `aether dev --hot app DIR --format F`; a save counts once both
 //!   pods serve it. Bytes downloaded per pod per save come from the fetchers'
-//!   `dev_hot_refresh_bytes_total{source="downloaded"}`, the fetchers' apply time from
-//!   their `REFRESH_OK … ms=` lines, their peak RSS from `VmHWM`.
+//!   `dev_hot_refresh_bytes_total{source="downloaded"}`, the time of each stage of their
+//!   refresh from `dev_hot_refresh_stage_seconds_sum{stage}` (the apply time: from the
+//!   manifest accepted to the swap), the whole refresh from their `REFRESH_OK … ms=`
+//!   lines, their peak RSS from `VmHWM`.
 //!
 //! Prints one JSON object per (tree, format, set-up).
 //!
@@ -29,6 +31,11 @@ use serde_json::json;
 const LONG: Duration = Duration::from_secs(300);
 const CHANGED: &str = "changed.txt";
 const CHANGED_BYTES: usize = 10 * 1024;
+/// The fetcher's stages (`dev_hot_refresh_stage_seconds{stage}`), in order.
+const STAGES: [&str; 5] = ["manifest", "artifact", "objects", "assemble", "swap"];
+/// Where applying starts: the manifest stage is fetching and checking the statement of
+/// what to apply; a tar.gz's single pass is the whole apply.
+const STAGE_APPLY_FROM: usize = 1;
 
 struct Bins {
     aether: PathBuf,
@@ -111,7 +118,11 @@ async fn main() -> anyhow::Result<()> {
                 json!({"setup": "cluster", "tree_bytes": size, "files": files, "format": format, "saves": n,
                        "p50_ms": pct(&c.latency, 50.0), "p99_ms": pct(&c.latency, 99.0),
                        "downloaded_bytes_per_pod_per_save_p50": pct(&c.bytes, 50.0),
+                       "fetcher_refresh_ms_p50": pct(&c.refresh, 50.0),
                        "fetcher_apply_ms_p50": pct(&c.apply, 50.0),
+                       "fetcher_stage_ms_p50": STAGES.iter().zip(&c.stages)
+                           .map(|(s, v)| (s.to_string(), json!(pct(v, 50.0))))
+                           .collect::<serde_json::Map<_, _>>(),
                        "fetcher_peak_rss_mib": c.fetcher_rss_mib})
             );
             let _ = std::fs::remove_dir_all(&work);
@@ -249,6 +260,12 @@ async fn local_loop(
 struct Cluster {
     latency: Vec<f64>,
     bytes: Vec<f64>,
+    /// The fetchers' `REFRESH_OK … ms=`: annotation seen → swapped.
+    refresh: Vec<f64>,
+    /// Per pod and save, ms in each of `STAGES`.
+    stages: Vec<Vec<f64>>,
+    /// Per pod and save, ms from the manifest accepted (a tar.gz: from the start) to the
+    /// swap.
     apply: Vec<f64>,
     /// Largest peak RSS of the two fetchers, MiB.
     fetcher_rss_mib: f64,
@@ -370,19 +387,23 @@ async fn cluster(
     dev.wait_for_lines("live sha256", 1, LONG)
         .await
         .map_err(anyhow::Error::msg)?;
-    let downloaded = async || -> f64 {
-        let mut sum = 0.0;
+    // Per pod: bytes downloaded, then seconds spent in each stage, all totals so far.
+    let counters = async || -> Vec<[f64; 1 + STAGES.len()]> {
+        let mut all = Vec::new();
         for (_, _, fport, _) in &pods {
+            let mut c = [0.0; 1 + STAGES.len()];
             if let Ok((_, text)) = http_get(&format!("http://127.0.0.1:{fport}/metrics")).await {
-                sum += metric(
-                    &text,
-                    "dev_hot_refresh_bytes_total",
-                    "source=\"downloaded\"",
-                )
-                .unwrap_or(0.0);
+                let downloaded = "source=\"downloaded\"";
+                c[0] = metric(&text, "dev_hot_refresh_bytes_total", downloaded).unwrap_or(0.0);
+                for (i, stage) in STAGES.iter().enumerate() {
+                    let label = format!("stage=\"{stage}\"");
+                    c[1 + i] =
+                        metric(&text, "dev_hot_refresh_stage_seconds_sum", &label).unwrap_or(0.0);
+                }
             }
+            all.push(c);
         }
-        sum
+        all
     };
     let ports: Vec<u16> = pods.iter().map(|p| p.3).collect();
     let oks_before: Vec<usize> = pods
@@ -391,19 +412,39 @@ async fn cluster(
         .collect();
     let mut latency = Vec::new();
     let mut bytes = Vec::new();
+    let mut stages = vec![Vec::new(); STAGES.len()];
+    let mut apply = Vec::new();
     for n in 1..=saves {
-        let before = downloaded().await;
+        let before = counters().await;
         latency.push(save(src, &ports, n).await?);
+        // The fetchers' `/status` says live once their metrics have the refresh.
         until("the loop reporting the save", async || {
             dev.lines_with("live sha256").len() > n
         })
         .await?;
-        bytes.push((downloaded().await - before) / pods.len() as f64);
+        let after = counters().await;
+        bytes.push(
+            after
+                .iter()
+                .zip(&before)
+                .map(|(a, b)| a[0] - b[0])
+                .sum::<f64>()
+                / pods.len() as f64,
+        );
+        for (a, b) in after.iter().zip(&before) {
+            let ms: Vec<f64> = (1..a.len()).map(|i| (a[i] - b[i]) * 1000.0).collect();
+            for (i, v) in ms.iter().enumerate() {
+                stages[i].push(*v);
+            }
+            // After the manifest is accepted (or the tar.gz downloaded): what applying it
+            // costs.
+            apply.push(ms[STAGE_APPLY_FROM..].iter().sum());
+        }
     }
     if let Some(line) = dev.lines_with("live sha256").last() {
         eprintln!("cluster {format}, last save: {line}");
     }
-    let mut apply = Vec::new();
+    let mut refresh = Vec::new();
     for (p, before) in pods.iter().zip(oks_before) {
         for line in p.0.lines_with("REFRESH_OK").iter().skip(before) {
             if let Some(ms) = line
@@ -411,7 +452,7 @@ async fn cluster(
                 .find_map(|w| w.strip_prefix("ms="))
                 .and_then(|v| v.parse::<f64>().ok())
             {
-                apply.push(ms);
+                refresh.push(ms);
             }
         }
     }
@@ -427,6 +468,8 @@ async fn cluster(
     Ok(Cluster {
         latency,
         bytes,
+        refresh,
+        stages,
         apply,
         fetcher_rss_mib,
     })
