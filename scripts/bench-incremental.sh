@@ -2,7 +2,8 @@
 # Incremental (manifest) releases side by side with tar.gz releases of the same trees: one
 # 10 KB file of a generated app rewritten again and again, save → the app serving the new
 # bytes, through the local loop and through aether serve + the emulator + two fetcher
-# "pods"; bytes each pod downloads per save and the fetchers' apply time. A benchmark, not a
+# "pods"; bytes each pod downloads per save and the fetchers' time per stage (manifest: the
+# statement fetched and checked; apply: objects, assembly and swap). A benchmark, not a
 # test: the figures go into the README (Performance).
 #
 # usage: scripts/bench-incremental.sh
@@ -38,14 +39,17 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 def tree(r):
     return f"{r['tree_bytes'] / 1e6:.0f} MB / {r['files']:,} files"
 print()
-print("| tree | set-up | format | saves | save → served p50 | p99 | downloaded per pod per save (p50) | fetcher apply p50 | fetcher peak RSS |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| tree | set-up | format | saves | save → served p50 | p99 | downloaded per pod per save (p50) | fetcher refresh p50 | manifest stage p50 | fetcher apply p50 | fetcher peak RSS |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+def ms(v):
+    return "" if v is None else (f"{v:.0f} ms" if v >= 10 else f"{v:.1f} ms")
 for r in rows:
     dl = r.get("downloaded_bytes_per_pod_per_save_p50")
     dl = "" if dl is None else (f"{dl / 1e3:.1f} kB" if dl < 1e6 else f"{dl / 1e6:.1f} MB")
-    ap = r.get("fetcher_apply_ms_p50")
-    ap = "" if ap is None else f"{ap:.0f} ms"
+    stages = r.get("fetcher_stage_ms_p50") or {}
+    manifest = stages.get("manifest") if r["format"] == "manifest" else None
     rss = r.get("fetcher_peak_rss_mib")
     rss = "" if rss is None else f"{rss:.0f} MiB"
-    print(f"| {tree(r)} | {r['setup']} | {r['format']} | {r['saves']} | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {dl} | {ap} | {rss} |")
+    print(f"| {tree(r)} | {r['setup']} | {r['format']} | {r['saves']} | {r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {dl} "
+          f"| {ms(r.get('fetcher_refresh_ms_p50'))} | {ms(manifest)} | {ms(r.get('fetcher_apply_ms_p50'))} | {rss} |")
 PY

@@ -53,8 +53,12 @@ impl Changes {
     /// the ends are compared.
     pub fn between_known(old: &Manifest, new: &Manifest, ends: Option<SharedEnds>) -> Self {
         let (o, n) = (&old.entries, &new.entries);
+        // Ends that cannot be shared, or whose last shared entries differ, are not used
+        // (cheap checks; a wrong diff would build a wrong tree).
         let ends = ends
             .filter(|e| e.head.saturating_add(e.tail) <= o.len().min(n.len()))
+            .filter(|e| e.head == 0 || o[e.head - 1] == n[e.head - 1])
+            .filter(|e| e.tail == 0 || o[o.len() - e.tail] == n[n.len() - e.tail])
             .unwrap_or(SharedEnds { head: 0, tail: 0 });
         debug_assert!(
             o[..ends.head] == n[..ends.head]
@@ -92,8 +96,8 @@ impl Changes {
         );
         self.pairs.iter().map(|&(before, after)| {
             (
-                before.and_then(|i| old.entries.get(i)),
-                after.and_then(|i| new.entries.get(i)),
+                before.and_then(|i| old.entries.get(i)).map(Arc::as_ref),
+                after.and_then(|i| new.entries.get(i)).map(Arc::as_ref),
             )
         })
     }
@@ -113,7 +117,11 @@ impl Changes {
             }
         }
         // Every other file of `new` is the same as in `old`.
-        let files = new.entries.iter().filter(is_file).count() as u64;
+        let files = new
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryType::File)
+            .count() as u64;
         d.reused = files.saturating_sub(d.added + d.changed);
         d
     }
@@ -134,8 +142,8 @@ impl Changes {
 /// merge: both lists must be strictly in path order, as parsing leaves every manifest
 /// (and a kept one is bytes that were parsed); unsorted, a file could be lost.
 fn matched<'a>(
-    old: &'a [Entry],
-    new: &'a [Entry],
+    old: &'a [Arc<Entry>],
+    new: &'a [Arc<Entry>],
 ) -> impl Iterator<Item = (Option<usize>, Option<usize>)> + 'a {
     debug_assert!(
         old.is_sorted_by(|a, b| a.path < b.path),
@@ -257,16 +265,16 @@ impl Lineage {
 
 /// The newest kept manifest release that no one may be using: not live, not marked in
 /// use by the supervisor (an app of it may still be shutting down); else the spare copy.
-/// With how `new` (of digest `digest`) differs from it.
+/// With how `new` (of digest `new_digest`) differs from it.
 pub fn pick_base(
     ws: &Workspace,
     live: Option<&Digest>,
     new: &Manifest,
-    digest: &Digest,
+    new_digest: &Digest,
     lineage: &Lineage,
 ) -> Option<Base> {
     let changes = |base: &Digest, manifest: &Manifest| {
-        Changes::between_known(manifest, new, lineage.between(base, digest))
+        Changes::between_known(manifest, new, lineage.between(base, new_digest))
     };
     // Marks that cannot be read protect nothing: then no release is patched.
     let in_use = ws.in_use().ok()?;
@@ -468,7 +476,7 @@ mod tests {
             app: "web".into(),
             blobs: "./".into(),
             created_at: "2026-11-30T05:00:00Z".into(),
-            entries,
+            entries: entries.into_iter().map(Arc::new).collect(),
             expires_at: None,
             seq,
         }
@@ -764,10 +772,13 @@ mod tests {
         // cannot be shared are not used.
         assert_eq!(lineage.between(&d3, &d1), None);
         assert_eq!(lineage.between(&d1, &Digest::of(b"unknown")), None);
-        let too_long = SharedEnds { head: 60, tail: 60 };
-        assert_eq!(
-            Changes::between_known(&m1, &m3, Some(too_long)).pairs,
-            Changes::between(&m1, &m3).pairs
-        );
+        let full = Changes::between(&m1, &m3).pairs;
+        for wrong in [
+            SharedEnds { head: 60, tail: 60 },
+            SharedEnds { head: 21, tail: 0 },
+            SharedEnds { head: 0, tail: 16 },
+        ] {
+            assert_eq!(Changes::between_known(&m1, &m3, Some(wrong)).pairs, full);
+        }
     }
 }

@@ -53,6 +53,9 @@ impl Refresher {
             g = self.objects_lock.clone().lock_owned() => g,
             () = cancel.cancelled() => return Err(RefreshError::Cancelled),
         };
+        // A spare copy or an object collection may hold the lock for a while: its own stage.
+        let mut stages = Stages::default();
+        stages.lap(Stage::Wait, &mut clock);
         let kept_path = self.workspace.manifest_path(&digest);
         let kept = fs::read(&kept_path)
             .ok()
@@ -97,7 +100,9 @@ impl Refresher {
             let Ok(mut lineage) = self.lineage.lock() else {
                 return Err(RefreshError::new(Reason::Io, "lineage lock poisoned"));
             };
-            if let Some((parent, ends)) = parent {
+            // A release applied again (a retry after its swap failed, a rollback to it)
+            // is parsed against itself: no link to follow.
+            if let Some((parent, ends)) = parent.filter(|(p, _)| *p != digest) {
                 lineage.record(digest, parent, ends);
             }
             lineage.clone()
@@ -129,9 +134,8 @@ impl Refresher {
             seq: Some(manifest.seq),
             delta: None,
             bytes_reused: 0,
-            stages: Stages::default(),
+            stages,
         };
-        applied.stages.lap(Stage::Manifest, &mut clock);
         if !new_release {
             if manifest_bytes > 0 {
                 // The release is on disk but its manifest was lost: kept again, so the
@@ -139,7 +143,9 @@ impl Refresher {
                 let (ws, manifest) = (self.workspace.clone(), manifest.clone());
                 blocking(move || keep_manifest(&ws, &digest, &bytes, &manifest)).await?;
             }
+            applied.stages.lap(Stage::Manifest, &mut clock);
         } else {
+            applied.stages.lap(Stage::Manifest, &mut clock);
             let blobs = url.join(&manifest.blobs).map_err(|e| {
                 RefreshError::new(Reason::Extract, format!("manifest blobs URL: {e}")).settled()
             })?;

@@ -84,8 +84,9 @@ impl Metrics {
         describe_histogram!(
             REFRESH_STAGE,
             Unit::Seconds,
-            "Time successful refreshes spent in each stage: artifact (tar.gz download, \
-             check and extraction), manifest, objects, assemble, swap"
+            "Time successful refreshes spent in each stage: wait (for a spare copy or an \
+             object collection), artifact (tar.gz download, check and extraction), \
+             manifest, objects, assemble, swap"
         );
         describe_counter!(
             HOOK_TOTAL,

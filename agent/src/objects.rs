@@ -57,7 +57,7 @@ pub fn name(hex: &str, entry_mode: u32) -> String {
 
 /// The objects a manifest names, by hash: each hash with its size and object names.
 fn wanted(manifest: &Manifest) -> BTreeMap<&str, (u64, Vec<String>)> {
-    wanted_of(manifest.entries.iter())
+    wanted_of(manifest.entries.iter().map(Arc::as_ref))
 }
 
 /// The objects of these entries, by hash.
@@ -653,14 +653,14 @@ mod tests {
             app: "web".into(),
             blobs: "./".into(),
             created_at: "2026-12-01T00:00:00Z".into(),
-            entries: vec![Entry {
+            entries: vec![Arc::new(Entry {
                 mode: 0o644,
                 path: "f".into(),
                 sha256: Some(hex.clone()),
                 size: Some(4),
                 target: None,
                 kind: EntryType::File,
-            }],
+            })],
             expires_at: None,
             seq: 1,
         };

@@ -19,6 +19,7 @@ use crate::{extract_bridge, fetch, verify};
 /// The steps of a refresh timed on their own (`dev_hot_refresh_stage_seconds{stage}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    Wait,
     Artifact,
     Manifest,
     Objects,
@@ -27,7 +28,8 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 6] = [
+        Stage::Wait,
         Stage::Artifact,
         Stage::Manifest,
         Stage::Objects,
@@ -37,6 +39,7 @@ impl Stage {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            Stage::Wait => "wait",
             Stage::Artifact => "artifact",
             Stage::Manifest => "manifest",
             Stage::Objects => "objects",

@@ -89,6 +89,7 @@ mod tests {
                     target: None,
                     kind: EntryType::File,
                 })
+                .map(Arc::new)
                 .collect(),
             expires_at: None,
             seq,

@@ -372,7 +372,7 @@ pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow:
         if let Some(digest) = digest {
             blobs.entry(digest).or_insert((full, meta.len()));
         }
-        entries.push(entry);
+        entries.push(Arc::new(entry));
     }
     // Files deleted since the last snapshot leave the cache too.
     let live: HashSet<&str> = entries.iter().map(|e| e.path.as_str()).collect();
@@ -566,7 +566,7 @@ fn patch(
     let mut manifest = Arc::unwrap_or_clone(manifest);
     let mut blobs = Arc::unwrap_or_clone(blobs);
     let find =
-        |entries: &[Entry], rel: &str| entries.binary_search_by(|e| e.path.as_str().cmp(rel));
+        |entries: &[Arc<Entry>], rel: &str| entries.binary_search_by(|e| e.path.as_str().cmp(rel));
     let mut hashed = 0;
     let mut dirty = false;
     let mut added = Vec::new();
@@ -623,12 +623,12 @@ fn patch(
                 Some(entry)
             }
         };
-        if new.as_ref() == Some(&manifest.entries[i]) {
+        if new.as_ref() == Some(&*manifest.entries[i]) {
             continue;
         }
         dirty = true;
         match new {
-            Some(entry) => manifest.entries[i] = entry,
+            Some(entry) => manifest.entries[i] = Arc::new(entry),
             None => {
                 manifest.entries.remove(i);
                 cache.entries.remove(rel);
@@ -652,7 +652,7 @@ fn patch(
 
 /// After the file at `full` stopped holding `old`'s bytes: another file that holds them
 /// becomes the blob's source, or the blob leaves the release.
-fn rehome(blobs: &mut Blobs, entries: &[Entry], old: Digest, dir: &Path, full: &Path) {
+fn rehome(blobs: &mut Blobs, entries: &[Arc<Entry>], old: Digest, dir: &Path, full: &Path) {
     if blobs.get(&old).is_none_or(|(p, _)| p != full) {
         return;
     }
@@ -981,7 +981,7 @@ mod tests {
     }
 
     /// Entries and blobs of a snapshot.
-    fn content(snap: &Snapshot) -> (Vec<Entry>, Vec<(Digest, u64)>) {
+    fn content(snap: &Snapshot) -> (Vec<Arc<Entry>>, Vec<(Digest, u64)>) {
         let blobs = snap.blobs.iter().map(|(d, (_, n))| (*d, *n)).collect();
         (snap.manifest.entries.clone(), blobs)
     }

@@ -1509,7 +1509,7 @@ async fn a_manifest_for_another_app_or_unsafe_is_refused_by_the_release_route() 
         ("web", "../escape", "not a valid release manifest"),
     ] {
         m.app = app.into();
-        m.entries[0].path = path.into();
+        std::sync::Arc::make_mut(&mut m.entries[0]).path = path.into();
         m.seq += 1;
         let bytes = m.to_canonical();
         let digest = aether_common::Digest::of(&bytes);

@@ -223,7 +223,7 @@ pub fn manifest(app: &str, seq: u64, files: &[(&str, &str)]) -> Manifest {
         app: app.to_owned(),
         blobs: "./".into(),
         created_at: "2026-11-30T00:00:00Z".into(),
-        entries,
+        entries: entries.into_iter().map(std::sync::Arc::new).collect(),
         expires_at: None,
         seq,
     }

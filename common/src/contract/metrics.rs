@@ -23,7 +23,8 @@ pub const REFRESH_BYTES_TOTAL: &str = "dev_hot_refresh_bytes_total";
 /// Counter of the files of manifest releases made live, by `change`: `added`, `changed`,
 /// `removed` (against the release they were built from) and `reused`.
 pub const REFRESH_FILES_TOTAL: &str = "dev_hot_refresh_files_total";
-/// Histogram of the time a successful refresh spent in each `stage`: `artifact` (a tar.gz
+/// Histogram of the time a successful refresh spent in each `stage`: `wait` (a manifest
+/// refresh waiting for a spare copy or an object collection to finish), `artifact` (a tar.gz
 /// release downloaded, verified and extracted in one pass), `manifest` (a manifest
 /// downloaded, verified, parsed and checked), `objects` (the base chosen and the missing
 /// objects fetched), `assemble` (the release built from its base and committed) and

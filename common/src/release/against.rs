@@ -5,6 +5,8 @@
 //! known manifest. The verdict is `Manifest::parse`'s: whatever this does not recognize,
 //! valid or not, is parsed in full.
 
+use std::sync::Arc;
+
 use super::{
     Entry, EntryType, MAX_ENTRIES, MAX_MANIFEST_BYTES, Manifest, ManifestError, check_entry,
 };
@@ -67,8 +69,8 @@ impl Manifest {
 
     /// `Manifest::parse` of `bytes`, knowing `known` when there is one: an earlier
     /// manifest and its canonical bytes (those it was parsed from or serialized to: the
-    /// caller keeps them together). The entries that did not change are cloned from the
-    /// known manifest instead of parsed and checked again; anything else is checked as
+    /// caller keeps them together). The entries that did not change are shared with the
+    /// known manifest (`Arc`) instead of parsed and checked again; anything else is checked as
     /// `parse` checks it, and whatever this cannot take apart is parsed in full. Accepts
     /// and refuses exactly what `parse` does.
     pub fn parse_against(
@@ -246,12 +248,16 @@ fn index_at(known: &Manifest, kbody: &[u8], at: usize) -> Option<usize> {
         .entries
         .binary_search_by(|e| e.path.cmp(&entry.path))
         .ok()?;
-    (known.entries[i] == entry).then_some(i)
+    (*known.entries[i] == entry).then_some(i)
 }
 
 /// The entries between the known ones kept before (`after_entries`: they end with their
 /// comma) and after (`before_entries`), if `mid` is exactly their canonical form.
-fn middle_entries(mid: &[u8], after_entries: bool, before_entries: bool) -> Option<Vec<Entry>> {
+fn middle_entries(
+    mid: &[u8],
+    after_entries: bool,
+    before_entries: bool,
+) -> Option<Vec<Arc<Entry>>> {
     if mid.is_empty() {
         // The kept entries meet; nothing may end with a comma.
         return (!after_entries || before_entries).then(Vec::new);
@@ -265,7 +271,7 @@ fn middle_entries(mid: &[u8], after_entries: bool, before_entries: bool) -> Opti
     list.push(b'[');
     list.extend_from_slice(inner);
     list.push(b']');
-    let entries: Vec<Entry> = serde_json::from_slice(&list).ok()?;
+    let entries: Vec<Arc<Entry>> = serde_json::from_slice(&list).ok()?;
     (!entries.is_empty() && serde_json::to_vec(&entries).ok()? == list).then_some(entries)
 }
 
@@ -353,7 +359,7 @@ mod tests {
             app: "shop".into(),
             blobs: "/v1/blobs/".into(),
             created_at: "2026-12-01T10:00:00Z".into(),
-            entries,
+            entries: entries.into_iter().map(Arc::new).collect(),
             expires_at: None,
             seq: 7,
         }
@@ -369,8 +375,8 @@ mod tests {
 
     fn set(m: &mut Manifest, entry: Entry) {
         match m.entries.binary_search_by(|e| e.path.cmp(&entry.path)) {
-            Ok(i) => m.entries[i] = entry,
-            Err(i) => m.entries.insert(i, entry),
+            Ok(i) => m.entries[i] = entry.into(),
+            Err(i) => m.entries.insert(i, entry.into()),
         }
     }
 
@@ -570,7 +576,7 @@ mod tests {
                 Box::new(|m| {
                     let f = file("lib/v1/f20.js", "dup");
                     let i = m.entries.iter().position(|e| e.path == f.path).unwrap();
-                    m.entries.insert(i, f);
+                    m.entries.insert(i, f.into());
                 }),
             ),
             (

@@ -32,10 +32,13 @@ const LONG: Duration = Duration::from_secs(300);
 const CHANGED: &str = "changed.txt";
 const CHANGED_BYTES: usize = 10 * 1024;
 /// The fetcher's stages (`dev_hot_refresh_stage_seconds{stage}`), in order.
-const STAGES: [&str; 5] = ["manifest", "artifact", "objects", "assemble", "swap"];
-/// Where applying starts: the manifest stage is fetching and checking the statement of
-/// what to apply; a tar.gz's single pass is the whole apply.
-const STAGE_APPLY_FROM: usize = 1;
+const STAGES: [&str; 6] = [
+    "wait", "manifest", "artifact", "objects", "assemble", "swap",
+];
+/// Where applying starts: waiting for the fetcher's background work and fetching and
+/// checking the statement of what to apply come before; a tar.gz's single pass is the
+/// whole apply.
+const STAGE_APPLY_FROM: usize = 2;
 
 struct Bins {
     aether: PathBuf,
