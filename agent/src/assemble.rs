@@ -117,11 +117,7 @@ impl Changes {
             }
         }
         // Every other file of `new` is the same as in `old`.
-        let files = new
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryType::File)
-            .count() as u64;
+        let files = new.entries.iter().map(Arc::as_ref).filter(is_file).count() as u64;
         d.reused = files.saturating_sub(d.added + d.changed);
         d
     }

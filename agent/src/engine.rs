@@ -357,6 +357,7 @@ impl Engine {
                     files_removed = d.removed,
                     files_reused = d.reused,
                     patched = d.patched,
+                    wait_ms = applied.stages.ms(Stage::Wait),
                     artifact_ms = applied.stages.ms(Stage::Artifact),
                     manifest_ms = applied.stages.ms(Stage::Manifest),
                     objects_ms = applied.stages.ms(Stage::Objects),

@@ -70,9 +70,9 @@ impl Manifest {
     /// `Manifest::parse` of `bytes`, knowing `known` when there is one: an earlier
     /// manifest and its canonical bytes (those it was parsed from or serialized to: the
     /// caller keeps them together). The entries that did not change are shared with the
-    /// known manifest (`Arc`) instead of parsed and checked again; anything else is checked as
-    /// `parse` checks it, and whatever this cannot take apart is parsed in full. Accepts
-    /// and refuses exactly what `parse` does.
+    /// known manifest (`Arc`) instead of parsed and checked again; anything else is
+    /// checked as `parse` checks it, and whatever this cannot take apart is parsed in
+    /// full. Accepts and refuses exactly what `parse` does.
     pub fn parse_against(
         bytes: &[u8],
         known: Option<(&Manifest, &[u8])>,
