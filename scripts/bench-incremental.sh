@@ -10,7 +10,8 @@
 #   The local loop runs the host build of the fetcher, the "pods" the static musl build.
 #   SAVES (30) saves per manifest run, TAR_SAVES (10) per tar.gz run (a 200 MB tar.gz save
 #   takes seconds), TREES (20000000:1000,200000000:5000,200000000:40000) as SIZE:FILES,
-#   FORMATS (manifest,tar): one of them alone to measure only it.
+#   FORMATS (manifest,tar): one of them alone to measure only it; PODS (2) fetcher "pods"
+#   (1: a pod's figures without another pod competing for the machine's cores).
 # Prints one JSON line per (tree, format, set-up), then a markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ SAVES=${SAVES:-30}
 TAR_SAVES=${TAR_SAVES:-10}
 TREES=${TREES:-20000000:1000,200000000:5000,200000000:40000}
 FORMATS=${FORMATS:-manifest,tar}
+PODS=${PODS:-2}
 
 echo "building release binaries..." >&2
 cargo build --release --locked -q -p aether -p aether-fetcher -p aether-example-server -p aether-testkit --bins >&2
@@ -31,7 +33,7 @@ AETHER_QUIET_CHILDREN=1 target/release/aether-bench-incremental \
   --aether target/release/aether --fetcher target/release/aether-fetcher \
   --pod-fetcher target/x86_64-unknown-linux-musl/release/aether-fetcher \
   --app target/release/aether-example-server \
-  --trees "$TREES" --saves "$SAVES" --tar-saves "$TAR_SAVES" --formats "$FORMATS" | tee "$out"
+  --trees "$TREES" --saves "$SAVES" --tar-saves "$TAR_SAVES" --formats "$FORMATS" --pods "$PODS" | tee "$out"
 
 python3 - "$out" <<'PY'
 import json, sys

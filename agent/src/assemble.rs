@@ -103,8 +103,9 @@ impl Changes {
     }
 
     /// The files `new` adds, changes, removes and keeps against `old` (those these
-    /// changes are between).
-    pub fn delta(&self, old: &Manifest, new: &Manifest) -> Delta {
+    /// changes are between); `new` names `files` files (counted by the caller, who
+    /// already went over every entry once).
+    pub fn delta(&self, old: &Manifest, new: &Manifest, files: u64) -> Delta {
         let is_file = |e: &&Entry| e.kind == EntryType::File;
         let mut d = Delta::default();
         for (before, after) in self.pairs(old, new) {
@@ -117,7 +118,6 @@ impl Changes {
             }
         }
         // Every other file of `new` is the same as in `old`.
-        let files = new.entries.iter().map(Arc::as_ref).filter(is_file).count() as u64;
         d.reused = files.saturating_sub(d.added + d.changed);
         d
     }
@@ -467,6 +467,13 @@ mod tests {
         }
     }
 
+    fn file_count(m: &Manifest) -> u64 {
+        m.entries
+            .iter()
+            .filter(|e| e.kind == EntryType::File)
+            .count() as u64
+    }
+
     fn manifest(seq: u64, entries: Vec<Entry>) -> Manifest {
         Manifest {
             app: "web".into(),
@@ -544,7 +551,7 @@ mod tests {
         let (d3, patched) = release(&ws, &m3, Some(&d2));
         assert!(patched);
         assert_eq!(
-            Changes::between(&m2, &m3).delta(&m2, &m3),
+            Changes::between(&m2, &m3).delta(&m2, &m3, file_count(&m3)),
             Delta {
                 added: 1,
                 changed: 1,
@@ -688,7 +695,7 @@ mod tests {
             .collect();
         assert_eq!(linked, ["b", "c", "run"], "a directory is not linked");
         assert_eq!(
-            changes.delta(&old, &new),
+            changes.delta(&old, &new, file_count(&new)),
             Delta {
                 added: 1,
                 changed: 2,
@@ -752,10 +759,13 @@ mod tests {
             );
             assert_eq!(full.pairs, known.pairs);
             assert!(!known.pairs.is_empty());
-            assert_eq!(full.delta(old, new), known.delta(old, new));
+            assert_eq!(
+                full.delta(old, new, file_count(new)),
+                known.delta(old, new, file_count(new))
+            );
         }
         assert_eq!(
-            Changes::between(&m1, &m3).delta(&m1, &m3),
+            Changes::between(&m1, &m3).delta(&m1, &m3, file_count(&m3)),
             Delta {
                 added: 1,
                 changed: 2,

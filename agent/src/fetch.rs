@@ -65,8 +65,17 @@ pub async fn start(
     url: reqwest::Url,
     max_bytes: u64,
 ) -> Result<reqwest::Response, RefreshError> {
-    let response = client.get(url.clone()).send().await.map_err(classify)?;
-    let response = check_status(response, "GET", &url)?;
+    send(client.get(url.clone()), &url, max_bytes).await
+}
+
+/// `start` for a GET of `url` built with headers of its own.
+pub async fn send(
+    request: reqwest::RequestBuilder,
+    url: &reqwest::Url,
+    max_bytes: u64,
+) -> Result<reqwest::Response, RefreshError> {
+    let response = request.send().await.map_err(classify)?;
+    let response = check_status(response, "GET", url)?;
     if let Some(len) = response.content_length()
         && len > max_bytes
     {

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aether_common::contract::annotations::DesiredRelease;
-use aether_common::release::{MAX_MANIFEST_BYTES, Manifest, ManifestError};
+use aether_common::release::delta::{self, MAX_PATCH_BYTES};
+use aether_common::release::{EntryType, MAX_MANIFEST_BYTES, Manifest, ManifestError};
 use aether_common::{Digest, Sha256Writer};
 use tokio_util::sync::CancellationToken;
 
@@ -60,40 +61,57 @@ impl Refresher {
         let kept = fs::read(&kept_path)
             .ok()
             .filter(|b| Digest::of(b) == digest);
-        let (bytes, manifest_bytes) = match kept {
-            Some(kept) => (kept, 0),
+        let known = self.known_manifest();
+        let (bytes, downloaded) = match kept {
+            Some(kept) => (bytes::Bytes::from(kept), None),
             None => {
                 // Absent, or damaged on disk: fetched again, and checked like any download.
                 let _ = fs::remove_file(&kept_path);
                 self.workspace.forget_manifest(&digest);
-                let (fetched, actual) = self.download_manifest(url.clone(), cancel).await?;
-                // Verified before it is parsed: unverified bytes could be a parse made to
-                // exhaust the pod's memory.
-                verify::digest(&digest, &actual)?;
-                let n = fetched.len() as u64;
-                (fetched, n)
+                let held = self.held_manifest(&digest).await;
+                let (fetched, wire) = self
+                    .download_manifest(url.clone(), &digest, held, cancel)
+                    .await?;
+                (bytes::Bytes::from(fetched), Some(wire))
             }
         };
-        let bytes = bytes::Bytes::from(bytes);
-        let (manifest, parent) = {
-            let known = self.known_manifest();
+        // A downloaded manifest is written to a temporary file while it is parsed (6 MB
+        // for 40,000 files), and put in place only once accepted.
+        let writing = downloaded.is_some().then(|| {
+            let (ws, bytes) = (self.workspace.clone(), bytes.clone());
+            tokio::task::spawn_blocking(move || write_temp(&ws, &bytes))
+        });
+        let parsed = {
             let bytes = bytes.clone();
-            let (manifest, parent) = blocking(move || {
+            blocking(move || {
                 let parsed = Manifest::parse_against_ends(
                     &bytes,
                     known.as_ref().map(|(_, m, b)| (m.as_ref(), b.as_ref())),
                 );
                 Ok(parsed.map(|(m, ends)| (m, known.map(|(d, _, _)| d).zip(ends))))
             })
-            .await?
-            .map_err(refused)?;
-            (Arc::new(manifest), parent)
+            .await
         };
+        // A refused manifest is refused whatever became of its write (the task's
+        // temporary file is removed when it ends, unawaited).
+        let (manifest, parent) = parsed?.map_err(refused)?;
+        let manifest = Arc::new(manifest);
         let high_water = self.high_water.lock().ok().and_then(|h| *h);
         manifest
             .check_fresh(app, high_water, jiff::Timestamp::now())
             .map_err(refused)?;
-        self.check_limits(&manifest)?;
+        let totals = self.check_limits(&manifest)?;
+        let written = match writing {
+            Some(writing) => Some(
+                writing
+                    .await
+                    .map_err(|e| RefreshError::new(Reason::Io, e))?
+                    .map_err(|e| {
+                        RefreshError::new(Reason::Io, format!("keeping the manifest: {e}"))
+                    })?,
+            ),
+            None => None,
+        };
         // Accepted: what it shares with the manifest it was parsed against spares the
         // diffs against its base and the live release a pass over every entry.
         let lineage = {
@@ -119,33 +137,27 @@ impl Refresher {
             *last = follows_manifest.then(|| (digest, bytes.clone()));
         }
         let new_release = !self.workspace.has_release(&digest);
-        // A new release's manifest is kept before anything else (a release on disk always
-        // has its manifest; one left without a release, by a refusal, a failure or a kill,
-        // is removed by the next collection). Only an accepted one; written on another
-        // core while the refresh goes on, and awaited before the release is built: 6 MB
-        // for 40,000 files.
-        let writing = (new_release && manifest_bytes > 0).then(|| {
-            let (ws, bytes) = (self.workspace.clone(), bytes.clone());
-            tokio::task::spawn_blocking(move || write_manifest(&ws, &digest, &bytes))
-        });
+        // Kept before anything else is done with it (a release on disk always has its
+        // manifest; one left without a release, by a failure or a kill, is removed by the
+        // next collection). A release on disk whose manifest was lost gets it back, so it
+        // can be a base and its objects are not collected.
+        if let Some(written) = written {
+            fs::rename(written.path(), &kept_path)
+                .map_err(|e| RefreshError::new(Reason::Io, format!("keeping the manifest: {e}")))?;
+            if !new_release {
+                self.workspace.remember_manifest(digest, manifest.clone());
+            }
+        }
         let mut applied = Applied {
-            downloaded: manifest_bytes,
+            downloaded: downloaded.unwrap_or(0),
             reused: true,
             seq: Some(manifest.seq),
             delta: None,
             bytes_reused: 0,
             stages,
         };
-        if !new_release {
-            if manifest_bytes > 0 {
-                // The release is on disk but its manifest was lost: kept again, so the
-                // release can be a base and its objects are not collected.
-                let (ws, manifest) = (self.workspace.clone(), manifest.clone());
-                blocking(move || keep_manifest(&ws, &digest, &bytes, &manifest)).await?;
-            }
-            applied.stages.lap(Stage::Manifest, &mut clock);
-        } else {
-            applied.stages.lap(Stage::Manifest, &mut clock);
+        applied.stages.lap(Stage::Manifest, &mut clock);
+        if new_release {
             let blobs = url.join(&manifest.blobs).map_err(|e| {
                 RefreshError::new(Reason::Extract, format!("manifest blobs URL: {e}")).settled()
             })?;
@@ -171,20 +183,14 @@ impl Refresher {
                     .await?;
             applied.downloaded += fetched.downloaded;
             applied.reused = false;
-            applied.bytes_reused = manifest.total_size().saturating_sub(fetched.downloaded);
+            applied.bytes_reused = totals.bytes.saturating_sub(fetched.downloaded);
             applied.stages.lap(Stage::Objects, &mut clock);
-            if let Some(writing) = writing {
-                writing
-                    .await
-                    .map_err(|e| RefreshError::new(Reason::Io, e))?
-                    .map_err(|e| RefreshError::new(Reason::Io, e))?;
-            }
             let delta = blocking(move || {
                 // What the user changed: the difference from the live release (often the
                 // base itself, as its spare copy).
                 let mut delta = match (&base, live) {
                     (Some(base), Some(live)) if base.digest == live => {
-                        base.changes.delta(&base.manifest, &manifest)
+                        base.changes.delta(&base.manifest, &manifest, totals.files)
                     }
                     _ => {
                         let before = live.and_then(|d| Some((d, ws.kept_manifest(&d).ok()?)));
@@ -194,8 +200,11 @@ impl Refresher {
                         let before = before
                             .map(|(_, m)| m)
                             .unwrap_or_else(|| Arc::new(assemble::empty(&manifest)));
-                        assemble::Changes::between_known(&before, &manifest, ends)
-                            .delta(&before, &manifest)
+                        assemble::Changes::between_known(&before, &manifest, ends).delta(
+                            &before,
+                            &manifest,
+                            totals.files,
+                        )
                     }
                 };
                 // Remembered only now: the live and base manifests must stay among the
@@ -237,19 +246,162 @@ impl Refresher {
         Some((digest, self.workspace.parsed_manifest(&digest)?, bytes))
     }
 
-    /// The manifest's bytes, at most `MAX_MANIFEST_BYTES` (and the artifact cap), and
-    /// their digest, hashed as they arrive (6 MB for 40,000 files: the hash is done when
-    /// the last byte is).
+    /// A manifest this fetcher holds, to ask for `digest` as the difference from it: the
+    /// one accepted last while it is kept in memory, else the live release's, read back
+    /// (after a start, or after a first release, which does not keep its bytes). Not
+    /// hashed again: bytes that are not what they were would rebuild a manifest that does
+    /// not verify, and it would then be downloaded whole.
+    async fn held_manifest(&self, digest: &Digest) -> Option<(Digest, bytes::Bytes)> {
+        let last = self.last_manifest.lock().ok()?.clone();
+        let held = match last {
+            Some(last) => last,
+            None => {
+                let live = self.workspace.live_digest()?;
+                let path = self.workspace.manifest_path(&live);
+                // 6 MB for 40,000 files: off the async workers.
+                let bytes = blocking(move || fs::read(path)).await.ok()?;
+                (live, bytes.into())
+            }
+        };
+        // Asked for by its own digest, a store would answer "not modified".
+        (held.0 != *digest).then_some(held)
+    }
+
+    /// The manifest of `digest`: its bytes, verified, and how many bytes came over the
+    /// wire. With `held`, asked for as a patch against that manifest (`release::delta`);
+    /// a store that does not answer with one sends it whole, and a patch that is not ours,
+    /// cannot be applied or does not rebuild `digest` is followed by one download of the
+    /// whole.
     async fn download_manifest(
         &self,
         url: reqwest::Url,
+        digest: &Digest,
+        held: Option<(Digest, bytes::Bytes)>,
         cancel: &CancellationToken,
-    ) -> Result<(Vec<u8>, Digest), RefreshError> {
-        let cap = MAX_MANIFEST_BYTES.min(self.max_artifact_bytes);
-        let mut response = tokio::select! {
-            r = fetch::start(&self.http, url, cap) => r?,
-            () = cancel.cancelled() => return Err(RefreshError::Cancelled),
-        };
+    ) -> Result<(Vec<u8>, u64), RefreshError> {
+        let mut wire = 0;
+        if let Some((base, held)) = held {
+            let request = self
+                .http
+                .get(url.clone())
+                .header(delta::A_IM_HEADER, delta::IM)
+                .header(reqwest::header::IF_NONE_MATCH, delta::etag(&base));
+            // Whatever goes wrong with the request for a patch, the manifest is asked for
+            // whole once: a store may know nothing of patches, or fail to make one.
+            match self.start_manifest(request, &url, cancel).await {
+                Err(RefreshError::Cancelled) => return Err(RefreshError::Cancelled),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "asking for the manifest as a patch failed; downloading it whole"
+                ),
+                Ok(response) if response.status() != reqwest::StatusCode::IM_USED => {
+                    let got = self.receive(response, self.manifest_cap(), cancel).await?;
+                    wire += got.bytes.len() as u64;
+                    verify::digest(digest, &got.digest)?;
+                    return Ok((got.bytes, wire));
+                }
+                Ok(response) => {
+                    match self
+                        .rebuild(response, &base, held, digest, &mut wire, cancel)
+                        .await
+                    {
+                        Ok(Some(bytes)) => return Ok((bytes, wire)),
+                        Ok(None) => {}
+                        Err(RefreshError::Cancelled) => return Err(RefreshError::Cancelled),
+                        Err(e) => tracing::warn!(
+                            error = %e,
+                            "receiving a manifest patch failed; downloading the manifest whole"
+                        ),
+                    }
+                }
+            }
+        }
+        let request = self.http.get(url.clone());
+        let response = self.start_manifest(request, &url, cancel).await?;
+        let got = self.receive(response, self.manifest_cap(), cancel).await?;
+        wire += got.bytes.len() as u64;
+        // Verified before it is parsed: unverified bytes could be a parse made to exhaust
+        // the pod's memory.
+        verify::digest(digest, &got.digest)?;
+        Ok((got.bytes, wire))
+    }
+
+    /// The manifest `digest` rebuilt from `held` (of digest `base`) by the patch a
+    /// `226 IM Used` answer carries; `None` (logged) when the answer is not such a patch,
+    /// cannot be applied or rebuilds other bytes, an error when its body could not be
+    /// received (past `MAX_PATCH_BYTES`, cut): the manifest is then downloaded whole.
+    async fn rebuild(
+        &self,
+        response: reqwest::Response,
+        base: &Digest,
+        held: bytes::Bytes,
+        digest: &Digest,
+        wire: &mut u64,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<u8>>, RefreshError> {
+        if !is_patch_against(&response, base) {
+            tracing::warn!(
+                "a 226 answer without `IM: aether-patch` and a Delta-Base naming the held \
+                 manifest; downloading the manifest whole"
+            );
+            return Ok(None);
+        }
+        let cap = self.manifest_cap();
+        // Errors out (and the manifest is downloaded whole) past this many bytes.
+        let patch = self
+            .receive(response, MAX_PATCH_BYTES.min(cap), cancel)
+            .await?
+            .bytes;
+        *wire += patch.len() as u64;
+        // 6 MB written and hashed for 40,000 files: off the async workers.
+        let rebuilt = blocking(move || {
+            Ok(delta::apply(&held, &patch, cap).map(|bytes| {
+                let actual = Digest::of(&bytes);
+                (bytes, actual)
+            }))
+        })
+        .await?;
+        match rebuilt {
+            Ok((bytes, actual)) if actual == *digest => return Ok(Some(bytes)),
+            Ok((_, actual)) => tracing::warn!(
+                expected = %digest,
+                rebuilt = %actual,
+                "a manifest patch did not rebuild the manifest; downloading it whole"
+            ),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "a manifest patch could not be applied; downloading the manifest whole"
+            ),
+        }
+        Ok(None)
+    }
+
+    /// Sends a manifest request; its announced length within the cap.
+    async fn start_manifest(
+        &self,
+        request: reqwest::RequestBuilder,
+        url: &reqwest::Url,
+        cancel: &CancellationToken,
+    ) -> Result<reqwest::Response, RefreshError> {
+        tokio::select! {
+            r = fetch::send(request, url, self.manifest_cap()) => r,
+            () = cancel.cancelled() => Err(RefreshError::Cancelled),
+        }
+    }
+
+    /// At most `MAX_MANIFEST_BYTES`, and the artifact cap.
+    fn manifest_cap(&self) -> u64 {
+        MAX_MANIFEST_BYTES.min(self.max_artifact_bytes)
+    }
+
+    /// A body of at most `cap` bytes, hashed as it arrives (6 MB for 40,000 files: the
+    /// hash is done when the last byte is).
+    async fn receive(
+        &self,
+        mut response: reqwest::Response,
+        cap: u64,
+        cancel: &CancellationToken,
+    ) -> Result<Received, RefreshError> {
         // Sized once from the length the server states (bounded by the cap): no copies
         // as a large manifest grows.
         let stated = response.content_length().unwrap_or(0).min(cap);
@@ -270,11 +422,16 @@ impl Refresher {
             hash.update(&chunk);
             bytes.extend_from_slice(&chunk);
         }
-        Ok((bytes, hash.finish()))
+        Ok(Received {
+            bytes,
+            digest: hash.finish(),
+        })
     }
 
     /// The extraction limits apply to a manifest's files as to an archive's entries.
-    fn check_limits(&self, manifest: &Manifest) -> Result<(), RefreshError> {
+    /// Returns the totals, counted here once: each pass over 40,000 entries costs about a
+    /// millisecond, and the rest of a refresh follows what changed.
+    fn check_limits(&self, manifest: &Manifest) -> Result<Totals, RefreshError> {
         let entries = manifest.entries.len() as u64;
         if entries > self.limits.max_entries {
             return Err(RefreshError::new(
@@ -286,7 +443,8 @@ impl Refresher {
             )
             .settled());
         }
-        let bytes = manifest.total_size();
+        let totals = Totals::of(manifest);
+        let bytes = totals.bytes;
         if bytes > self.limits.max_bytes {
             return Err(RefreshError::new(
                 Reason::TooLarge,
@@ -297,7 +455,7 @@ impl Refresher {
             )
             .settled());
         }
-        Ok(())
+        Ok(totals)
     }
 
     /// Builds the spare copy of the live release when a next save would have no base
@@ -376,24 +534,45 @@ const GC_QUIET: std::time::Duration = std::time::Duration::from_secs(1);
 /// ...unless they keep coming this long after the first.
 const GC_AT_MOST: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Writes a verified manifest to `.aether/manifests/` (atomically) and keeps it parsed.
-fn keep_manifest(
-    ws: &Workspace,
-    digest: &Digest,
-    bytes: &[u8],
-    manifest: &Arc<Manifest>,
-) -> std::io::Result<()> {
-    write_manifest(ws, digest, bytes)?;
-    ws.remember_manifest(*digest, manifest.clone());
-    Ok(())
+/// Writes a verified manifest to a temporary file in staging, removed when dropped unless
+/// renamed into `.aether/manifests/` first.
+fn write_temp(ws: &Workspace, bytes: &[u8]) -> std::io::Result<objects::Temp> {
+    let tmp = objects::Temp(ws.temp_path("manifest"));
+    fs::File::create(tmp.path())?.write_all(bytes)?;
+    Ok(tmp)
 }
 
-/// Writes a verified manifest to `.aether/manifests/` (atomically).
-fn write_manifest(ws: &Workspace, digest: &Digest, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = ws.temp_path("manifest");
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    fs::rename(&tmp, ws.manifest_path(digest))
+/// A manifest's files: how many, and their size.
+#[derive(Debug, Clone, Copy)]
+struct Totals {
+    files: u64,
+    bytes: u64,
+}
+
+impl Totals {
+    fn of(manifest: &Manifest) -> Self {
+        let files = manifest
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryType::File);
+        files.fold(Self { files: 0, bytes: 0 }, |t, e| Self {
+            files: t.files + 1,
+            bytes: t.bytes.saturating_add(e.size.unwrap_or(0)),
+        })
+    }
+}
+
+/// A body as received, and its digest.
+struct Received {
+    bytes: Vec<u8>,
+    digest: Digest,
+}
+
+/// Whether a `226 IM Used` answer is a patch of ours against `base`.
+fn is_patch_against(response: &reqwest::Response, base: &Digest) -> bool {
+    let header = |name: &str| response.headers().get(name)?.to_str().ok();
+    header(delta::IM_HEADER).is_some_and(delta::used)
+        && header(delta::DELTA_BASE_HEADER).and_then(delta::etag_digest) == Some(*base)
 }
 
 /// A refused manifest: final for its digest (the bytes are verified; trying again gives

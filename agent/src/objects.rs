@@ -453,7 +453,13 @@ fn place(tmp: &Path, dest: &Path, name: &str) -> Result<(), RefreshError> {
 }
 
 /// A temporary file in staging, removed unless renamed away.
-struct Temp(PathBuf);
+pub(crate) struct Temp(pub(crate) PathBuf);
+
+impl Temp {
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
 
 impl Drop for Temp {
     fn drop(&mut self) {

@@ -270,11 +270,12 @@ impl Workspace {
     }
 
     /// Takes a kept release out of the releases (into staging) to be patched into another
-    /// one. Its manifest goes with it: the release no longer exists under its own digest.
+    /// one. Its manifest stays until the next object collection removes it with the other
+    /// manifests left without a release: unlinking 6 MB (40,000 files) here cost a
+    /// refresh as much as patching the release.
     pub fn take_release(&self, digest: &Digest, into: &Digest) -> io::Result<Staging> {
         let path = self.temp_path(&into.hex());
         fs::rename(self.release_dir(digest), &path)?;
-        remove_if_present(&self.manifest_path(digest))?;
         Ok(Staging { path, keep: false })
     }
 

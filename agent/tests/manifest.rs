@@ -7,7 +7,7 @@ mod rig;
 use std::time::Duration;
 
 use aether_common::Digest;
-use aether_testkit::artifacts::Fault;
+use aether_testkit::artifacts::{BadDifference, Fault};
 use aether_testkit::process::{metric, wait_until};
 use rig::*;
 
@@ -462,4 +462,111 @@ async fn an_object_of_the_live_release_that_went_missing_is_fetched_again() {
         s["last_error"].is_null(),
         "fetched on the first attempt: {s}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_travels_as_a_patch_against_the_one_held_and_a_bad_patch_costs_one_whole_download()
+ {
+    let rig = Rig::new().await;
+    rig.art.serve_differences(true);
+    let fetcher = rig.fetcher(&[]);
+    let addr = fetcher.http_addr().await.unwrap();
+    let downloaded = || async {
+        metric(
+            &metrics(addr).await,
+            "dev_hot_refresh_bytes_total",
+            "source=\"downloaded\"",
+        )
+        .unwrap_or(-1.0)
+    };
+    let mut files = small_files(300, "v1");
+    let d1 = release(&rig, 1, &files).await;
+    wait_live(addr, &d1).await;
+    assert_eq!(
+        rig.art.differences(&blob_name(&d1)),
+        0,
+        "nothing held yet: the first manifest travels whole"
+    );
+
+    // One file changes: the manifest travels as a patch of a few hundred bytes.
+    let before = downloaded().await;
+    files[150].1 = "v2 150".into();
+    let d2 = release(&rig, 2, &files).await;
+    wait_live(addr, &d2).await;
+    let whole = manifest(APP, 2, &as_refs(&files)).to_canonical().len() as f64;
+    let cost = downloaded().await - before;
+    assert_eq!(rig.art.requests(&blob_name(&d2)), 1);
+    assert_eq!(rig.art.differences(&blob_name(&d2)), 1);
+    assert!(
+        cost < 1_000.0 && whole > 30_000.0,
+        "{cost} bytes downloaded for a {whole}-byte manifest and a 6-byte file"
+    );
+    assert_served(&rig, &files[150..151], 1);
+
+    // A wrong patch, however it is wrong, and a failed request for one are followed by
+    // one download of the whole manifest; the release goes live on that first attempt.
+    // Every reason's failures.
+    let failures = || async {
+        metrics(addr)
+            .await
+            .lines()
+            .filter(|l| l.starts_with("dev_hot_refresh_failure_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let failed_before = failures().await;
+    for (seq, fault) in [
+        Fault::BadDifference(BadDifference::WrongBytes),
+        Fault::BadDifference(BadDifference::CopiesPastHeld),
+        Fault::BadDifference(BadDifference::NoBase),
+        Fault::BadDifference(BadDifference::Garbled),
+        Fault::Status(503),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seq = seq as u64 + 3;
+        files[seq as usize].1 = format!("v{seq} {seq}");
+        let refs = as_refs(&files);
+        let m = manifest(APP, seq, &refs);
+        let name = blob_name(&Digest::of(&m.to_canonical()));
+        rig.art.fail_next(&name, fault.clone());
+        let before = downloaded().await;
+        let (url, digest) = rig.publish_manifest(&m, &refs);
+        rig.point_at_manifest(&url, &digest).await;
+        wait_live(addr, &digest).await;
+        assert_eq!(
+            rig.art.requests(&name),
+            2,
+            "{fault:?}: a patch asked for, then whole"
+        );
+        assert!(downloaded().await - before >= whole, "{fault:?}");
+        assert_eq!(
+            rig.read_current(&files[seq as usize].0).as_ref(),
+            Some(&files[seq as usize].1),
+            "{fault:?}"
+        );
+        assert_eq!(
+            failures().await,
+            failed_before,
+            "{fault:?}: no failed attempt"
+        );
+    }
+    // A refused manifest leaves nothing behind: not kept, no temporary file.
+    let kept = std::fs::read_dir(rig.workspace.join(".aether/manifests"))
+        .unwrap()
+        .count();
+    let refs = as_refs(&files);
+    let replay = manifest(APP, 2, &refs);
+    let (url, digest) = rig.publish_manifest(&replay, &refs);
+    rig.point_at_manifest(&url, &digest).await;
+    let s = wait_failures(addr, 1).await;
+    assert_eq!(s["last_error"]["reason"], "replay", "{s}");
+    assert_eq!(
+        std::fs::read_dir(rig.workspace.join(".aether/manifests"))
+            .unwrap()
+            .count(),
+        kept
+    );
+    assert_eq!(rig.staging_entries(), 0);
 }

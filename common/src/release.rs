@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::Digest;
 
 mod against;
+pub mod delta;
 
 pub use against::SharedEnds;
 
@@ -135,14 +136,6 @@ impl Manifest {
 
     fn is_sorted(&self) -> bool {
         self.entries.windows(2).all(|w| w[0].path < w[1].path)
-    }
-
-    /// The sum of the files' sizes (saturating).
-    pub fn total_size(&self) -> u64 {
-        self.entries
-            .iter()
-            .filter_map(|e| e.size)
-            .fold(0, u64::saturating_add)
     }
 
     /// The release digest: SHA-256 of the canonical bytes.

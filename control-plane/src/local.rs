@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use aether_common::Digest;
 use aether_common::contract::annotations::{ARTIFACT_URL, DIGEST, FORMAT, Format};
 use aether_common::contract::status::StatusReport;
+use aether_common::release::delta;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -259,6 +260,7 @@ pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
         changes,
         seq: None,
         stored: KnownBlobs::default(),
+        last_manifest: None,
     };
     let children = (fetcher, supervisor);
     loop {
@@ -388,6 +390,9 @@ struct Source {
     /// Blobs this loop has put in its store (which only it writes, and never prunes): a
     /// save asks the store only about the others, not about every file of the tree.
     stored: KnownBlobs,
+    /// The manifest stored last: the next one is stored with the patch from it, which
+    /// the fetcher asks for (`release::delta`) and the store then has at hand.
+    last_manifest: Option<(Digest, bytes::Bytes)>,
 }
 
 /// A release in the store, ready to be annotated.
@@ -458,11 +463,24 @@ impl Source {
                 .await
                 .with_context(|| format!("storing {} (changed while stored?)", path.display()))?;
         }
+        let manifest = bytes::Bytes::from(snap.bytes.clone());
         target
             .store
-            .put_of(Kind::Blob, snap.digest, one_chunk(snap.bytes.clone()))
+            .put_of(Kind::Blob, snap.digest, one_chunk(manifest.clone()))
             .await
             .context("storing the manifest")?;
+        if let Some((base, held)) = self.last_manifest.take() {
+            let new = manifest.clone();
+            // Only saves bytes: a save goes on without it.
+            match tokio::task::spawn_blocking(move || delta::encode(&held, &new)).await {
+                Ok(patch) if delta::worth_sending(patch.len(), manifest.len()) => {
+                    target.store.keep_patch(base, snap.digest, patch.into());
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not make the manifest's patch"),
+            }
+        }
+        self.last_manifest = Some((snap.digest, manifest));
         self.stored.confirm(&snap, wanted);
         self.seq = Some(seq);
         annotations.insert(DIGEST.to_owned(), snap.digest.to_string());
@@ -481,9 +499,9 @@ impl Source {
 }
 
 fn one_chunk(
-    bytes: Vec<u8>,
+    bytes: impl Into<bytes::Bytes>,
 ) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Unpin {
-    futures::stream::iter([Ok(bytes::Bytes::from(bytes))])
+    futures::stream::iter([Ok(bytes.into())])
 }
 
 /// One save: snapshot (or pack), store, annotate, wait until the fetcher has it live and

@@ -11,14 +11,14 @@ use aether_common::contract::annotations::{self, AnnotationError, Format};
 use aether_common::contract::on_release::OnRelease;
 use aether_common::contract::signature::load_public_key;
 use aether_common::kube::manifest::{self, AppSpec};
-use aether_common::release::{BlobBatchRequest, MAX_BLOB_BATCH, MAX_BLOB_BATCH_BYTES};
+use aether_common::release::{BlobBatchRequest, MAX_BLOB_BATCH, MAX_BLOB_BATCH_BYTES, delta};
 use aether_common::{Digest, PublicKey};
 use anyhow::{Context, bail};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post, put};
@@ -729,7 +729,7 @@ async fn serve_stored(
     headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
     let digest = parse_digest(digest)?;
-    let etag = format!("\"{digest}\"");
+    let etag = delta::etag(&digest);
     if method == Method::HEAD {
         let len = store.size_of(kind, &digest).await.map_err(store_error)?;
         return Ok((
@@ -759,12 +759,29 @@ async fn serve_stored(
         }
         Download::Stream { len, body } => (len, body),
     };
-    if headers
+    let if_none_match = headers
         .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        == Some(etag.as_str())
-    {
+        .and_then(|v| v.to_str().ok());
+    if if_none_match == Some(etag.as_str()) {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    // A fetcher holding the app's previous manifest asks for a patch against it.
+    let held = if_none_match
+        .and_then(delta::etag_digest)
+        .filter(|_| kind == Kind::Blob)
+        .filter(|_| {
+            headers
+                .get(delta::A_IM_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(delta::accepted)
+        });
+    if let Some(held) = held {
+        match store.manifest_patch(&held, &digest).await {
+            Ok(Some(patch)) => return Ok(patch_response(&held, etag, patch)),
+            Ok(None) => {}
+            // The patch only saves bytes: the manifest is served whole.
+            Err(e) => tracing::warn!(error = %e, %held, %digest, "could not make a manifest patch"),
+        }
     }
     let content_type = match kind {
         Kind::Artifact => "application/gzip",
@@ -779,6 +796,31 @@ async fn serve_stored(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+/// `226 IM Used`: a manifest as a patch against the one the client holds
+/// (`aether_common::release::delta`).
+fn patch_response(held: &Digest, etag: String, patch: bytes::Bytes) -> Response {
+    (
+        StatusCode::IM_USED,
+        [
+            (header::CONTENT_LENGTH, patch.len().to_string()),
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::ETAG, etag),
+            (
+                HeaderName::from_static(delta::IM_HEADER),
+                delta::IM.to_owned(),
+            ),
+            (
+                HeaderName::from_static(delta::DELTA_BASE_HEADER),
+                delta::etag(held),
+            ),
+            // Of use only to a client holding that same manifest.
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+        ],
+        Body::from(patch),
+    )
+        .into_response()
 }
 
 fn namespace(s: &AppState, requested: Option<&str>) -> Result<String, ApiError> {
@@ -872,10 +914,15 @@ async fn check_manifest(s: &AppState, app: &str, digest: &Digest) -> Result<(), 
         read => read.map_err(store_error)?,
     };
     let (checked, owner) = (s.checked.clone(), app.to_owned());
-    let manifest = tokio::task::spawn_blocking(move || checked.parse(&owner, bytes))
+    let known = *digest;
+    let parsed = tokio::task::spawn_blocking(move || checked.parse(&owner, known, bytes))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| unprocessable(format!("{digest} is not a valid release manifest: {e}")))?;
+    let manifest = parsed.manifest;
+    if let Some((base, patch)) = parsed.patch {
+        s.store.keep_patch(base, *digest, patch.into());
+    }
     if manifest.app != app {
         return Err(unprocessable(format!(
             "manifest {digest} is for app {:?}, not {app:?}",

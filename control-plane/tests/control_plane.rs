@@ -1198,6 +1198,102 @@ async fn blobs_are_stored_by_their_hash_and_a_wrong_hash_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_is_served_as_a_patch_against_one_the_client_holds_and_whole_otherwise() {
+    let plane = Plane::start(&[]).await;
+    // Shaped as canonical manifests; a save changes created_at, one entry and seq.
+    let manifest = |seq: u64, changed: usize| {
+        let entries: Vec<String> = (0..2000)
+            .map(|i| {
+                let hash = if i == changed { "bb" } else { "aa" };
+                format!("{{\"mode\":420,\"path\":\"f{i:05}\",\"sha256\":\"{hash}\"}}")
+            })
+            .collect();
+        format!(
+            "{{\"app\":\"web\",\"blobs\":\"./\",\"created_at\":\"2026-12-07T10:00:0{seq}Z\",\"entries\":[{}],\"seq\":{seq}}}",
+            entries.join(",")
+        )
+        .into_bytes()
+    };
+    let (held, wanted) = (manifest(1, usize::MAX), manifest(2, 1234));
+    let (hd, wd) = (
+        aether_common::Digest::of(&held),
+        aether_common::Digest::of(&wanted),
+    );
+    for (d, bytes) in [(hd, &held), (wd, &wanted)] {
+        let url = format!("{}/v1/blobs/{d}", plane.url);
+        assert_eq!(http("PUT", &url, Some(TOKEN), bytes.clone()).await.0, 201);
+    }
+    aether_testkit::process::install_crypto();
+    let client = reqwest::Client::new();
+    let get = |digest: aether_common::Digest, kind: &str, a_im: Option<&str>, base: String| {
+        let mut r = client
+            .get(format!("{}/v1/{kind}/{digest}", plane.url))
+            .header("if-none-match", base);
+        if let Some(a_im) = a_im {
+            r = r.header("a-im", a_im);
+        }
+        r.send()
+    };
+    let tag = |d: aether_common::Digest| format!("\"{d}\"");
+    let header = |r: &reqwest::Response, name: &str| r.headers()[name].to_str().unwrap().to_owned();
+
+    let r = get(wd, "blobs", Some("vcdiff, aether-patch"), tag(hd))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 226);
+    assert_eq!(header(&r, "im"), "aether-patch");
+    assert_eq!(header(&r, "delta-base"), tag(hd));
+    assert_eq!(header(&r, "etag"), tag(wd));
+    let patch = r.bytes().await.unwrap();
+    assert!(
+        patch.len() < 200,
+        "{} bytes sent for a {}-byte manifest: {}",
+        patch.len(),
+        wanted.len(),
+        String::from_utf8_lossy(&patch)
+    );
+    let rebuilt = aether_common::release::delta::apply(&held, &patch, u64::MAX).unwrap();
+    assert_eq!(rebuilt, wanted);
+    // The app's other pods ask for the same patch: the same answer.
+    let again = get(wd, "blobs", Some("aether-patch"), tag(hd))
+        .await
+        .unwrap();
+    assert_eq!(again.bytes().await.unwrap(), patch);
+
+    // Whole: without A-IM, against a base the store does not hold, for another
+    // instance manipulation.
+    let whole = [
+        get(wd, "blobs", None, tag(hd)).await.unwrap(),
+        get(
+            wd,
+            "blobs",
+            Some("aether-patch"),
+            tag(aether_common::Digest::of(b"gone")),
+        )
+        .await
+        .unwrap(),
+        get(wd, "blobs", Some("gzip"), tag(hd)).await.unwrap(),
+    ];
+    for r in whole {
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(r.bytes().await.unwrap(), wanted);
+    }
+    // Blobs only (manifests are blobs): the same bytes as an artifact go whole.
+    let url = format!("{}/v1/artifacts/{wd}", plane.url);
+    assert_eq!(http("PUT", &url, Some(TOKEN), wanted.clone()).await.0, 201);
+    let artifact = get(wd, "artifacts", Some("aether-patch"), tag(hd))
+        .await
+        .unwrap();
+    assert_eq!(artifact.status().as_u16(), 200);
+    assert_eq!(artifact.bytes().await.unwrap(), wanted);
+    // The client already holds it.
+    let same = get(wd, "blobs", Some("aether-patch"), tag(wd))
+        .await
+        .unwrap();
+    assert_eq!(same.status().as_u16(), 304);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_missing_blobs_query_names_only_unknown_digests_once_each() {
     let plane = Plane::start(&[]).await;
     let known = aether_common::Digest::of(b"known");

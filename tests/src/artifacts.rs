@@ -2,16 +2,20 @@
 //! injects faults (error statuses, truncation, stalls, wrong bytes, slow bodies). It also
 //! answers the content store's batched blob download (`POST <prefix>download`, a tar of
 //! the blobs stored as `<prefix>sha256:<hex>`), so fetchers use it as they use the store.
+//! With `serve_differences`, it answers a GET that asks for a patch against a blob it
+//! holds (`A-IM: aether-patch`, `If-None-Match: "sha256:<hex>"`) as the control plane's
+//! store does; faults can spoil that answer.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use aether_common::release::delta;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::SinkExt;
@@ -30,6 +34,21 @@ pub enum Fault {
     WrongBytes,
     /// Send the body in chunks of `chunk` bytes with `delay` between them.
     Slow { chunk: usize, delay: Duration },
+    /// When the request asks for a patch: answer one that is wrong this way.
+    BadDifference(BadDifference),
+}
+
+/// How an injected patch (`226 IM Used`) is wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadDifference {
+    /// A patch that rebuilds other bytes.
+    WrongBytes,
+    /// A patch that copies past the end of the blob the client holds.
+    CopiesPastHeld,
+    /// No `Delta-Base` header.
+    NoBase,
+    /// A body that is not a patch.
+    Garbled,
 }
 
 #[derive(Default)]
@@ -39,6 +58,9 @@ struct Inner {
     /// Applied to every request of a name once its queued faults are used up.
     standing: HashMap<String, Fault>,
     requests: HashMap<String, u64>,
+    /// Patches answered (226), by name.
+    differences: HashMap<String, u64>,
+    serve_differences: bool,
 }
 
 #[derive(Clone, Default)]
@@ -124,6 +146,22 @@ impl ArtifactServer {
         };
     }
 
+    /// Answers requests for a patch against a blob it holds with one (226), as the
+    /// control plane's store does.
+    pub fn serve_differences(&self, on: bool) {
+        self.shared.lock().serve_differences = on;
+    }
+
+    /// Requests of `name` answered with a patch (226).
+    pub fn differences(&self, name: &str) -> u64 {
+        self.shared
+            .lock()
+            .differences
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Requests received for `name` so far (a batched download counts one for each blob it
     /// carries, and one for its own name, `<prefix>download`).
     pub fn requests(&self, name: &str) -> u64 {
@@ -131,19 +169,89 @@ impl ArtifactServer {
     }
 }
 
-async fn serve(State(shared): State<Shared>, Path(name): Path<String>) -> Response {
-    let (blob, fault) = {
+async fn serve(
+    State(shared): State<Shared>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (blob, fault, held) = {
         let mut inner = shared.lock();
         let fault = inner.take_fault(&name);
-        (inner.blobs.get(&name).cloned(), fault)
+        let held = inner.held(&headers);
+        let blob = inner.blobs.get(&name).cloned();
+        let patched = blob.is_some()
+            && held.is_some()
+            && matches!(fault, None | Some(Fault::BadDifference(_)));
+        if patched {
+            *inner.differences.entry(name.clone()).or_default() += 1;
+        }
+        (blob, fault, held)
     };
     let Some(blob) = blob else {
         return (StatusCode::NOT_FOUND, "no such artifact\n").into_response();
     };
-    respond(blob, fault, "application/gzip")
+    match (held, fault) {
+        (Some(held), Some(Fault::BadDifference(bad))) => difference(&held, &blob, Some(bad)),
+        (Some(held), None) => difference(&held, &blob, None),
+        (_, fault) => respond(blob, fault, "application/gzip"),
+    }
+}
+
+/// `226 IM Used`: `blob` as a patch against `held` (made as the control plane's store
+/// makes it), or wrong the way `bad` says.
+fn difference(held: &[u8], blob: &[u8], bad: Option<BadDifference>) -> Response {
+    let mut base = format!("\"{}\"", aether_common::Digest::of(held));
+    let patch = match bad {
+        Some(BadDifference::WrongBytes) => {
+            let mut wrong = blob.to_vec();
+            corrupt(&mut wrong);
+            [format!("insert {}\n", wrong.len()).into_bytes(), wrong].concat()
+        }
+        Some(BadDifference::CopiesPastHeld) => format!("copy 0 {}\n", held.len() + 1).into_bytes(),
+        Some(BadDifference::Garbled) => b"splice 1 2\n".to_vec(),
+        Some(BadDifference::NoBase) => {
+            base.clear();
+            delta::encode(held, blob)
+        }
+        None => delta::encode(held, blob),
+    };
+    let mut response = (
+        StatusCode::IM_USED,
+        [
+            (delta::IM_HEADER, delta::IM.to_owned()),
+            (header::CONTENT_LENGTH.as_str(), patch.len().to_string()),
+        ],
+        patch,
+    )
+        .into_response();
+    if !base.is_empty()
+        && let Ok(value) = base.parse()
+    {
+        response
+            .headers_mut()
+            .insert(delta::DELTA_BASE_HEADER, value);
+    }
+    response
 }
 
 impl Inner {
+    /// The blob a request asks for a patch against, when this server answers them and
+    /// holds it.
+    fn held(&self, headers: &HeaderMap) -> Option<Bytes> {
+        let asks = headers
+            .get(delta::A_IM_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(delta::accepted);
+        if !self.serve_differences || !asks {
+            return None;
+        }
+        let tag = headers.get(header::IF_NONE_MATCH)?.to_str().ok()?;
+        self.blobs
+            .values()
+            .find(|b| format!("\"{}\"", aether_common::Digest::of(b)) == tag)
+            .cloned()
+    }
+
     /// Counts a request of `name` and takes the fault it gets.
     fn take_fault(&mut self, name: &str) -> Option<Fault> {
         *self.requests.entry(name.to_owned()).or_default() += 1;

@@ -13,13 +13,13 @@ use super::{
 
 /// Where an entry starts. `{"` never occurs inside a JSON string (a quote in a string is
 /// escaped), so in canonical bytes this is always the start of an entry of the array.
-const ENTRY_START: &[u8] = b"{\"mode\":";
+pub(super) const ENTRY_START: &[u8] = b"{\"mode\":";
 /// Just before the entries: the first `,"entries":[` (a comma before a quote is never
 /// inside a string, and only `app`, `blobs` and `created_at` come before).
-const ENTRIES_OPEN: &[u8] = b",\"entries\":[";
+pub(super) const ENTRIES_OPEN: &[u8] = b",\"entries\":[";
 /// Just after them: the last `],"` (entries hold no array, and only `expires_at` and
 /// `seq` come after).
-const ENTRIES_CLOSE: &[u8] = b"],\"";
+pub(super) const ENTRIES_CLOSE: &[u8] = b"],\"";
 
 /// The fields other than `entries`, parsed from the bytes around them.
 #[derive(serde::Deserialize)]
@@ -291,7 +291,7 @@ fn entry_start_at_or_after(body: &[u8], at: usize) -> usize {
 }
 
 /// How many bytes `a` and `b` share from the start, compared a word at a time.
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+pub(super) fn common_prefix(a: &[u8], b: &[u8]) -> usize {
     let n = a.len().min(b.len());
     let words = a[..n]
         .chunks_exact(8)
@@ -307,7 +307,7 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 }
 
 /// How many bytes `a` and `b` share at the end.
-fn common_suffix(a: &[u8], b: &[u8]) -> usize {
+pub(super) fn common_suffix(a: &[u8], b: &[u8]) -> usize {
     let n = a.len().min(b.len());
     let (a, b) = (&a[a.len() - n..], &b[b.len() - n..]);
     let words = a

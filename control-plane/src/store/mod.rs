@@ -5,6 +5,7 @@
 //! control-plane replicas share it. Whatever the backend, an upload is hashed while it
 //! streams and becomes visible under its digest only when the hash matches.
 
+mod delta;
 mod local;
 mod s3;
 #[cfg(test)]
@@ -91,6 +92,7 @@ enum Backend {
 #[derive(Debug)]
 pub struct Store {
     backend: Backend,
+    deltas: delta::Recent,
 }
 
 impl Store {
@@ -98,6 +100,7 @@ impl Store {
     pub fn open(data_dir: &Path, max_bytes: u64) -> io::Result<Self> {
         Ok(Self {
             backend: Backend::Local(local::Local::open(data_dir, max_bytes)?),
+            deltas: Default::default(),
         })
     }
 
@@ -105,6 +108,7 @@ impl Store {
     pub fn s3(config: &S3Config, max_bytes: u64) -> Result<Self, StoreError> {
         Ok(Self {
             backend: Backend::S3(s3::S3::new(config, max_bytes)?),
+            deltas: Default::default(),
         })
     }
 
@@ -113,8 +117,12 @@ impl Store {
         match self.backend {
             Backend::Local(l) => Self {
                 backend: Backend::Local(l.scratch()),
+                deltas: self.deltas,
             },
-            other => Self { backend: other },
+            other => Self {
+                backend: other,
+                deltas: self.deltas,
+            },
         }
     }
 

@@ -332,6 +332,57 @@ async fn a_manifest_is_read_whole_up_to_a_cap(store: &Arc<Store>) {
     ));
 }
 
+async fn a_manifest_patch_is_made_from_stored_manifests_or_kept_and_never_for_other_blobs(
+    store: &Arc<Store>,
+) {
+    use aether_common::release::delta;
+    let manifest = |seq: u64, changed: usize| {
+        let entries: Vec<String> = (0..500)
+            .map(|i| {
+                let v = if i == changed { "b" } else { "a" };
+                format!("{{\"mode\":420,\"path\":\"p{i:04}\",\"sha256\":\"{v}\"}}")
+            })
+            .collect();
+        let entries = entries.join(",");
+        format!("{{\"app\":\"patch-case\",\"entries\":[{entries}],\"seq\":{seq}}}").into_bytes()
+    };
+    let (held, wanted) = (manifest(1, usize::MAX), manifest(2, 250));
+    let (h, w) = (Digest::of(&held), Digest::of(&wanted));
+    for (d, bytes) in [(h, &held), (w, &wanted)] {
+        store
+            .put_of(Kind::Blob, d, one_chunk(bytes.clone()))
+            .await
+            .unwrap();
+    }
+    let patch = store
+        .manifest_patch(&h, &w)
+        .await
+        .unwrap()
+        .expect("a patch");
+    assert!(patch.len() < 200, "{} bytes", patch.len());
+    assert_eq!(delta::apply(&held, &patch, u64::MAX).unwrap(), wanted);
+    // A base the store does not hold, and blobs that are not manifests: whole.
+    let gone = Digest::of(b"never stored");
+    assert!(store.manifest_patch(&gone, &w).await.unwrap().is_none());
+    let (a, b) = (unique("patch-a", 5000), unique("patch-b", 5000));
+    for bytes in [&a, &b] {
+        let d = Digest::of(bytes);
+        store
+            .put_of(Kind::Blob, d, one_chunk(bytes.clone()))
+            .await
+            .unwrap();
+    }
+    let not_manifests = store
+        .manifest_patch(&Digest::of(&a), &Digest::of(&b))
+        .await
+        .unwrap();
+    assert!(not_manifests.is_none());
+    // A patch kept by the release route is served without its base being read.
+    let kept = Bytes::from_static(b"insert 1\nx");
+    store.keep_patch(gone, w, kept.clone());
+    assert_eq!(store.manifest_patch(&gone, &w).await.unwrap(), Some(kept));
+}
+
 async fn suite(store: Store) {
     let store = Arc::new(store);
     an_upload_is_stored_once_and_read_back_whole(&store).await;
@@ -340,6 +391,7 @@ async fn suite(store: Store) {
     a_batched_upload_keeps_verified_blobs_and_refuses_a_corrupt_one(&store).await;
     a_batched_download_is_a_tar_of_the_blobs_in_order_of_its_announced_length(&store).await;
     a_manifest_is_read_whole_up_to_a_cap(&store).await;
+    a_manifest_patch_is_made_from_stored_manifests_or_kept_and_never_for_other_blobs(&store).await;
 }
 
 async fn moto_store(moto: &Moto, download: DownloadMode) -> Store {

@@ -5,9 +5,9 @@
 //! rewritten SAVES times and the time from the write until the app serves the new bytes is
 //! measured, in two set-ups:
 //! - the local loop: `aether dev --hot --local DIR --format F -- aether-example-server`;
-//! - the cluster path: the API emulator (in this process), `aether serve`, two "pods" (a
+//! - the cluster path: the API emulator (in this process), `aether serve`, two "pods" (`--pods`; a
 //!   real `aether-fetcher` watching its Pod object and `aether-fetcher supervise` running
-//!   the example server) and `aether dev --hot app DIR --format F`; a save counts once both
+//!   the example server) and `aether dev --hot app DIR --format F`; a save counts once all
 //!   pods serve it. Bytes downloaded per pod per save come from the fetchers'
 //!   `dev_hot_refresh_bytes_total{source="downloaded"}`, the time of each stage of their
 //!   refresh from `dev_hot_refresh_stage_seconds_sum{stage}` (the apply time: from the
@@ -18,7 +18,7 @@
 //!
 //! usage: aether-bench-incremental --aether PATH --fetcher PATH [--pod-fetcher PATH] --app PATH
 //!        [--trees 20000000:1000,200000000:5000,200000000:40000] [--saves 30] [--tar-saves 10]
-//!        [--formats manifest,tar]
+//!        [--formats manifest,tar] [--pods 2]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -48,6 +48,9 @@ struct Bins {
     /// memory are what a pod has.
     pod_fetcher: PathBuf,
     app: PathBuf,
+    /// How many "pods" the cluster path runs (2 by default; 1 shows a pod's figures
+    /// without another one competing for the machine's cores).
+    pods: usize,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -58,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let mut saves = 30usize;
     let mut tar_saves = 10usize;
     let mut formats = "manifest,tar".to_owned();
+    let mut pods = 2usize;
     while let Some(arg) = args.next() {
         let value = args
             .next()
@@ -71,6 +75,7 @@ async fn main() -> anyhow::Result<()> {
             "--saves" => saves = value.parse()?,
             "--tar-saves" => tar_saves = value.parse()?,
             "--formats" => formats = value,
+            "--pods" => pods = value.parse()?,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -88,7 +93,11 @@ async fn main() -> anyhow::Result<()> {
         },
         fetcher,
         app: abs(app, "app")?,
+        pods,
     };
+    if pods == 0 {
+        bail!("--pods 0: the cluster path needs at least one pod");
+    }
     let formats: Vec<&str> = formats.split(',').collect();
     if formats.is_empty()
         || formats.iter().any(|f| !matches!(*f, "manifest" | "tar"))
@@ -119,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "{}",
                 json!({"setup": "cluster", "tree_bytes": size, "files": files, "format": format, "saves": n,
+                       "pods": bins.pods,
                        "p50_ms": pct(&c.latency, 50.0), "p99_ms": pct(&c.latency, 99.0),
                        "downloaded_bytes_per_pod_per_save_p50": pct(&c.bytes, 50.0),
                        "fetcher_refresh_ms_p50": pct(&c.refresh, 50.0),
@@ -325,7 +335,7 @@ async fn cluster(
         bail!("deploy failed: {}", deploy.logs().join("\n"));
     }
     let mut pods = Vec::new();
-    for i in 0..2 {
+    for i in 0..bins.pods {
         let name = format!("app-{i}");
         let (fport, aport) = (free_port(), free_port());
         emu.create(
