@@ -270,12 +270,24 @@ impl Workspace {
     }
 
     /// Takes a kept release out of the releases (into staging) to be patched into another
-    /// one. Its manifest stays until the next object collection removes it with the other
-    /// manifests left without a release: unlinking 6 MB (40,000 files) here cost a
-    /// refresh as much as patching the release.
+    /// one. Its manifest goes with it: the release no longer exists under its own digest.
     pub fn take_release(&self, digest: &Digest, into: &Digest) -> io::Result<Staging> {
         let path = self.temp_path(&into.hex());
         fs::rename(self.release_dir(digest), &path)?;
+        // Unlinking 6 MB (40,000 files) here cost a refresh as much as patching the release,
+        // and leaving it to the next collection, seconds later, had it written to disk
+        // first: it is moved aside and unlinked on another thread (a kill leaves it in
+        // staging, which the next start wipes).
+        let aside = self.temp_path("taken-manifest");
+        match fs::rename(self.manifest_path(digest), &aside) {
+            Ok(()) => {
+                let _ = std::thread::Builder::new()
+                    .name("remove-manifest".into())
+                    .spawn(move || fs::remove_file(aside));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         Ok(Staging { path, keep: false })
     }
 
