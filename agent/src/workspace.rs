@@ -274,21 +274,29 @@ impl Workspace {
     pub fn take_release(&self, digest: &Digest, into: &Digest) -> io::Result<Staging> {
         let path = self.temp_path(&into.hex());
         fs::rename(self.release_dir(digest), &path)?;
+        let staging = Staging { path, keep: false };
         // Unlinking 6 MB (40,000 files) here cost a refresh as much as patching the release,
         // and leaving it to the next collection, seconds later, had it written to disk
         // first: it is moved aside and unlinked on another thread (a kill leaves it in
-        // staging, which the next start wipes).
+        // staging, which the next start wipes). Should it stay, the next collection
+        // removes it with any manifest left without a release.
         let aside = self.temp_path("taken-manifest");
         match fs::rename(self.manifest_path(digest), &aside) {
             Ok(()) => {
-                let _ = std::thread::Builder::new()
+                let remove = aside.clone();
+                let spawned = std::thread::Builder::new()
                     .name("remove-manifest".into())
-                    .spawn(move || fs::remove_file(aside));
+                    .spawn(move || fs::remove_file(remove));
+                if spawned.is_err() {
+                    let _ = fs::remove_file(&aside);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(release = %digest, error = %e, "could not move a base's manifest aside")
+            }
         }
-        Ok(Staging { path, keep: false })
+        Ok(staging)
     }
 
     /// The digest of the release the spare copy holds, if there is one.
