@@ -280,6 +280,9 @@ impl Refresher {
         cancel: &CancellationToken,
     ) -> Result<(Vec<u8>, u64), RefreshError> {
         let mut wire = 0;
+        // A whole manifest: the answer to the request for a patch when it is not one,
+        // else the answer to a plain request.
+        let mut whole = None;
         if let Some((base, held)) = held {
             let request = self
                 .http
@@ -295,10 +298,7 @@ impl Refresher {
                     "asking for the manifest as a patch failed; downloading it whole"
                 ),
                 Ok(response) if response.status() != reqwest::StatusCode::IM_USED => {
-                    let got = self.receive(response, self.manifest_cap(), cancel).await?;
-                    wire += got.bytes.len() as u64;
-                    verify::digest(digest, &got.digest)?;
-                    return Ok((got.bytes, wire));
+                    whole = Some(response);
                 }
                 Ok(response) => {
                     match self
@@ -316,8 +316,13 @@ impl Refresher {
                 }
             }
         }
-        let request = self.http.get(url.clone());
-        let response = self.start_manifest(request, &url, cancel).await?;
+        let response = match whole {
+            Some(response) => response,
+            None => {
+                let request = self.http.get(url.clone());
+                self.start_manifest(request, &url, cancel).await?
+            }
+        };
         let got = self.receive(response, self.manifest_cap(), cancel).await?;
         wire += got.bytes.len() as u64;
         // Verified before it is parsed: unverified bytes could be a parse made to exhaust

@@ -64,8 +64,7 @@ impl CheckedManifests {
         let patch = known
             .as_deref()
             .filter(|k| manifest.app == app && k.digest != digest)
-            .map(|k| (k.digest, delta::encode(&k.bytes, &bytes)))
-            .filter(|(_, patch)| delta::worth_sending(patch.len(), bytes.len()));
+            .map(|k| (k.digest, delta::encode(&k.bytes, &bytes)));
         if manifest.app == app && bytes.len() <= BUDGET {
             let checked = Arc::new(Checked {
                 app: app.to_owned(),

@@ -473,10 +473,10 @@ impl Source {
             let new = manifest.clone();
             // Only saves bytes: a save goes on without it.
             match tokio::task::spawn_blocking(move || delta::encode(&held, &new)).await {
-                Ok(patch) if delta::worth_sending(patch.len(), manifest.len()) => {
-                    target.store.keep_patch(base, snap.digest, patch.into());
+                Ok(patch) => {
+                    let whole = manifest.len();
+                    target.store.keep_patch(base, snap.digest, patch, whole);
                 }
-                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "could not make the manifest's patch"),
             }
         }

@@ -914,14 +914,14 @@ async fn check_manifest(s: &AppState, app: &str, digest: &Digest) -> Result<(), 
         read => read.map_err(store_error)?,
     };
     let (checked, owner) = (s.checked.clone(), app.to_owned());
-    let known = *digest;
+    let (known, whole) = (*digest, bytes.len());
     let parsed = tokio::task::spawn_blocking(move || checked.parse(&owner, known, bytes))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map_err(|e| unprocessable(format!("{digest} is not a valid release manifest: {e}")))?;
     let manifest = parsed.manifest;
     if let Some((base, patch)) = parsed.patch {
-        s.store.keep_patch(base, *digest, patch.into());
+        s.store.keep_patch(base, *digest, patch, whole);
     }
     if manifest.app != app {
         return Err(unprocessable(format!(

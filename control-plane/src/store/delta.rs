@@ -46,10 +46,11 @@ const COMPARE_WAIT: Duration = Duration::from_secs(2);
 
 impl Store {
     /// Keeps a patch made elsewhere (the release route's, from the manifests it checked;
-    /// the local loop's) for the pods that will ask for it.
-    pub fn keep_patch(&self, base: Digest, target: Digest, patch: Bytes) {
-        if patch.len() <= KEPT_BYTES {
-            self.deltas.keep(base, target, Some(patch));
+    /// the local loop's) of a `whole`-byte manifest for the pods that will ask for it, if
+    /// it is worth sending.
+    pub fn keep_patch(&self, base: Digest, target: Digest, patch: Vec<u8>, whole: usize) {
+        if delta::worth_sending(patch.len(), whole) && patch.len() <= KEPT_BYTES {
+            self.deltas.keep(base, target, Some(patch.into()));
         }
     }
 

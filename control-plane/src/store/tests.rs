@@ -378,9 +378,12 @@ async fn a_manifest_patch_is_made_from_stored_manifests_or_kept_and_never_for_ot
         .unwrap();
     assert!(not_manifests.is_none());
     // A patch kept by the release route is served without its base being read.
-    let kept = Bytes::from_static(b"insert 1\nx");
-    store.keep_patch(gone, w, kept.clone());
-    assert_eq!(store.manifest_patch(&gone, &w).await.unwrap(), Some(kept));
+    let kept = b"insert 1\nx".to_vec();
+    store.keep_patch(gone, w, kept.clone(), wanted.len());
+    assert_eq!(
+        store.manifest_patch(&gone, &w).await.unwrap(),
+        Some(Bytes::from(kept))
+    );
 }
 
 async fn suite(store: Store) {
