@@ -239,7 +239,11 @@ impl Client {
     }
 
     /// Uploads one blob held in memory (a manifest).
-    pub async fn put_blob(&self, digest: &Digest, bytes: Vec<u8>) -> anyhow::Result<()> {
+    pub async fn put_blob(
+        &self,
+        digest: &Digest,
+        bytes: impl Into<reqwest::Body>,
+    ) -> anyhow::Result<()> {
         let r = self
             .req(reqwest::Method::PUT, &format!("/v1/blobs/{digest}"))
             .body(bytes);

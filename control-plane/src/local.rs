@@ -463,20 +463,27 @@ impl Source {
                 .await
                 .with_context(|| format!("storing {} (changed while stored?)", path.display()))?;
         }
-        let manifest = bytes::Bytes::from(snap.bytes.clone());
+        let manifest = snap.bytes.clone();
+        // The patch from the manifest stored last is made while this one is stored: the
+        // fetcher asks for it (`release::delta`) as soon as the annotation names the new
+        // one. It only saves bytes: a save goes on without it.
+        let patching = self.last_manifest.take().map(|(base, held)| {
+            let new = manifest.clone();
+            (
+                base,
+                tokio::task::spawn_blocking(move || delta::encode(&held, &new)),
+            )
+        });
         target
             .store
-            .put_of(Kind::Blob, snap.digest, one_chunk(manifest.clone()))
+            .put_bytes(Kind::Blob, snap.digest, manifest.clone())
             .await
             .context("storing the manifest")?;
-        if let Some((base, held)) = self.last_manifest.take() {
-            let new = manifest.clone();
-            // Only saves bytes: a save goes on without it.
-            match tokio::task::spawn_blocking(move || delta::encode(&held, &new)).await {
-                Ok(patch) => {
-                    let whole = manifest.len();
-                    target.store.keep_patch(base, snap.digest, patch, whole);
-                }
+        if let Some((base, patching)) = patching {
+            match patching.await {
+                Ok(patch) => target
+                    .store
+                    .keep_patch(base, snap.digest, patch, manifest.len()),
                 Err(e) => tracing::warn!(error = %e, "could not make the manifest's patch"),
             }
         }

@@ -27,8 +27,9 @@ pub struct Snapshot {
     /// Shared with the directory's state, which patches it in place at the next save once
     /// this snapshot is dropped.
     pub manifest: Arc<Manifest>,
-    /// The canonical bytes (the manifest blob).
-    pub bytes: Vec<u8>,
+    /// The canonical bytes (the manifest blob), shared with the directory's state (the
+    /// next save serializes against them).
+    pub bytes: bytes::Bytes,
     pub digest: Digest,
     /// The hash of the entries alone: equal for two snapshots of the same tree, whatever
     /// their `seq` and time.
@@ -111,6 +112,8 @@ pub struct HashCache {
 struct Last {
     digest: Digest,
     manifest: Arc<Manifest>,
+    /// The manifest's canonical bytes.
+    bytes: bytes::Bytes,
     blobs: Arc<Blobs>,
     tree: Digest,
     /// The ignore files above the directory, which the walk reads and the watcher does
@@ -392,6 +395,7 @@ pub fn snapshot(dir: &Path, cache: &mut HashCache, release: &Release) -> anyhow:
         hashed,
         patched_from: None,
         added: Vec::new(),
+        known: None,
     };
     finish(dir, cache, manifest, read, release).map(|s| Snapshot { walked: true, ..s })
 }
@@ -406,6 +410,9 @@ struct Found {
     /// The snapshot patched, and the blobs the patch added.
     patched_from: Option<Digest>,
     added: Vec<Digest>,
+    /// The snapshot patched and its bytes: what the new one is serialized and checked
+    /// against.
+    known: Option<(Arc<Manifest>, bytes::Bytes)>,
 }
 
 /// Stamps the release on the entries, checks and serializes the manifest, and keeps it as
@@ -424,27 +431,42 @@ fn finish(
         hashed,
         patched_from,
         added,
+        known,
     } = read;
     manifest.app = release.app.clone();
     manifest.created_at = jiff::Timestamp::now().to_string();
     manifest.expires_at = release.expires_at.map(|t| t.to_string());
     manifest.seq = release.seq;
-    // Checked, serialized and hashed twice (the release, the entries): for a large tree
-    // each takes milliseconds, and they share nothing but the manifest, so they run on two
-    // cores at once.
-    let (valid, (bytes, digest, tree)) = manifest.validate_beside(|| {
-        let bytes = manifest.to_canonical();
-        let (digest, tree) = hash_both(&manifest, &bytes, tree);
-        (bytes, digest, tree)
-    });
+    let (valid, (bytes, digest, tree)) = match &known {
+        // A patch: the entries it left are copied from the known bytes and not checked
+        // again (a one-file save of 40,000 files: ~5 ms instead of ~20).
+        Some((known, known_bytes)) => {
+            let bytes = manifest.to_canonical_against(known, known_bytes);
+            debug_assert_eq!(bytes, manifest.to_canonical());
+            let valid = manifest.validate_against(&bytes, known, known_bytes);
+            let (digest, tree) = hash_both(&manifest, &bytes, tree);
+            (valid, (bytes, digest, tree))
+        }
+        // Checked, serialized and hashed twice (the release, the entries): for a large
+        // tree each takes milliseconds, and they share nothing but the manifest, so they
+        // run on two cores at once.
+        None => manifest.validate_beside(|| {
+            let bytes = manifest.to_canonical();
+            let (digest, tree) = hash_both(&manifest, &bytes, tree);
+            (bytes, digest, tree)
+        }),
+    };
+    drop(known);
     if let Err(e) = valid {
         bail!("{} cannot be released: {e}", dir.display());
     }
     let tree = tree?;
     let (manifest, blobs) = (Arc::new(manifest), Arc::new(blobs));
+    let bytes = bytes::Bytes::from(bytes);
     cache.last = Some(Last {
         digest,
         manifest: manifest.clone(),
+        bytes: bytes.clone(),
         blobs: blobs.clone(),
         tree,
         above,
@@ -524,6 +546,7 @@ fn patch(
     let Some(Last {
         digest: base,
         manifest,
+        bytes,
         blobs,
         tree,
         above,
@@ -562,7 +585,9 @@ fn patch(
         rels.push(rel);
     }
     rels.sort_unstable();
-    // Cloned only when the last snapshot is still held elsewhere (never in a loop).
+    // Kept to serialize and check against: the entries the patch leaves are the same
+    // `Arc`s in both.
+    let known = (manifest.clone(), bytes);
     let mut manifest = Arc::unwrap_or_clone(manifest);
     let mut blobs = Arc::unwrap_or_clone(blobs);
     let find =
@@ -646,6 +671,7 @@ fn patch(
         hashed,
         patched_from: Some(base),
         added,
+        known: Some(known),
     };
     finish(dir, cache, manifest, read, release).map(Some)
 }

@@ -1,9 +1,10 @@
-//! Parsing a manifest against one already parsed (the app's release before it). A
-//! one-file save changes a few of tens of thousands of entries, and in canonical form an
-//! unchanged entry is the same bytes: only the bytes between the common beginning and
-//! the common end are parsed and checked, the entries on either side are taken from the
-//! known manifest. The verdict is `Manifest::parse`'s: whatever this does not recognize,
-//! valid or not, is parsed in full.
+//! Parsing, serializing and checking a manifest against one already known (the app's
+//! release before it). A one-file save changes a few of tens of thousands of entries, and
+//! in canonical form an unchanged entry is the same bytes: only the bytes between the
+//! common beginning and the common end are parsed, serialized and checked, the entries on
+//! either side are taken from the known manifest and its bytes. The verdicts are those of
+//! `Manifest::parse` and `Manifest::validate`, the bytes those of `Manifest::to_canonical`:
+//! whatever this does not recognize is done in full.
 
 use std::sync::Arc;
 
@@ -79,6 +80,116 @@ impl Manifest {
     ) -> Result<Self, ManifestError> {
         Self::parse_against_ends(bytes, known).map(|(manifest, _)| manifest)
     }
+
+    /// `to_canonical`, knowing an earlier manifest and the bytes it serialized to: the
+    /// entries this one shares with it at either end (the same `Arc`s, as a patched
+    /// snapshot keeps them) are copied from those bytes instead of serialized again
+    /// (40,000 entries: ~1 ms instead of ~10).
+    pub fn to_canonical_against(&self, known: &Manifest, known_bytes: &[u8]) -> Vec<u8> {
+        splice(self, known, known_bytes).unwrap_or_else(|| self.to_canonical())
+    }
+
+    /// `validate`, knowing an earlier manifest and its canonical bytes, for this
+    /// manifest's canonical `bytes`: when they differ from the known ones only in entries
+    /// `parse_against` can check alone, only those are checked; else every rule.
+    pub fn validate_against(
+        &self,
+        bytes: &[u8],
+        known: &Manifest,
+        known_bytes: &[u8],
+    ) -> Result<(), ManifestError> {
+        match shortcut(bytes, known, known_bytes) {
+            Some(_) => Ok(()),
+            None => self.validate(),
+        }
+    }
+}
+
+/// The canonical bytes of `manifest` from those of `known`, if `manifest` shares entries
+/// with it at either end and keeps path order where it differs; `None` leaves it to a
+/// full serialization.
+fn splice(manifest: &Manifest, known: &Manifest, known_bytes: &[u8]) -> Option<Vec<u8>> {
+    let (new, old) = (&manifest.entries, &known.entries);
+    let head = new
+        .iter()
+        .zip(old)
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    let room = new.len().min(old.len()) - head;
+    let tail = new
+        .iter()
+        .rev()
+        .zip(old.iter().rev())
+        .take(room)
+        .take_while(|(a, b)| Arc::ptr_eq(a, b))
+        .count();
+    if head + tail == 0 {
+        return None;
+    }
+    // Only the entries in between are new: they alone may be out of order.
+    let changed = &new[head..new.len() - tail];
+    let from = head.saturating_sub(1);
+    let to = (new.len() - tail + 1).min(new.len());
+    if !new[from..to].windows(2).all(|w| w[0].path < w[1].path) {
+        return None;
+    }
+    let (kh, kt) = (head_len(known_bytes)?, tail_len(known_bytes)?);
+    if kh + kt > known_bytes.len() {
+        return None;
+    }
+    let kbody = &known_bytes[kh..known_bytes.len() - kt];
+    // Where the known entries `head` and `len - tail` start (`{"mode":` only ever starts
+    // an entry; one past the end, as if a comma followed the last entry, for `len`). A
+    // count that does not add up leaves it to a full serialization.
+    let mut starts = memchr::memmem::find_iter(kbody, ENTRY_START);
+    let mut taken = 0;
+    let mut start_of = |i: usize| -> Option<usize> {
+        if i == old.len() {
+            return Some(kbody.len() + 1);
+        }
+        let at = starts.nth(i.checked_sub(taken)?)?;
+        taken = i + 1;
+        Some(at)
+    };
+    let first_changed = start_of(head)?;
+    let first_kept = match old.len() - tail {
+        i if i == head => first_changed,
+        i => start_of(i)?,
+    };
+    let kept_head = match head {
+        0 => &[][..],
+        _ => kbody.get(..first_changed.checked_sub(1)?)?,
+    };
+    let kept_tail = match tail {
+        0 => &[][..],
+        _ => kbody.get(first_kept..)?,
+    };
+    let bare = serde_json::to_vec(&manifest.header()).ok()?;
+    let (bh, bt) = (head_len(&bare)?, tail_len(&bare)?);
+    if bh + bt != bare.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bare.len() + known_bytes.len() + 256 * changed.len());
+    out.extend_from_slice(&bare[..bh]);
+    let mut first = true;
+    let mut put = |out: &mut Vec<u8>, piece: &[u8]| {
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(piece);
+    };
+    if head > 0 {
+        put(&mut out, kept_head);
+    }
+    for entry in changed {
+        put(&mut out, &serde_json::to_vec(entry.as_ref()).ok()?);
+    }
+    if tail > 0 {
+        put(&mut out, kept_tail);
+    }
+    out.extend_from_slice(&bare[bh..]);
+    Some(out)
 }
 
 /// The manifest of `bytes` built from `known` and the entries that differ, with the
@@ -683,5 +794,133 @@ mod tests {
         // Some mutations still make a valid manifest (a digit of a size, a letter of a
         // name), and those must have been taken apart too.
         assert!(taken > 0);
+    }
+
+    #[test]
+    fn a_manifest_serialized_and_checked_against_the_one_it_patched_gets_the_full_bytes_and_verdict()
+     {
+        let known = known();
+        let known_bytes = known.to_canonical();
+        let edits: Vec<(&str, Edit)> = vec![
+            ("nothing", Box::new(|_| {})),
+            ("change the first", Box::new(|m| set(m, file("a/0", "n")))),
+            (
+                "change a middle file",
+                Box::new(|m| set(m, file("lib/v1/f30.js", "x"))),
+            ),
+            ("change the last", Box::new(|m| set(m, file("z", "new")))),
+            (
+                "change a tricky name",
+                Box::new(|m| set(m, file("a/b/x},{\"mode\":1", "n"))),
+            ),
+            ("add at the start", Box::new(|m| set(m, file("0", "new")))),
+            ("add at the end", Box::new(|m| set(m, file("zz", "new")))),
+            (
+                "add in a directory",
+                Box::new(|m| set(m, file("lib/v1/f30a.js", "n"))),
+            ),
+            ("remove the first", Box::new(|m| remove(m, "a"))),
+            ("remove the last", Box::new(|m| remove(m, "z"))),
+            (
+                "remove a middle file",
+                Box::new(|m| remove(m, "lib/v1/f10.js")),
+            ),
+            (
+                "two changes far apart",
+                Box::new(|m| {
+                    set(m, file("a/0", "new"));
+                    set(m, file("main.js", "new"));
+                }),
+            ),
+            (
+                "everything new",
+                Box::new(|m| {
+                    m.entries = m
+                        .entries
+                        .iter()
+                        .map(|e| Arc::new(Entry::clone(e)))
+                        .collect();
+                }),
+            ),
+            ("no entries left", Box::new(|m| m.entries.clear())),
+            (
+                "an expiry and another app",
+                Box::new(|m| {
+                    m.expires_at = Some("2027-01-01T00:00:00Z".into());
+                    m.app = "other".into();
+                }),
+            ),
+            (
+                "a new directory with a file",
+                Box::new(|m| {
+                    set(m, dir("lib/v2"));
+                    set(m, file("lib/v2/a.js", "a"));
+                }),
+            ),
+            (
+                "a link retargeted outside",
+                Box::new(|m| set(m, link("lib/current", "../../etc"))),
+            ),
+            (
+                "a directory removed under its files",
+                Box::new(|m| remove(m, "lib/v1")),
+            ),
+            (
+                "a file where a directory was",
+                Box::new(|m| set(m, file("lib/v1", "flat"))),
+            ),
+            (
+                "a file with no parent",
+                Box::new(|m| set(m, file("q/x", "n"))),
+            ),
+            ("an unsafe path", Box::new(|m| set(m, file("a/../x", "n")))),
+            (
+                "entries out of order where they changed",
+                Box::new(|m| {
+                    set(m, file("lib/v1/f30.js", "x"));
+                    set(m, file("lib/v1/f31.js", "y"));
+                    let i = m.entries.iter().position(|e| e.path == "lib/v1/f30.js");
+                    m.entries.swap(i.unwrap(), i.unwrap() + 1);
+                }),
+            ),
+            (
+                "a duplicate where they changed",
+                Box::new(|m| {
+                    let i = m.entries.iter().position(|e| e.path == "main.js").unwrap();
+                    m.entries.insert(i, Arc::new(file("main.js", "again")));
+                }),
+            ),
+        ];
+        let (mut checked_apart, mut spliced) = (0, 0);
+        for (what, edit) in edits {
+            let mut new = next(&known);
+            edit(&mut new);
+            let bytes = new.to_canonical_against(&known, &known_bytes);
+            assert_eq!(
+                String::from_utf8_lossy(&bytes),
+                String::from_utf8_lossy(&new.to_canonical()),
+                "{what}"
+            );
+            assert_eq!(
+                new.validate_against(&bytes, &known, &known_bytes),
+                new.validate(),
+                "{what}"
+            );
+            checked_apart += usize::from(shortcut(&bytes, &known, &known_bytes).is_some());
+            spliced += usize::from(splice(&new, &known, &known_bytes).is_some());
+        }
+        assert!(checked_apart > 10, "{checked_apart}");
+        // All but four: every entry new, none left, and the two whose changed entries are
+        // out of order, which a full serialization sorts.
+        assert_eq!(spliced, 19);
+        // Bytes that are not the known manifest's (fewer entries) are not spliced from.
+        let mut new = next(&known);
+        set(&mut new, file("z", "new"));
+        let short = next(&Manifest {
+            entries: known.entries[..10].to_vec(),
+            ..known.clone()
+        })
+        .to_canonical();
+        assert_eq!(new.to_canonical_against(&known, &short), new.to_canonical());
     }
 }

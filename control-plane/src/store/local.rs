@@ -147,6 +147,46 @@ impl Local {
         Ok(true)
     }
 
+    /// `put_of` for bytes in memory: hashed on one thread while written on another (the
+    /// local loop's 6 MB manifest of 40,000 files: ~4 ms instead of ~10 through tokio's
+    /// chunked file writes after hashing on the runtime).
+    pub(super) async fn put_bytes(
+        &self,
+        kind: Kind,
+        claimed: Digest,
+        bytes: Bytes,
+    ) -> Result<bool, StoreError> {
+        if self.contains_of(kind, &claimed) {
+            return Ok(false);
+        }
+        if bytes.len() as u64 > self.max_bytes {
+            return Err(StoreError::TooLarge(self.max_bytes));
+        }
+        let mut tmp = self.temp_file(&claimed);
+        let (path, durable) = (tmp.path().to_path_buf(), self.durable);
+        let hashing = {
+            let bytes = bytes.clone();
+            tokio::task::spawn_blocking(move || Digest::of(&bytes))
+        };
+        let writing = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(&bytes)?;
+            if durable {
+                file.sync_all()?;
+            }
+            Ok(())
+        });
+        let (got, written) = tokio::join!(hashing, writing);
+        written.map_err(io::Error::other)??;
+        let got = got.map_err(io::Error::other)?;
+        if got != claimed {
+            return Err(StoreError::Mismatch { claimed, got });
+        }
+        tokio::fs::rename(tmp.path(), self.path_of(kind, &claimed)).await?;
+        tmp.0 = None;
+        Ok(true)
+    }
+
     /// Stores one entry of a batched upload as a blob, synchronously (the batch is read
     /// on a blocking thread); returns false when it was already there (its bytes are then
     /// read and dropped).

@@ -192,6 +192,23 @@ impl Store {
         }
     }
 
+    /// `put_of` for bytes already in memory (the directory store hashes and writes them
+    /// at once); verified all the same.
+    pub async fn put_bytes(
+        &self,
+        kind: Kind,
+        claimed: Digest,
+        bytes: Bytes,
+    ) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Local(l) => l.put_bytes(kind, claimed, bytes).await,
+            Backend::S3(s) => {
+                let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes)]);
+                s.put_of(kind, claimed, body).await
+            }
+        }
+    }
+
     /// Stores the blobs of a batched upload: an uncompressed tar stream whose entries are
     /// regular files named `sha256:<hex>` (or `<hex>`), each holding that blob. Blocking
     /// (run it off the async runtime, inside it: the object-storage backend hands each

@@ -146,6 +146,12 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The milliseconds the loop's report gives `stage` (`… {stage} N ms …`).
+fn stage_ms(line: &str, stage: &str) -> Option<f64> {
+    let (_, rest) = line.split_once(&format!("{stage} "))?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
 fn pct(v: &[f64], p: f64) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -261,10 +267,18 @@ async fn local_loop(
         })
         .await?;
     }
-    // Where a save's time went, as the loop itself reports it (for the README's analysis).
-    if let Some(line) = dev.lines_with("app restarted in").last() {
-        eprintln!("local {format}, last save: {line}");
-    }
+    // Where a save's time went, as the loop itself reports it (for the README's analysis):
+    // the p50 of each stage over the measured saves (the first line is the start).
+    let reports = dev.lines_with("app restarted in");
+    let measured = reports.get(1..).unwrap_or_default();
+    let stages: Vec<String> = ["debounce", "snapshot+store", "fetch→live", "restart"]
+        .iter()
+        .map(|stage| {
+            let ms: Vec<f64> = measured.iter().filter_map(|l| stage_ms(l, stage)).collect();
+            format!("{stage} {} ms", pct(&ms, 50.0))
+        })
+        .collect();
+    eprintln!("local {format}, stage p50s: {}", stages.join(", "));
     drop(dev);
     std::fs::write(src.join(CHANGED), save_bytes(0))?;
     Ok(latency)
