@@ -449,9 +449,8 @@ pub async fn run(mut args: ServeArgs, shutdown: CancellationToken) -> anyhow::Re
 /// A server with only the download routes (artifacts and blobs), for the local loop: the
 /// same code path as the control plane's store.
 pub async fn serve_store_only(
-    store: Store,
+    store: Arc<Store>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let store = Arc::new(store);
     let app = Router::new()
         .route(
             "/v1/artifacts/{digest}",
