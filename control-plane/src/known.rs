@@ -87,7 +87,7 @@ mod tests {
                 expires_at: None,
                 seq: 1,
             }),
-            bytes: Vec::new(),
+            bytes: bytes::Bytes::new(),
             digest: d(name),
             tree: d(name),
             blobs: Arc::new(

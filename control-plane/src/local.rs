@@ -469,7 +469,8 @@ impl Source {
         // The patch from the manifest stored last is made while this one is stored: the
         // fetcher asks for it (`release::delta`) as soon as the annotation names the new
         // one. It only saves bytes: a save goes on without it.
-        let patching = self.last_manifest.take().map(|(base, held)| {
+        // Cloned (shared bytes), not taken: a failed store keeps the base of the next patch.
+        let patching = self.last_manifest.clone().map(|(base, held)| {
             let new = manifest.clone();
             (
                 base,

@@ -163,28 +163,31 @@ impl Local {
             return Err(StoreError::TooLarge(self.max_bytes));
         }
         let mut tmp = self.temp_file(&claimed);
-        let (path, durable) = (tmp.path().to_path_buf(), self.durable);
-        let hashing = {
-            let bytes = bytes.clone();
-            tokio::task::spawn_blocking(move || Digest::of(&bytes))
-        };
-        let writing = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            let mut file = std::fs::File::create(&path)?;
-            file.write_all(&bytes)?;
-            if durable {
-                file.sync_all()?;
+        let (target, durable) = (self.path_of(kind, &claimed), self.durable);
+        // One blocking task owns the temporary file from creation to rename: a caller
+        // that goes away leaves no thread behind to create it after its guard is gone.
+        tokio::task::spawn_blocking(move || {
+            let got = std::thread::scope(|s| -> io::Result<Digest> {
+                let hashing = s.spawn(|| Digest::of(&bytes));
+                let mut file = std::fs::File::create(tmp.path())?;
+                file.write_all(&bytes)?;
+                if durable {
+                    file.sync_all()?;
+                }
+                hashing
+                    .join()
+                    .map_err(|_| io::Error::other("hashing the upload failed"))
+            })?;
+            if got != claimed {
+                return Err(StoreError::Mismatch { claimed, got });
             }
-            Ok(())
-        });
-        let (got, written) = tokio::join!(hashing, writing);
-        written.map_err(io::Error::other)??;
-        let got = got.map_err(io::Error::other)?;
-        if got != claimed {
-            return Err(StoreError::Mismatch { claimed, got });
-        }
-        tokio::fs::rename(tmp.path(), self.path_of(kind, &claimed)).await?;
-        tmp.0 = None;
-        Ok(true)
+            std::fs::rename(tmp.path(), &target)?;
+            // Renamed into place: nothing left to remove.
+            tmp.0.take();
+            Ok(true)
+        })
+        .await
+        .map_err(|e| StoreError::Io(io::Error::other(e)))?
     }
 
     /// Stores one entry of a batched upload as a blob, synchronously (the batch is read

@@ -157,6 +157,40 @@ async fn a_mismatched_or_oversized_upload_leaves_no_object(store: &Arc<Store>) {
     ));
 }
 
+async fn bytes_in_memory_are_stored_verified_and_once(store: &Arc<Store>) {
+    let bytes = Bytes::from(unique("in-memory", 3 << 20));
+    let digest = Digest::of(&bytes);
+    assert!(
+        store
+            .put_bytes(Kind::Blob, digest, bytes.clone())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .put_bytes(Kind::Blob, digest, bytes.clone())
+            .await
+            .unwrap()
+    );
+    assert!(bytes_of(store, Kind::Blob, &digest).await == bytes);
+    let claimed = Digest::of(b"not these bytes");
+    let err = store
+        .put_bytes(
+            Kind::Blob,
+            claimed,
+            Bytes::from(unique("in-memory-mismatch", 100)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Mismatch { .. }), "{err}");
+    assert!(!store.contains_of(Kind::Blob, &claimed).await.unwrap());
+    let big = Bytes::from(unique("in-memory-too-large", MAX as usize + 1));
+    let digest = Digest::of(&big);
+    let err = store.put_bytes(Kind::Blob, digest, big).await.unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge(MAX)), "{err}");
+    assert!(!store.contains_of(Kind::Blob, &digest).await.unwrap());
+}
+
 async fn missing_blobs_are_listed_in_order_once_each(store: &Arc<Store>) {
     let stored: Vec<Digest> = futures::future::join_all((0..3).map(|i| async move {
         let bytes = unique(&format!("present-{i}"), 10);
@@ -390,6 +424,7 @@ async fn suite(store: Store) {
     let store = Arc::new(store);
     an_upload_is_stored_once_and_read_back_whole(&store).await;
     a_mismatched_or_oversized_upload_leaves_no_object(&store).await;
+    bytes_in_memory_are_stored_verified_and_once(&store).await;
     missing_blobs_are_listed_in_order_once_each(&store).await;
     a_batched_upload_keeps_verified_blobs_and_refuses_a_corrupt_one(&store).await;
     a_batched_download_is_a_tar_of_the_blobs_in_order_of_its_announced_length(&store).await;
@@ -416,6 +451,9 @@ async fn moto_store(moto: &Moto, download: DownloadMode) -> Store {
 async fn the_store_suite_passes_on_the_data_directory() {
     let dir = tempfile::tempdir().unwrap();
     suite(Store::open(dir.path(), MAX).unwrap()).await;
+    // Refused uploads left no temporary file behind.
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("tmp")).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
