@@ -136,18 +136,7 @@ fn splice(manifest: &Manifest, known: &Manifest, known_bytes: &[u8]) -> Option<V
     if !new[from..to].windows(2).all(|w| w[0].path < w[1].path) {
         return None;
     }
-    let (kh, kt) = (head_len(known_bytes)?, tail_len(known_bytes)?);
-    if kh + kt > known_bytes.len() {
-        return None;
-    }
-    let known_bare = serde_json::to_vec(&known.header()).ok()?;
-    let (kbh, kbt) = (head_len(&known_bare)?, tail_len(&known_bare)?);
-    if known_bytes[..kh] != known_bare[..kbh]
-        || known_bytes[known_bytes.len() - kt..] != known_bare[known_bare.len() - kbt..]
-    {
-        return None;
-    }
-    let kbody = &known_bytes[kh..known_bytes.len() - kt];
+    let kbody = known_body(known, known_bytes)?;
     // Where the known entries `head` and `len - tail` start (`{"mode":` only ever starts
     // an entry; one past the end, as if a comma followed the last entry, for `len`). A
     // count that does not add up leaves it to a full serialization.
@@ -215,6 +204,20 @@ fn splice(manifest: &Manifest, known: &Manifest, known_bytes: &[u8]) -> Option<V
     Some(out)
 }
 
+/// The entries' bytes of `known_bytes`, if the bytes around them are what `known`
+/// serializes to.
+fn known_body<'a>(known: &Manifest, known_bytes: &'a [u8]) -> Option<&'a [u8]> {
+    let outline = serde_json::to_vec(&known.header()).ok()?;
+    let (kh, kt) = (head_len(&outline)?, tail_len(&outline)?);
+    if known_bytes.len() < kh + kt
+        || known_bytes[..kh] != outline[..kh]
+        || known_bytes[known_bytes.len() - kt..] != outline[kh..]
+    {
+        return None;
+    }
+    Some(&known_bytes[kh..known_bytes.len() - kt])
+}
+
 /// The manifest of `bytes` built from `known` and the entries that differ, with the
 /// entries the two share at either end, if `bytes` are a valid canonical manifest of that
 /// shape; `None` leaves the verdict to a full parse.
@@ -225,16 +228,7 @@ fn shortcut(bytes: &[u8], known: &Manifest, known_bytes: &[u8]) -> Option<(Manif
     let (mut manifest, head, tail) = outline(bytes)?;
     manifest.validate_header().ok()?;
     let body = &bytes[head..bytes.len() - tail];
-    // The known bytes' own outline must be what `known` serializes to.
-    let known_outline = serde_json::to_vec(&known.header()).ok()?;
-    let (kh, kt) = (head_len(&known_outline)?, tail_len(&known_outline)?);
-    if known_bytes.len() < kh + kt
-        || known_bytes[..kh] != known_outline[..kh]
-        || known_bytes[known_bytes.len() - kt..] != known_outline[kh..]
-    {
-        return None;
-    }
-    let kbody = &known_bytes[kh..known_bytes.len() - kt];
+    let kbody = known_body(known, known_bytes)?;
 
     // The known entries before `q` are the same bytes in both (up to the entry in
     // which they first differ, parsed again), and so are those from `r` on.
@@ -549,11 +543,10 @@ mod tests {
         cut.is_some()
     }
 
-    #[test]
-    fn a_changed_added_or_removed_file_anywhere_is_parsed_by_the_difference_alone() {
-        let known = known();
-        let known_bytes = known.to_canonical();
-        let edits: Vec<(&str, Edit)> = vec![
+    /// Files changed, added and removed at the start, middle and end, and the fields
+    /// around the entries changed: what a save does.
+    fn file_edits() -> Vec<(&'static str, Edit)> {
+        vec![
             ("nothing", Box::new(|_| {})),
             (
                 "change the first file",
@@ -595,7 +588,14 @@ mod tests {
                 Box::new(|m| m.expires_at = Some("2027-01-01T00:00:00Z".into())),
             ),
             ("another app", Box::new(|m| m.app = "other".into())),
-        ];
+        ]
+    }
+
+    #[test]
+    fn a_changed_added_or_removed_file_anywhere_is_parsed_by_the_difference_alone() {
+        let known = known();
+        let known_bytes = known.to_canonical();
+        let edits = file_edits();
         for (what, edit) in edits {
             let mut new = next(&known);
             edit(&mut new);
@@ -824,37 +824,8 @@ mod tests {
      {
         let known = known();
         let known_bytes = known.to_canonical();
-        let edits: Vec<(&str, Edit)> = vec![
-            ("nothing", Box::new(|_| {})),
-            ("change the first", Box::new(|m| set(m, file("a/0", "n")))),
-            (
-                "change a middle file",
-                Box::new(|m| set(m, file("lib/v1/f30.js", "x"))),
-            ),
-            ("change the last", Box::new(|m| set(m, file("z", "new")))),
-            (
-                "change a tricky name",
-                Box::new(|m| set(m, file("a/b/x},{\"mode\":1", "n"))),
-            ),
-            ("add at the start", Box::new(|m| set(m, file("0", "new")))),
-            ("add at the end", Box::new(|m| set(m, file("zz", "new")))),
-            (
-                "add in a directory",
-                Box::new(|m| set(m, file("lib/v1/f30a.js", "n"))),
-            ),
-            ("remove the first", Box::new(|m| remove(m, "a"))),
-            ("remove the last", Box::new(|m| remove(m, "z"))),
-            (
-                "remove a middle file",
-                Box::new(|m| remove(m, "lib/v1/f10.js")),
-            ),
-            (
-                "two changes far apart",
-                Box::new(|m| {
-                    set(m, file("a/0", "new"));
-                    set(m, file("main.js", "new"));
-                }),
-            ),
+        let mut edits = file_edits();
+        edits.extend::<Vec<(&str, Edit)>>(vec![
             (
                 "everything new",
                 Box::new(|m| {
@@ -913,7 +884,7 @@ mod tests {
                     m.entries.insert(i, Arc::new(file("main.js", "again")));
                 }),
             ),
-        ];
+        ]);
         let (mut checked_apart, mut spliced) = (0, 0);
         for (what, edit) in edits {
             let mut new = next(&known);
@@ -935,7 +906,7 @@ mod tests {
         assert!(checked_apart > 10, "{checked_apart}");
         // All but four: every entry new, none left, and the two whose changed entries are
         // out of order, which a full serialization sorts.
-        assert_eq!(spliced, 19);
+        assert_eq!(spliced, 21);
         // Bytes that are not the known manifest's (fewer entries) are not spliced from.
         let mut new = next(&known);
         set(&mut new, file("z", "new"));
