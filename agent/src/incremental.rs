@@ -42,6 +42,9 @@ impl Refresher {
     ) -> Result<Applied, RefreshError> {
         let digest = desired.digest;
         let mut clock = Instant::now();
+        // Until the swap (or the refresh's end), the manifests it lets go are freed and
+        // unlinked later.
+        let _refreshing = self.workspace.refreshing();
         let Some(app) = self.app.as_deref() else {
             return Err(RefreshError::new(
                 Reason::Replay,

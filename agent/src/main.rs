@@ -1,6 +1,7 @@
 //! `aether-fetcher`: keeps a pod's shared volume on the release annotated on its own Pod.
 
 mod assemble;
+mod background;
 mod config;
 mod engine;
 mod extract_bridge;

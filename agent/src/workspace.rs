@@ -29,6 +29,8 @@ use aether_common::Digest;
 use aether_common::release::Manifest;
 use serde::{Deserialize, Serialize};
 
+use crate::background;
+
 const CURRENT: &str = "current";
 const READY: &str = ".ready";
 const CURRENT_TMP: &str = ".current.tmp";
@@ -72,6 +74,8 @@ pub struct Workspace {
     /// large tree takes tens of milliseconds to parse. Few, because each is the size of
     /// the tree's listing in memory.
     parsed: Mutex<Vec<(Digest, Arc<Manifest>)>>,
+    /// Refreshes under way, which the clean-up of manifests waits for.
+    quiet: Arc<background::Quiet>,
 }
 
 /// Parsed manifests kept in memory: the new release's, the live one's and a base.
@@ -118,6 +122,7 @@ impl Workspace {
             spare: meta.join("spare"),
             meta,
             parsed: Mutex::default(),
+            quiet: Arc::default(),
         };
         for dir in [
             &ws.releases,
@@ -187,10 +192,14 @@ impl Workspace {
         // refresh's path.
         if !evicted.is_empty() {
             // Could the thread not start, the closure and the manifest are dropped here.
-            let _ = std::thread::Builder::new()
-                .name("drop-manifest".into())
-                .spawn(move || drop(evicted));
+            let _ = background::spawn(&self.quiet, "drop-manifest", move || drop(evicted));
         }
+    }
+
+    /// Marks a refresh under way until the guard is dropped: the clean-up it causes
+    /// (`background`) waits for it to end.
+    pub fn refreshing(&self) -> background::Busy {
+        self.quiet.busy()
     }
 
     /// Forgets a parsed manifest whose file is gone.
@@ -284,9 +293,9 @@ impl Workspace {
         match fs::rename(self.manifest_path(digest), &aside) {
             Ok(()) => {
                 let remove = aside.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("remove-manifest".into())
-                    .spawn(move || fs::remove_file(remove));
+                let spawned = background::spawn(&self.quiet, "remove-manifest", move || {
+                    let _ = fs::remove_file(remove);
+                });
                 if spawned.is_err() {
                     let _ = fs::remove_file(&aside);
                 }
