@@ -42,9 +42,6 @@ impl Refresher {
     ) -> Result<Applied, RefreshError> {
         let digest = desired.digest;
         let mut clock = Instant::now();
-        // Until the swap (or the refresh's end), the manifests it lets go are freed and
-        // unlinked later.
-        let _refreshing = self.workspace.refreshing();
         let Some(app) = self.app.as_deref() else {
             return Err(RefreshError::new(
                 Reason::Replay,
@@ -57,6 +54,10 @@ impl Refresher {
             g = self.objects_lock.clone().lock_owned() => g,
             () = cancel.cancelled() => return Err(RefreshError::Cancelled),
         };
+        // Until this refresh returns, the manifests it lets go are freed and unlinked
+        // later (taken once the lock is: a collection or a spare copy let go of theirs at
+        // once).
+        let _refreshing = self.workspace.refreshing();
         // A spare copy or an object collection may hold the lock for a while: its own stage.
         let mut stages = Stages::default();
         stages.lap(Stage::Wait, &mut clock);

@@ -213,7 +213,6 @@ async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) -> anyhow::Resu
     Ok(())
 }
 
-/// Rewrites the changed file for save `n`; returns the time until every app port serves it.
 /// Writes the set-up's dirty pages out (the tree, the store's blobs, each pod's objects
 /// and release: over 600 MB for the largest tree) before the measured saves. Left to the
 /// kernel, their writeback runs during the saves and takes CPU from them, more the larger
@@ -227,6 +226,7 @@ async fn flush_setup_writes() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rewrites the changed file for save `n`; returns the time until every app port serves it.
 async fn save(src: &Path, ports: &[u16], n: usize) -> anyhow::Result<f64> {
     let start = Instant::now();
     std::fs::write(src.join(CHANGED), save_bytes(n))?;
