@@ -1294,6 +1294,50 @@ async fn a_manifest_is_served_as_a_patch_against_one_the_client_holds_and_whole_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_keeps_the_patch_from_the_apps_release_before_so_pods_get_it_without_the_base_read()
+ {
+    let plane = Plane::start(&[]).await;
+    let files: Vec<(String, String)> = (0..200)
+        .map(|i| (format!("f{i:03}.js"), format!("file {i}")))
+        .collect();
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_str()))
+        .collect();
+    let src = plane.source(&files);
+    plane.deploy_dev_hot("web", &src).await;
+    let d1 = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    aether_testkit::process::install_crypto();
+    let client = reqwest::Client::new();
+    let blob = |digest: &str| client.get(format!("{}/v1/blobs/{digest}", plane.url));
+    let m1 = blob(&d1).send().await.unwrap().bytes().await.unwrap();
+    std::fs::write(src.join("f100.js"), "edited").unwrap();
+    plane.deploy_dev_hot("web", &src).await;
+    let d2 = plane
+        .annotation("deployments", "web", "aether.dev/digest")
+        .unwrap();
+    assert_ne!(d1, d2);
+    let m2 = blob(&d2).send().await.unwrap().bytes().await.unwrap();
+    // Without the base on disk, only the patch the release route kept can answer.
+    let hex = d1.strip_prefix("sha256:").unwrap();
+    std::fs::remove_file(plane.dir.path().join("data/blobs").join(hex)).unwrap();
+    let r = blob(&d2)
+        .header("a-im", "aether-patch")
+        .header("if-none-match", format!("\"{d1}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 226);
+    assert_eq!(r.headers()["delta-base"], format!("\"{d1}\"").as_str());
+    let patch = r.bytes().await.unwrap();
+    assert!(patch.len() < m2.len() / 4, "{} bytes", patch.len());
+    let rebuilt = aether_common::release::delta::apply(&m1, &patch, u64::MAX).unwrap();
+    assert_eq!(rebuilt, m2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_missing_blobs_query_names_only_unknown_digests_once_each() {
     let plane = Plane::start(&[]).await;
     let known = aether_common::Digest::of(b"known");
