@@ -162,7 +162,7 @@ impl Local {
         if bytes.len() as u64 > self.max_bytes {
             return Err(StoreError::TooLarge(self.max_bytes));
         }
-        let mut tmp = self.temp_file(&claimed);
+        let tmp = self.temp_file(&claimed);
         let (target, durable) = (self.path_of(kind, &claimed), self.durable);
         // One blocking task owns the temporary file from creation to rename: a caller
         // that goes away leaves no thread behind to create it after its guard is gone.
@@ -178,13 +178,7 @@ impl Local {
                     .join()
                     .map_err(|_| io::Error::other("hashing the upload failed"))
             })?;
-            if got != claimed {
-                return Err(StoreError::Mismatch { claimed, got });
-            }
-            std::fs::rename(tmp.path(), &target)?;
-            // Renamed into place: nothing left to remove.
-            tmp.0.take();
-            Ok(true)
+            tmp.settle(claimed, got, &target)
         })
         .await
         .map_err(|e| StoreError::Io(io::Error::other(e)))?
@@ -204,7 +198,7 @@ impl Local {
             io::copy(entry, &mut io::sink()).map_err(read_error)?;
             return Ok(false);
         }
-        let mut tmp = self.temp_file(&claimed);
+        let tmp = self.temp_file(&claimed);
         let mut file = std::fs::File::create(tmp.path())?;
         let mut hasher = Sha256Writer::new();
         let mut buf = vec![0u8; 64 * 1024];
@@ -224,13 +218,11 @@ impl Local {
         if self.durable {
             file.sync_all()?;
         }
-        let got = hasher.finish();
-        if got != claimed {
-            return Err(StoreError::Mismatch { claimed, got });
-        }
-        std::fs::rename(tmp.path(), self.path_of(Kind::Blob, &claimed))?;
-        tmp.0 = None;
-        Ok(true)
+        tmp.settle(
+            claimed,
+            hasher.finish(),
+            &self.path_of(Kind::Blob, &claimed),
+        )
     }
 }
 
@@ -242,6 +234,18 @@ struct TempFile(Option<PathBuf>);
 impl TempFile {
     fn path(&self) -> &Path {
         self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Renames the written file into place as `target` if its bytes hashed to the
+    /// digest they were claimed to have (blocking); else it is removed.
+    fn settle(mut self, claimed: Digest, got: Digest, target: &Path) -> Result<bool, StoreError> {
+        if got != claimed {
+            return Err(StoreError::Mismatch { claimed, got });
+        }
+        std::fs::rename(self.path(), target)?;
+        // Renamed into place: nothing left to remove.
+        self.0 = None;
+        Ok(true)
     }
 }
 
